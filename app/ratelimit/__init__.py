@@ -1,0 +1,23 @@
+"""Per-tenant rate limits (requests, tokens, concurrency) in Redis; see limiter.py."""
+
+from app.ratelimit.limiter import (
+    Decision,
+    DimensionState,
+    Limits,
+    RateLimiter,
+    RateLimiterUnavailable,
+    Reservation,
+    format_duration,
+    rate_limit_headers,
+)
+
+__all__ = [
+    "Decision",
+    "DimensionState",
+    "Limits",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "Reservation",
+    "format_duration",
+    "rate_limit_headers",
+]

@@ -1,0 +1,340 @@
+"""Per-tenant rate limits in Redis (requests, tokens, concurrency), one EVALSHA each.
+
+The algorithm (GCRA) lives in ``lua/acquire.lua``; this module builds keys, packs
+arguments, and turns the script's answer into a :class:`Decision` with OpenAI's
+``x-ratelimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import redis
+from redis.commands.core import Script
+
+__all__ = [
+    "Decision",
+    "DimensionState",
+    "Limits",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "Reservation",
+    "format_duration",
+    "rate_limit_headers",
+]
+
+Dimension = Literal["requests", "tokens", "concurrency"]
+
+_MICROS = 1_000_000
+# Kind codes shared with the Lua scripts.
+_KINDS: dict[str, Dimension] = {"r": "requests", "t": "tokens", "c": "concurrency"}
+# Safe key fragments stay readable; anything else (braces would break the hash tag, long
+# names bloat every key) becomes "~" + a digest.  "~" is outside the safe set, so the
+# two forms never collide.
+_SAFE_TENANT = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+_SAFE_MODEL = re.compile(r"[A-Za-z0-9_.:/@-]{1,100}")
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
+
+
+class RateLimiterUnavailable(Exception):
+    """Redis could not be asked; the caller decides: admit (fail open) or refuse."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of one tenant (or one tenant's model); 0 turns a dimension off.
+
+    ``window_seconds`` is the span ``rpm``/``tpm`` count over: 60 in production,
+    shorter in tests.
+    """
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+    window_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "concurrency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"Limits.{name} must be an integer >= 0, got {value!r}"
+                )
+        if not self.window_seconds > 0 or math.isinf(self.window_seconds):
+            raise ValueError(
+                f"Limits.window_seconds must be > 0, got {self.window_seconds!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one dimension is on."""
+        return bool(self.rpm or self.tpm or self.concurrency)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admitted request holds, as plain data (safe to hand to a greenlet).
+
+    ``token_keys``: (key, limit, window in microseconds) of each token dimension the
+    estimate was reserved on; ``concurrency_keys``: the sets holding ``request_id``.
+    Both empty when nothing is held.
+    """
+
+    request_id: str
+    reserved_tokens: int = 0
+    token_keys: tuple[tuple[str, int, int], ...] = ()
+    concurrency_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DimensionState:
+    """One dimension's state after a decision, as reported by the script."""
+
+    dimension: Dimension
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Admit or refuse, how long to wait, and the headers to send either way."""
+
+    allowed: bool
+    retry_after: float = 0.0
+    dimension: Dimension | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    reservation: Reservation | None = None
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds like OpenAI's ``x-ratelimit-reset-*``: ``20ms``, ``1s``, ``6m0s``.
+
+    Go's ``time.Duration`` form at millisecond precision, rounded up so a client never
+    retries early.
+    """
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, frac = divmod(rest, 1000)
+    text = f"{secs}.{frac:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+def rate_limit_headers(
+    states: Sequence[DimensionState], retry_after: float | None = None
+) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused.
+
+    When a tenant and a model limit both count requests (or tokens), the tighter one
+    (fewest remaining) is reported.  Concurrency has no OpenAI header.  ``Retry-After``
+    is whole seconds, at least 1 (``retry_after`` None means admitted: no header).
+    """
+    headers: dict[str, str] = {}
+    for dimension in ("requests", "tokens"):
+        candidates = [s for s in states if s.dimension == dimension]
+        if not candidates:
+            continue
+        tightest = min(candidates, key=lambda s: (s.remaining, -s.reset_seconds))
+        headers[f"x-ratelimit-limit-{dimension}"] = str(tightest.limit)
+        headers[f"x-ratelimit-remaining-{dimension}"] = str(tightest.remaining)
+        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(
+            tightest.reset_seconds
+        )
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after - 1e-9)))
+    return headers
+
+
+def _key_part(value: str, pattern: re.Pattern[str]) -> str:
+    """Keep a readable name when it is safe in a key, else a bounded digest of it."""
+    if pattern.fullmatch(value):
+        return value
+    return "~" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _load_script(name: str) -> str:
+    return (
+        resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
+    )
+
+
+class RateLimiter:
+    """Atomic per-tenant limits: ``acquire`` is one EVALSHA, ``settle``/``release`` one.
+
+    Works with ``redis.Redis`` and ``redis.cluster.RedisCluster``: every key of one call
+    carries the tenant's hash tag (``gw:{tenant}:rpm``), so a call never spans slots.
+    redis-py's ``Script`` runs EVALSHA and, on NOSCRIPT (restart, ``SCRIPT FLUSH``,
+    failover), loads the script on that node and retries once.
+    """
+
+    def __init__(
+        self, redis_client: Any, *, lease_seconds: float = 600, key_prefix: str = "gw"
+    ) -> None:
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds!r}")
+        if not _SAFE_PREFIX.fullmatch(key_prefix):
+            raise ValueError(
+                f"key_prefix must match {_SAFE_PREFIX.pattern}, got {key_prefix!r}"
+            )
+        self._redis = redis_client
+        self._lease_us = int(lease_seconds * _MICROS)
+        self._prefix = key_prefix
+        self._acquire: Script = redis_client.register_script(
+            _load_script("acquire.lua")
+        )
+        self._finish: Script = redis_client.register_script(_load_script("finish.lua"))
+
+    def ensure_loaded(self) -> None:
+        """SCRIPT LOAD now (on every cluster primary): no first-request penalty."""
+        try:
+            for script in (self._acquire, self._finish):
+                script.sha = self._redis.script_load(script.script)
+        except redis.RedisError as exc:
+            raise RateLimiterUnavailable(
+                f"cannot load rate-limit scripts: {exc}"
+            ) from exc
+
+    def keys_for(self, tenant: str, model: str | None = None) -> dict[str, str]:
+        """A tenant's (or its model's) keys by dimension, for tests and admin tools."""
+        base = f"{self._prefix}:{{{_key_part(tenant, _SAFE_TENANT)}}}:"
+        if model is not None:
+            base += f"m:{_key_part(model, _SAFE_MODEL)}:"
+        return {
+            "requests": base + "rpm",
+            "tokens": base + "tpm",
+            "concurrency": base + "conc",
+        }
+
+    def acquire(
+        self,
+        tenant: str,
+        limits: Limits,
+        *,
+        estimated_tokens: int = 0,
+        model: str | None = None,
+        model_limits: Limits | None = None,
+        request_id: str,
+    ) -> Decision:
+        """Admit or refuse on all dimensions at once; a refusal consumes nothing.
+
+        Token dimensions reserve ``max(estimated_tokens, 1)`` (never free, so a spent
+        budget refuses); :meth:`settle` corrects it.  No Redis call if all limits are 0.
+        """
+        dims: list[tuple[str, str, int, int]] = []  # (kind, key, limit, window us)
+        scopes: list[tuple[str | None, Limits]] = [(None, limits)]
+        if model is not None and model_limits is not None:
+            scopes.append((model, model_limits))
+        for scope_model, scope_limits in scopes:
+            keys = self.keys_for(tenant, scope_model)
+            window_us = max(1, round(scope_limits.window_seconds * _MICROS))
+            for kind, limit in (
+                ("r", scope_limits.rpm),
+                ("t", scope_limits.tpm),
+                ("c", scope_limits.concurrency),
+            ):
+                if limit:
+                    dims.append((kind, keys[_KINDS[kind]], limit, window_us))
+        if not dims:
+            return Decision(
+                allowed=True, reservation=Reservation(request_id=request_id)
+            )
+
+        reserved = (
+            max(1, int(estimated_tokens))
+            if any(kind == "t" for kind, *_ in dims)
+            else 0
+        )
+        args: list[str | int] = [request_id, self._lease_us, reserved]
+        for kind, _key, limit, window_us in dims:
+            args += [kind, limit, window_us]
+        try:
+            reply = self._acquire(
+                keys=[key for _kind, key, _limit, _window in dims], args=args
+            )
+        except redis.RedisError as exc:
+            raise RateLimiterUnavailable(
+                f"rate limiter cannot reach Redis: {exc}"
+            ) from exc
+
+        allowed, refused_index, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
+        states = [
+            DimensionState(
+                _KINDS[kind],
+                limit,
+                int(reply[3 + 2 * i]),
+                int(reply[4 + 2 * i]) / _MICROS,
+            )
+            for i, (kind, _key, limit, _window) in enumerate(dims)
+        ]
+        if not allowed:
+            retry_after = max(retry_us / _MICROS, 1e-6)
+            return Decision(
+                allowed=False,
+                retry_after=retry_after,
+                dimension=_KINDS[dims[refused_index - 1][0]],
+                headers=rate_limit_headers(states, retry_after),
+            )
+        reservation = Reservation(
+            request_id=request_id,
+            reserved_tokens=reserved,
+            token_keys=tuple(
+                (key, limit, window_us)
+                for kind, key, limit, window_us in dims
+                if kind == "t"
+            ),
+            concurrency_keys=tuple(
+                key for kind, key, _limit, _window in dims if kind == "c"
+            ),
+        )
+        return Decision(
+            allowed=True, headers=rate_limit_headers(states), reservation=reservation
+        )
+
+    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Correct the token reservation to the real usage (once per reservation)."""
+        self._run_finish(reservation, actual_tokens=actual_tokens, release=False)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the request's concurrency slots back; idempotent."""
+        self._run_finish(reservation, actual_tokens=None, release=True)
+
+    def finish(self, reservation: Reservation, actual_tokens: int) -> None:
+        """:meth:`settle` and :meth:`release` in one round trip, when an answer ends."""
+        self._run_finish(reservation, actual_tokens=actual_tokens, release=True)
+
+    def _run_finish(
+        self, reservation: Reservation, *, actual_tokens: int | None, release: bool
+    ) -> None:
+        delta = 0
+        if actual_tokens is not None and reservation.token_keys:
+            delta = max(0, int(actual_tokens)) - reservation.reserved_tokens
+        token_keys = reservation.token_keys if delta else ()
+        conc_keys = reservation.concurrency_keys if release else ()
+        if not token_keys and not conc_keys:
+            return
+        args: list[str | int] = [reservation.request_id, delta, len(token_keys)]
+        for _key, limit, window_us in token_keys:
+            args += [limit, window_us]
+        try:
+            self._finish(
+                keys=[key for key, _l, _w in token_keys] + list(conc_keys), args=args
+            )
+        except redis.RedisError as exc:
+            raise RateLimiterUnavailable(
+                f"rate limiter cannot reach Redis: {exc}"
+            ) from exc

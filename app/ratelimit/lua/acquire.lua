@@ -1,0 +1,121 @@
+-- acquire.lua: decide every rate-limit dimension of one request atomically.
+--
+-- KEYS[i]            one key per dimension that is on; all share the tenant's hash tag.
+-- ARGV[1]            request id (the member of the concurrency sets)
+-- ARGV[2]            concurrency lease, microseconds (a crashed worker's slot frees itself after it)
+-- ARGV[3]            token cost to reserve for "t" dimensions (the caller's estimate, >= 1)
+-- ARGV[3+3i-2..3i]   per KEYS[i]: kind ("r" requests, "t" tokens, "c" concurrency), limit, window (us)
+--
+-- Returns {allowed (1|0), refused index (0 = none), retry after (us), then per key: remaining, reset (us)}.
+-- Nothing is written unless every dimension admits, so a refusal consumes nothing.
+--
+-- GCRA ("generic cell rate algorithm"), one string key per "r"/"t" dimension:
+--   A limit of N units per window W means one unit is emitted every T = W / N.  The key holds the TAT
+--   ("theoretical arrival time"): the instant at which the bucket would be full again if nothing else came.
+--   TAT - now is how much of the window is already spoken for.  A request of cost c is admitted when
+--   max(TAT, now) + c*T - now <= W, i.e. its units still fit in one window of credit; admitting it moves
+--   TAT forward by c*T.  So an idle tenant can spend N at once (burst = N), then one more unit every T:
+--   never more than N + t/T units in any span t, and no fixed-window edge where 2N slip through at once.
+--   Once TAT <= now the bucket is full and the key is useless, so it expires exactly then.
+-- The clock is Redis's (TIME), so workers with skewed clocks agree.  Redis >= 5 replicates script
+-- effects, which makes the non-deterministic TIME call safe.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local request_id = ARGV[1]
+local lease = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3])
+
+local n = #KEYS
+local out = {1, 0, 0}
+local writes = {}
+local states = {}  -- per key: {remaining, reset} before and after consuming
+local worst_retry = -1
+
+for i = 1, n do
+  local base = 3 * i + 1
+  local kind = ARGV[base]
+  local limit = tonumber(ARGV[base + 1])
+  local window = tonumber(ARGV[base + 2])
+  local key = KEYS[i]
+  local ok, retry
+
+  if kind == 'c' then
+    -- Concurrency: a sorted set of request ids scored by lease expiry; expired leases are dropped first.
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local count = redis.call('ZCARD', key)
+    if redis.call('ZSCORE', key, request_id) then
+      count = count - 1 -- the same request asking again already holds its slot
+    end
+    ok = count < limit
+    states[i] = {limit - count, 0, limit - count - 1, 0}
+    if ok then
+      writes[#writes + 1] = {'c', key}
+    else
+      -- When a slot frees is unknowable (it is the end of someone's answer): suggest a short wait.
+      retry = 1000000
+    end
+  else
+    local period = window / limit           -- T: microseconds per unit
+    local cost = 1
+    if kind == 't' then cost = tokens end
+    local tat = tonumber(redis.call('GET', key) or now)
+    if tat < now then tat = now end        -- a full bucket does not bank credit beyond N
+    -- A request larger than the whole budget can never fit; it is admitted into a full bucket and the
+    -- excess becomes debt (TAT beyond now + W) instead of being refused forever.
+    local fit = math.min(cost, limit) * period
+    local allow_at = tat + fit - window
+    local new_tat = tat + cost * period
+    -- Remaining = whole units of credit left in the window (the epsilon absorbs float rounding).
+    states[i] = {
+      math.floor((window - (tat - now)) / period + 1e-6), tat - now,
+      math.floor((window - (new_tat - now)) / period + 1e-6), new_tat - now,
+    }
+    ok = allow_at <= now
+    if ok then
+      writes[#writes + 1] = {'g', key, new_tat}
+    else
+      retry = allow_at - now
+    end
+  end
+
+  if not ok then
+    out[1] = 0
+    if retry > worst_retry then
+      -- Report the dimension that keeps the caller waiting longest: nothing is admitted before it frees.
+      worst_retry = retry
+      out[2] = i
+      out[3] = math.ceil(retry)
+    end
+  end
+end
+
+-- Report each dimension as it stands after this call: consumed if admitted, untouched if refused.
+local after = 0
+if out[1] == 1 then after = 2 end
+for i = 1, n do
+  local remaining = states[i][1 + after]
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = remaining
+  out[#out + 1] = math.ceil(states[i][2 + after])
+end
+
+if out[1] == 1 then
+  for _, w in ipairs(writes) do
+    if w[1] == 'g' then
+      -- %.17g keeps the fractional microseconds (tostring would round to 14 digits).
+      local ttl = math.ceil((w[3] - now) / 1000)
+      if ttl < 1 then ttl = 1 end
+      redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', ttl)
+    else
+      redis.call('ZADD', w[2], string.format('%.17g', now + lease), request_id)
+      -- The set lives as long as its newest lease; release() empties it (and Redis deletes it) sooner.
+      local ttl = math.ceil(lease / 1000)
+      if redis.call('PTTL', w[2]) < ttl then
+        redis.call('PEXPIRE', w[2], ttl)
+      end
+    end
+  end
+end
+
+return out

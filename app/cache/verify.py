@@ -1,0 +1,279 @@
+"""The L2 (semantic) cache decision: may the answer cached for ``candidate`` be served for ``query``?
+
+Cosine similarity finds candidates but cannot tell "... in Atlanta?" from "... in Toronto?", 2016 from 2017, "to" from
+"from", or "is" from "is not": those pairs embed almost identically. So a hit needs both
+``similarity >= threshold`` and :func:`verify`, a lexical check of what differs between the two texts.
+
+:func:`verify` is deterministic, pure (no I/O after the one-time vocabulary load) and explains itself: the verdict
+carries a short reason for logs and debugging. Thresholds and rules were chosen by measuring
+``tools/eval_semantic.py`` on held-out pairs; see that tool for the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+#: Cosine similarity an L2 candidate needs when the two texts differ only in phrasing (all-MiniLM-L6-v2, measured
+#: with tools/eval_semantic.py: the highest useful-hit rate that keeps false hits on hard negatives near 10%).
+DEFAULT_SEMANTIC_THRESHOLD = 0.88
+#: Extra similarity needed when an ordinary content word appears on one side only ("... for teens?"): such pairs
+#: are as often different questions as paraphrases, so only near-identical vectors are trusted.
+WORD_DIFF_MARGIN = 0.06
+#: Extra similarity needed when the question words differ ("how was X built" vs "why was X built").
+QUESTION_WORD_MARGIN = 0.03
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a cached answer may be served, and why (the reason is meant for logs)."""
+
+    ok: bool
+    reason: str
+    #: Similarity above the caller's threshold this pair needs (0 when the texts differ only in phrasing).
+    margin: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def is_semantic_hit(
+    similarity: float, query: str, candidate: str, threshold: float = DEFAULT_SEMANTIC_THRESHOLD
+) -> Verdict:
+    """The whole L2 rule: cosine at or above ``threshold`` (plus the verdict's margin) and :func:`verify` passes."""
+    if similarity < threshold:
+        return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}")
+    verdict = verify(query, candidate)
+    if verdict.ok and similarity < threshold + verdict.margin:
+        needed = threshold + verdict.margin
+        return Verdict(False, f"{verdict.reason}: similarity {similarity:.3f} < {needed:.3f}", verdict.margin)
+    return verdict
+
+
+# -- lexicon -------------------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z0-9_]+(?:'[A-Za-z]+)?")
+
+_SENTENCE_END = frozenset('.?!:;"(*-')
+_QUESTION_WORDS = frozenset("what why how when where who whom whose which".split())
+
+_NEGATIONS = frozenset(
+    "not no never none nobody nothing nowhere neither nor without cannot cant dont doesnt didnt isnt arent wasnt "
+    "werent wont wouldnt shouldnt couldnt hasnt havent hadnt mustnt neednt aint".split()
+)
+
+#: Words whose order carries direction: "convert A to B", "A vs B", "better than".
+_DIRECTION_MARKERS = frozenset("to into from vs versus than over towards toward onto".split())
+
+_NUMBER_WORDS = {
+    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "twenty": "20", "hundred": "100",
+    "thousand": "1000",
+}  # fmt: skip
+
+#: Function words and question scaffolding: they carry phrasing, not the entity or fact being asked about.
+_STOP = frozenset(
+    """
+    a an the and or but if then so of in on at by for with about as is are was were be been being am do does did
+    doing done have has had having i me my mine myself we us our ours you your yours he him his she her hers it its
+    they them their theirs this that these those there here what which who whom whose when where why how whats
+    hows whos wheres whys can could would should will shall may might must also just only very really too more most
+    much many some any all each every other another such own same than any anyone someone something anything
+    one ones s t ll re ve d m get gets getting got make makes making made go going goes went way ways thing things
+    best good better great top possible good really ever kind sort type types like want wanted know tell let
+    please use using used need should someone people person quora question questions answer answers example
+    examples actually still even within among through it's i'm i've don't
+    """.split()
+)
+
+#: Paraphrase pairs treated as the same word after stemming (both directions).
+_SYNONYMS: dict[str, str] = {}
+for _group in (
+    "big large huge", "small little tiny", "fast quick rapid quickly", "begin start commence", "end finish",
+    "buy purchase", "job career work", "learn study", "earn make", "money cash income", "movie film",
+    "car vehicle automobile", "phone mobile cellphone smartphone", "doctor physician", "help assist",
+    "create build construct generate form", "show display", "find locate discover", "choose select pick",
+    "method approach way technique", "use utilize employ", "need require", "get obtain acquire receive",
+    "purpose goal aim objective", "give provide furnish supply", "important significant", "difference differ",
+    "improve enhance", "happen occur", "possible able", "idea concept", "website site", "women woman female",
+    "men man male", "kid child children", "usa us america american", "uk britain british england",
+    "india indian", "china chinese", "tv television", "pc computer laptop", "app application",
+    "mean meaning definition define", "lose reduce", "weight fat", "good great nice excellent", "bad poor",
+    "rich wealthy", "smart intelligent clever", "easy simple", "hard difficult", "happy glad", "sad unhappy",
+    "answer reply respond", "ask inquire", "stop quit prevent avoid", "live reside", "world global",
+):
+    _words = _group.split()
+    for _w in _words:
+        _SYNONYMS.setdefault(_w, _words[0])
+
+
+@lru_cache(maxsize=1)
+def _common_words() -> frozenset[str]:
+    """Whole words of the model's WordPiece vocabulary: a word outside it is rare, hence likely a name."""
+    text = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
+    vocab = json.loads(text)["model"]["vocab"]
+    return frozenset(w for w in vocab if w.isalpha() and w.islower() and len(w) > 1)
+
+
+def _stem(word: str) -> str:
+    """Cheap suffix folding so "impacted"/"impact" and "countries"/"country" compare equal."""
+    if len(word) <= 3 or word in _NUMBER_WORDS:
+        return word
+    for suffix, repl in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("ly", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)] + repl
+            break
+    if len(word) > 4 and word[-1] == word[-2] and word[-1] not in "aeiouls":  # "stopp" -> "stop"
+        word = word[:-1]
+    return word.rstrip("e") if len(word) > 4 else word
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    words: tuple[str, ...]  # lower-cased tokens in order
+    content: tuple[str, ...]  # normalised content keys in order (stop words dropped)
+    strong: frozenset[str]  # content keys that look like names: capitalised mid-sentence, acronyms, rare
+    numbers: frozenset[str]
+    negated: bool
+    question_words: frozenset[str]
+    surface: dict[str, str]  # content key -> first surface form, for reasons
+
+
+def _key(word: str) -> str:
+    stem = _stem(word)
+    return _SYNONYMS.get(word) or _SYNONYMS.get(stem) or stem
+
+
+@lru_cache(maxsize=4096)
+def _analyse(text: str) -> _Text:
+    common = _common_words()
+    raw: list[tuple[str, bool]] = []
+    prev_end = 0
+    for m in _TOKEN.finditer(text):
+        gap = text[prev_end : m.start()].strip()
+        raw.append((m.group(), prev_end == 0 or (gap != "" and gap[-1] in _SENTENCE_END)))
+        prev_end = m.end()
+    # "why or why not", "with or without": the negation offers both options and asserts neither
+    text_l = " " + " ".join(w.lower() for w, _ in raw) + " "
+    both_ways = " or not " in text_l or " or without " in text_l or " or no " in text_l
+    words: list[str] = []
+    content: list[str] = []
+    strong: set[str] = set()
+    numbers: set[str] = set()
+    surface: dict[str, str] = {}
+    negated = False
+    for match, at_start in raw:
+        lower = match.lower()
+        if lower.endswith("n't"):
+            negated = not both_ways
+            lower = lower[:-3]
+        elif "'" in lower:
+            lower = lower.split("'", 1)[0]
+        words.append(lower)
+        if lower in _NEGATIONS:
+            negated = negated or not both_ways
+            continue
+        if any(c.isdigit() for c in lower) or lower in _NUMBER_WORDS:
+            value = _NUMBER_WORDS.get(lower, lower.replace(",", ""))
+            if value.isdigit():
+                value = value.lstrip("0") or "0"
+            numbers.add(value)
+            continue
+        if lower in _STOP:
+            continue
+        key = _key(lower)
+        content.append(key)
+        surface.setdefault(key, match)
+        acronym = len(match) >= 2 and match.isupper()
+        capitalised = match[0].isupper() and not at_start and match != "I"
+        rare = lower not in common and not _is_inflection_of_common(lower, common)
+        if acronym or (capitalised and (rare or not at_start)) or "_" in lower:
+            strong.add(key)
+    questions = frozenset(w for w in words if w in _QUESTION_WORDS)
+    return _Text(tuple(words), tuple(content), frozenset(strong), frozenset(numbers), negated, questions, surface)
+
+
+def _is_inflection_of_common(word: str, common: frozenset[str]) -> bool:
+    for suffix in ("s", "es", "ed", "d", "ing", "ly", "er", "ers", "ies", "ied"):
+        if word.endswith(suffix):
+            base = word[: -len(suffix)]
+            if base in common or base + "e" in common or base + "y" in common:
+                return True
+    return False
+
+
+def _fuzzy_in(key: str, others: frozenset[str]) -> bool:
+    """Same key, or one is a long prefix of the other ("biolog"/"biological")."""
+    if key in others:
+        return True
+    if len(key) >= 5:
+        for other in others:
+            if len(other) >= 5 and (other.startswith(key[:5]) and (key.startswith(other) or other.startswith(key))):
+                return True
+    return False
+
+
+def _direction_swapped(a: _Text, b: _Text, shared: frozenset[str]) -> tuple[str, str] | None:
+    """Find shared words x, y with "x <marker> y" in one text and "y <marker> x" in the other."""
+    pairs_a = _around_markers(a.words, shared)
+    if not pairs_a:
+        return None
+    pairs_b = _around_markers(b.words, shared)
+    for x, y in pairs_a:
+        if (y, x) in pairs_b and (x, y) not in pairs_b:
+            return x, y
+    return None
+
+
+def _around_markers(words: tuple[str, ...], shared: frozenset[str]) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for i, w in enumerate(words):
+        if w not in _DIRECTION_MARKERS:
+            continue
+        left = next((_key(x) for x in reversed(words[max(0, i - 4) : i]) if _key(x) in shared), None)
+        right = next((_key(x) for x in words[i + 1 : i + 5] if _key(x) in shared), None)
+        if left and right and left != right:
+            found.add((left, right))
+    return found
+
+
+def verify(query: str, candidate: str) -> Verdict:
+    """Reject a cosine-similar candidate whose text differs in a way that changes the answer.
+
+    Checked in order: numbers and versions must match exactly; negation must be on both sides or neither; shared
+    words must not swap sides around "to/from/vs/than"; and no name-like word (capitalised, acronym, outside the
+    model's vocabulary) may appear on one side only. Ordinary words that differ are allowed: cosine judged those.
+    """
+    if query.strip().lower() == candidate.strip().lower():
+        return Verdict(True, "same text")
+    a, b = _analyse(query), _analyse(candidate)
+    if a.numbers != b.numbers:
+        only_a = sorted(a.numbers - b.numbers) or ["-"]
+        only_b = sorted(b.numbers - a.numbers) or ["-"]
+        return Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}")
+    if a.negated != b.negated:
+        return Verdict(False, "negation on one side only")
+    keys_a, keys_b = frozenset(a.content), frozenset(b.content)
+    shared = keys_a & keys_b
+    swapped = _direction_swapped(a, b, shared)
+    if swapped:
+        return Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}")
+    only_a = [k for k in keys_a - keys_b if not _fuzzy_in(k, keys_b)]
+    only_b = [k for k in keys_b - keys_a if not _fuzzy_in(k, keys_a)]
+    names_a = sorted(a.surface[k] for k in only_a if k in a.strong)
+    names_b = sorted(b.surface[k] for k in only_b if k in b.strong)
+    if names_a or names_b:
+        return Verdict(False, f"different entity: {','.join(names_a) or '-'} vs {','.join(names_b) or '-'}")
+    margin = 0.0
+    notes = []
+    if only_a or only_b:
+        margin += WORD_DIFF_MARGIN
+        words = sorted(a.surface[k] for k in only_a) + sorted(b.surface[k] for k in only_b)
+        notes.append("words differ: " + ",".join(words[:4]))
+    if a.question_words != b.question_words:
+        margin += QUESTION_WORD_MARGIN
+        notes.append("question words differ")
+    return Verdict(True, "; ".join(notes) or "same content words", margin)

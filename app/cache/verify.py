@@ -60,6 +60,8 @@ _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z0-9_]+(?:'[A-Za-z]+)?")
 _SENTENCE_END = frozenset('.?!:;"(*-')
 _QUESTION_WORDS = frozenset("what why how when where who whom whose which".split())
 
+_BOTH_WAYS = re.compile(r" or (?:\w+ )?(?:not|without|no) ")
+
 _NEGATIONS = frozenset(
     "not no never none nobody nothing nowhere neither nor without cannot cant dont doesnt didnt isnt arent wasnt "
     "werent wont wouldnt shouldnt couldnt hasnt havent hadnt mustnt neednt aint".split()
@@ -158,7 +160,7 @@ def _analyse(text: str) -> _Text:
         prev_end = m.end()
     # "why or why not", "with or without": the negation offers both options and asserts neither
     text_l = " " + " ".join(w.lower() for w, _ in raw) + " "
-    both_ways = " or not " in text_l or " or without " in text_l or " or no " in text_l
+    both_ways = _BOTH_WAYS.search(text_l) is not None
     words: list[str] = []
     content: list[str] = []
     strong: set[str] = set()
@@ -182,13 +184,13 @@ def _analyse(text: str) -> _Text:
                 value = value.lstrip("0") or "0"
             numbers.add(value)
             continue
-        if lower in _STOP:
+        capitalised = match[0].isupper() and not at_start and match != "I"
+        if lower in _STOP and not capitalised:  # "Go", "Swift", "Make": a capitalised stop word is a name
             continue
         key = _key(lower)
         content.append(key)
         surface.setdefault(key, match)
         acronym = len(match) >= 2 and match.isupper()
-        capitalised = match[0].isupper() and not at_start and match != "I"
         rare = lower not in common and not _is_inflection_of_common(lower, common)
         if acronym or (capitalised and (rare or not at_start)) or "_" in lower:
             strong.add(key)
@@ -218,25 +220,28 @@ def _fuzzy_in(key: str, others: frozenset[str]) -> bool:
 
 def _direction_swapped(a: _Text, b: _Text, shared: frozenset[str]) -> tuple[str, str] | None:
     """Find shared words x, y with "x <marker> y" in one text and "y <marker> x" in the other."""
-    pairs_a = _around_markers(a.words, shared)
-    if not pairs_a:
+    sides_a = _around_markers(a.words, shared)
+    if not sides_a:
         return None
-    pairs_b = _around_markers(b.words, shared)
-    for x, y in pairs_a:
-        if (y, x) in pairs_b and (x, y) not in pairs_b:
-            return x, y
+    sides_b = _around_markers(b.words, shared)
+    for left_a, right_a in sides_a:
+        for left_b, right_b in sides_b:
+            xs, ys = left_a & right_b, right_a & left_b
+            if xs and ys and xs != ys:
+                return min(xs), min(ys)
     return None
 
 
-def _around_markers(words: tuple[str, ...], shared: frozenset[str]) -> set[tuple[str, str]]:
-    found: set[tuple[str, str]] = set()
+def _around_markers(words: tuple[str, ...], shared: frozenset[str]) -> list[tuple[frozenset[str], frozenset[str]]]:
+    """For each direction marker, the shared words just before it and just after it (4-word windows)."""
+    found = []
     for i, w in enumerate(words):
         if w not in _DIRECTION_MARKERS:
             continue
-        left = next((_key(x) for x in reversed(words[max(0, i - 4) : i]) if _key(x) in shared), None)
-        right = next((_key(x) for x in words[i + 1 : i + 5] if _key(x) in shared), None)
-        if left and right and left != right:
-            found.add((left, right))
+        left = frozenset(k for x in words[max(0, i - 4) : i] if (k := _key(x)) in shared)
+        right = frozenset(k for x in words[i + 1 : i + 5] if (k := _key(x)) in shared)
+        if left and right:
+            found.append((left, right))
     return found
 
 

@@ -1,0 +1,139 @@
+"""Client keys -> tenants. Keys are held only as SHA-256 digests and compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.config import ConfigError
+from app.errors import Forbidden, Unauthorized
+
+DEV_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.concurrency)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    limits: TenantLimits = TenantLimits()
+    models: frozenset[str] | None = None  # None: every model
+    model_limits: Mapping[str, TenantLimits] = field(default_factory=dict)
+
+    def check_model(self, model: str) -> None:
+        if self.models is not None and model not in self.models:
+            raise Forbidden(f"The key's tenant may not use the model `{model}`.")
+
+
+class AuthConfigError(ConfigError):
+    """The client keys configuration is unusable; the message says where."""
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class Authenticator:
+    """Looks a bearer key up by digest. With auth disabled every request is the dev tenant."""
+
+    def __init__(self, tenants: Mapping[bytes, Tenant], *, disabled: bool, default_limits: TenantLimits) -> None:
+        self._tenants = dict(tenants)
+        self.disabled = disabled
+        self._anonymous = Tenant(name=DEV_TENANT, limits=default_limits)
+
+    @property
+    def tenants(self) -> list[Tenant]:
+        return list({t.name: t for t in self._tenants.values()}.values())
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if self.disabled:
+            return self._anonymous
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        presented = digest(authorization[7:].strip())
+        match: Tenant | None = None
+        for known, tenant in self._tenants.items():  # every digest compared: no early exit to time
+            if hmac.compare_digest(known, presented):
+                match = tenant
+        if match is None:
+            raise Unauthorized("Incorrect API key provided.")
+        return match
+
+
+def build_authenticator(
+    keys: tuple[str, ...], keys_file: str | None, *, disabled: bool, default_limits: TenantLimits
+) -> Authenticator:
+    """From GATEWAY_API_KEYS (`key` or `tenant:key`) and GATEWAY_KEYS_FILE; refuse to run open by accident."""
+    tenants: dict[bytes, Tenant] = {}
+    for entry in keys:
+        name, sep, key = entry.partition(":")
+        if not sep:
+            name, key = "", entry
+        key_digest = digest(key)
+        tenants[key_digest] = Tenant(name=name or "key-" + key_digest.hex()[:8], limits=default_limits)
+    if keys_file:
+        tenants.update(load_keys_file(Path(keys_file), default_limits))
+    if not tenants and not disabled:
+        raise AuthConfigError(
+            "no client keys configured: set GATEWAY_API_KEYS or GATEWAY_KEYS_FILE, "
+            "or AUTH_DISABLED=true to run without authentication (development only)"
+        )
+    return Authenticator(tenants, disabled=disabled, default_limits=default_limits)
+
+
+def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tenant]:
+    """YAML: `tenants: [{name, keys | key_sha256, limits: {rpm, tpm, concurrency}, models, model_limits}]`."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise AuthConfigError(f"GATEWAY_KEYS_FILE {path}: {exc}") from exc
+    items = doc.get("tenants") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise AuthConfigError(f"GATEWAY_KEYS_FILE {path}: expected a 'tenants' list")
+    tenants: dict[bytes, Tenant] = {}
+    for index, item in enumerate(items):
+        where = f"GATEWAY_KEYS_FILE {path}: tenants[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise AuthConfigError(f"{where}: needs a 'name'")
+        tenant = Tenant(
+            name=item["name"],
+            limits=_limits(item.get("limits"), default_limits, where),
+            models=frozenset(map(str, item["models"])) if item.get("models") else None,
+            model_limits={
+                str(model): _limits(value, TenantLimits(), f"{where}.model_limits.{model}")
+                for model, value in (item.get("model_limits") or {}).items()
+            },
+        )
+        digests = [digest(str(k)) for k in item.get("keys") or []]
+        digests += [bytes.fromhex(str(h)) for h in item.get("key_sha256") or []]
+        if not digests:
+            raise AuthConfigError(f"{where}: needs 'keys' or 'key_sha256'")
+        for key_digest in digests:
+            tenants[key_digest] = tenant
+    return tenants
+
+
+def _limits(value: Any, default: TenantLimits, where: str) -> TenantLimits:
+    if value is None:
+        return default
+    if not isinstance(value, dict) or not all(isinstance(value.get(k, 0), int) for k in ("rpm", "tpm", "concurrency")):
+        raise AuthConfigError(f"{where}: limits are integers rpm, tpm, concurrency")
+    return TenantLimits(
+        rpm=value.get("rpm", default.rpm), tpm=value.get("tpm", default.tpm),
+        concurrency=value.get("concurrency", default.concurrency),
+    )

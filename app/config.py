@@ -1,0 +1,328 @@
+"""Typed settings, read once from the environment (and `.env`) and validated at start.
+
+Every variable the gateway reads is declared here, once. `Settings.from_env()` parses all of them and
+raises one `ConfigError` that names every bad variable, so an operator fixes a deployment in one go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+# Default L2 threshold: chosen from the measured curve of tools/eval_semantic.py (see README).
+DEFAULT_SEMANTIC_THRESHOLD = 0.80
+
+
+class ConfigError(ValueError):
+    """Raised when one or more settings are invalid; the message names each variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The gateway's whole configuration. Build it with `Settings.from_env()`; tests pass their own."""
+
+    port: int = 8080
+    web_concurrency: int = 2
+    worker_connections: int = 1000
+    graceful_timeout: int = 120
+
+    target_url: str = "https://api.deepseek.com"
+    upstream_api_keys: tuple[str, ...] = ()
+    upstreams_file: str | None = None
+    upstream_max_retries: int = 3
+    upstream_backoff_factor: float = 0.5
+    upstream_backoff_max: float = 8.0
+    upstream_retry_after_max: float = 10.0
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 120.0
+    max_body_bytes: int = 10 * 1024 * 1024
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    redis_max_connections: int = 200
+    redis_socket_timeout: float = 0.5
+
+    gateway_api_keys: tuple[str, ...] = ()
+    gateway_keys_file: str | None = None
+    auth_disabled: bool = False
+    admin_api_key: str | None = None
+
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
+    rate_limit_concurrency: int = 0
+    rate_limit_fail_closed: bool = False
+
+    embedding_provider: str = "local"
+    embedding_url: str | None = None
+    embedding_api_key: str | None = None
+    embedding_model: str | None = None
+
+    cache_enabled: bool = True
+    semantic_cache_enabled: bool = True
+    semantic_cache_threshold: float = DEFAULT_SEMANTIC_THRESHOLD
+    semantic_max_temperature: float = 0.7
+    cache_ttl_seconds: int = 86400
+    local_cache_size: int = 1024
+    local_cache_max_bytes: int = 64 * 1024 * 1024
+
+    trusted_proxies: tuple[str, ...] = ()
+    prometheus_multiproc_dir: str | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+        """Read every setting; `.env` in the working directory fills what the environment leaves unset."""
+        env: dict[str, str] = {}
+        if dotenv and environ is None:
+            env.update(_read_dotenv(Path.cwd() / ".env"))
+        env.update(os.environ if environ is None else environ)
+        return _parse(env)
+
+    @property
+    def upstream_pool_size(self) -> int:
+        """Connections kept per upstream host: one per possible in-flight request, bounded."""
+        return max(10, min(self.worker_connections, 1000))
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values  # only needed when a .env exists
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+class _Reader:
+    """Collects parse errors so that one ConfigError can name every bad variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.errors: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None  # an empty value means unset
+        return value.strip()
+
+    def get(
+        self, name: str, parse: Callable[[str], T], default: T, check: Callable[[T], str | None] | None = None
+    ) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            parsed = parse(value)
+        except ValueError as exc:
+            self.errors.append(f"{name}={_shown(name, value)!s}: {exc}")
+            return default
+        problem = check(parsed) if check else None
+        if problem:
+            self.errors.append(f"{name}={_shown(name, value)!s}: {problem}")
+            return default
+        return parsed
+
+
+_SECRET_NAMES = ("KEY", "KEYS", "SECRET", "PASSWORD")
+
+
+def _shown(name: str, value: str) -> str:
+    """Never echo a secret back in an error message."""
+    return "<hidden>" if any(part in name for part in _SECRET_NAMES) else repr(value)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _float(value: str) -> float:
+    try:
+        parsed = float(value)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(parsed):
+        raise ValueError("expected a finite number")
+    return parsed
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _at_least(low: float) -> Callable[[float], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def _between(low: float, high: float) -> Callable[[float], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}"
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value.lower()
+
+    return parse
+
+
+def _networks(value: str) -> tuple[str, ...]:
+    entries = _csv(value)
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an address or CIDR") from None
+    return entries
+
+
+def _existing_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError("file not found")
+    return value
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    r = _Reader(env)
+    d = Settings()
+    positive, non_negative = _at_least(1), _at_least(0)
+    upstream_keys = r.get("UPSTREAM_API_KEYS", _csv, ())
+    seed_key = r.raw("DEEPSEEK_API_KEY")
+    if seed_key and seed_key not in upstream_keys:
+        upstream_keys = (*upstream_keys, seed_key)
+    values: dict[str, Any] = dict(
+        port=r.get("PORT", _int, d.port, _between(1, 65535)),
+        web_concurrency=r.get("WEB_CONCURRENCY", _int, d.web_concurrency, positive),
+        worker_connections=r.get("WORKER_CONNECTIONS", _int, d.worker_connections, positive),
+        graceful_timeout=r.get("GRACEFUL_TIMEOUT", _int, d.graceful_timeout, non_negative),
+        target_url=r.get("TARGET_URL", _http_url, d.target_url),
+        upstream_api_keys=upstream_keys,
+        upstreams_file=r.get("UPSTREAMS_FILE", _existing_file, None),
+        upstream_max_retries=r.get("UPSTREAM_MAX_RETRIES", _int, d.upstream_max_retries, _between(0, 10)),
+        upstream_backoff_factor=r.get("UPSTREAM_BACKOFF_FACTOR", _float, d.upstream_backoff_factor, non_negative),
+        upstream_backoff_max=r.get("UPSTREAM_BACKOFF_MAX", _float, d.upstream_backoff_max, non_negative),
+        upstream_retry_after_max=r.get(
+            "UPSTREAM_RETRY_AFTER_MAX", _float, d.upstream_retry_after_max, non_negative
+        ),
+        upstream_connect_timeout=r.get(
+            "UPSTREAM_CONNECT_TIMEOUT", _float, d.upstream_connect_timeout, _at_least(0.01)
+        ),
+        upstream_read_timeout=r.get("UPSTREAM_READ_TIMEOUT", _float, d.upstream_read_timeout, _at_least(0.01)),
+        max_body_bytes=r.get("MAX_BODY_BYTES", _int, d.max_body_bytes, positive),
+        redis_url=r.get("REDIS_URL", _redis_url, d.redis_url),
+        redis_cluster=r.get("REDIS_CLUSTER", _bool, d.redis_cluster),
+        redis_max_connections=r.get("REDIS_MAX_CONNECTIONS", _int, d.redis_max_connections, positive),
+        redis_socket_timeout=r.get("REDIS_SOCKET_TIMEOUT", _float, d.redis_socket_timeout, _at_least(0.01)),
+        gateway_api_keys=r.get("GATEWAY_API_KEYS", _csv, ()),
+        gateway_keys_file=r.get("GATEWAY_KEYS_FILE", _existing_file, None),
+        auth_disabled=r.get("AUTH_DISABLED", _bool, d.auth_disabled),
+        admin_api_key=r.raw("ADMIN_API_KEY"),
+        rate_limit_rpm=r.get("RATE_LIMIT_RPM", _int, 0, non_negative),
+        rate_limit_tpm=r.get("RATE_LIMIT_TPM", _int, 0, non_negative),
+        rate_limit_concurrency=r.get("RATE_LIMIT_CONCURRENCY", _int, 0, non_negative),
+        rate_limit_fail_closed=r.get("RATE_LIMIT_FAIL_CLOSED", _bool, d.rate_limit_fail_closed),
+        embedding_provider=r.get("EMBEDDING_PROVIDER", _one_of("local", "openai"), d.embedding_provider),
+        embedding_url=r.get("EMBEDDING_URL", _http_url, None),
+        embedding_api_key=r.raw("EMBEDDING_API_KEY"),
+        embedding_model=r.raw("EMBEDDING_MODEL"),
+        cache_enabled=r.get("CACHE_ENABLED", _bool, d.cache_enabled),
+        semantic_cache_enabled=r.get("SEMANTIC_CACHE_ENABLED", _bool, d.semantic_cache_enabled),
+        semantic_cache_threshold=r.get(
+            "SEMANTIC_CACHE_THRESHOLD", _float, d.semantic_cache_threshold, _between(0.0, 1.0)
+        ),
+        semantic_max_temperature=r.get(
+            "SEMANTIC_MAX_TEMPERATURE", _float, d.semantic_max_temperature, _between(0.0, 2.0)
+        ),
+        cache_ttl_seconds=r.get("CACHE_TTL_SECONDS", _int, d.cache_ttl_seconds, positive),
+        local_cache_size=r.get("LOCAL_CACHE_SIZE", _int, d.local_cache_size, non_negative),
+        local_cache_max_bytes=r.get("LOCAL_CACHE_MAX_BYTES", _int, d.local_cache_max_bytes, non_negative),
+        trusted_proxies=r.get("TRUSTED_PROXIES", _networks, ()),
+        prometheus_multiproc_dir=r.raw("PROMETHEUS_MULTIPROC_DIR"),
+        log_level=r.get("LOG_LEVEL", _one_of("debug", "info", "warning", "error", "critical"), "info").upper(),
+    )
+    if values["embedding_provider"] == "openai" and values["semantic_cache_enabled"]:
+        for name in ("EMBEDDING_URL", "EMBEDDING_MODEL"):
+            if r.raw(name) is None:
+                r.errors.append(f"{name}: required when EMBEDDING_PROVIDER=openai (or SEMANTIC_CACHE_ENABLED=false)")
+    if r.errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
+    return Settings(**values)
+
+
+# Every environment variable the gateway reads; `.env.example` and the manifests are checked against it.
+ENV_VARS: tuple[str, ...] = (
+    "PORT",
+    "WEB_CONCURRENCY",
+    "WORKER_CONNECTIONS",
+    "GRACEFUL_TIMEOUT",
+    "TARGET_URL",
+    "UPSTREAM_API_KEYS",
+    "DEEPSEEK_API_KEY",
+    "UPSTREAMS_FILE",
+    "UPSTREAM_MAX_RETRIES",
+    "UPSTREAM_BACKOFF_FACTOR",
+    "UPSTREAM_BACKOFF_MAX",
+    "UPSTREAM_RETRY_AFTER_MAX",
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_READ_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "REDIS_URL",
+    "REDIS_CLUSTER",
+    "REDIS_MAX_CONNECTIONS",
+    "REDIS_SOCKET_TIMEOUT",
+    "GATEWAY_API_KEYS",
+    "GATEWAY_KEYS_FILE",
+    "AUTH_DISABLED",
+    "ADMIN_API_KEY",
+    "RATE_LIMIT_RPM",
+    "RATE_LIMIT_TPM",
+    "RATE_LIMIT_CONCURRENCY",
+    "RATE_LIMIT_FAIL_CLOSED",
+    "EMBEDDING_PROVIDER",
+    "EMBEDDING_URL",
+    "EMBEDDING_API_KEY",
+    "EMBEDDING_MODEL",
+    "CACHE_ENABLED",
+    "SEMANTIC_CACHE_ENABLED",
+    "SEMANTIC_CACHE_THRESHOLD",
+    "SEMANTIC_MAX_TEMPERATURE",
+    "CACHE_TTL_SECONDS",
+    "LOCAL_CACHE_SIZE",
+    "LOCAL_CACHE_MAX_BYTES",
+    "TRUSTED_PROXIES",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "LOG_LEVEL",
+)

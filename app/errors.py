@@ -1,0 +1,99 @@
+"""The gateway's error tree; each error knows its HTTP status and OpenAI-style body.
+
+Leaf module: everything may raise these, only the proxy turns them into responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """An error the client should see, as `{"error": {"message", "type", "code"}}`."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.code)
+
+
+def error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    """Refused by the gateway's own limits, or every upstream key is cooling down."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamBadResponse(GatewayError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_bad_response"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class InternalError(GatewayError):
+    """The gateway's own failure: a bug. Answered without a trace."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"

@@ -1,0 +1,21 @@
+"""The services one worker holds, built once by `create_app` and shared by every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.auth import Authenticator
+from app.config import Settings
+from app.upstream.client import UpstreamClient
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    redis: Any
+    auth: Authenticator
+    upstream: UpstreamClient
+    cache: Any = None  # app.cache.service.CacheService, or None when caching is off
+    limiter: Any = None  # app.proxy.limits.Admission, or None when no limit is configured
+    trusted_networks: tuple[Any, ...] = ()

@@ -1,0 +1,44 @@
+"""Logging configured once, as JSON lines, for the app and gunicorn alike.
+
+gunicorn.conf.py passes `logging_config()` as `logconfig_dict`; `create_app` applies it when the app runs
+without gunicorn (tests, scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from typing import Any
+
+JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def logging_config(level: str = "INFO") -> dict[str, Any]:
+    """A dictConfig for JSON lines on stderr (12-factor: the platform collects them)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {
+                "()": "pythonjsonlogger.json.JsonFormatter",
+                "fmt": JSON_FORMAT,
+                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            }
+        },
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "app": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gateway.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+        },
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+    }
+
+
+def configure_logging(level: str) -> None:
+    """Apply the JSON config unless gunicorn already did (it owns the handlers then)."""
+    if getattr(configure_logging, "_done", False):
+        return
+    logging.config.dictConfig(logging_config(level))
+    configure_logging._done = True  # type: ignore[attr-defined]

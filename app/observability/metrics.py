@@ -1,0 +1,77 @@
+"""Prometheus metrics, aggregated over gunicorn workers with prometheus_client's multiprocess mode.
+
+Metric objects are module-level (the one exception to "nothing at import time"): prometheus_client picks
+its multiprocess value store from PROMETHEUS_MULTIPROC_DIR when this module is imported, which happens in
+the worker after gunicorn.conf.py has set the directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter("gateway_requests_total", "Requests to /v1/*, refused ones included.", ["route", "status", "cache"])
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds", "Time to the last byte of the answer.", ["route", "cache"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_duration_seconds", "Time until the upstream's answer headers arrived (retries included).",
+    ["backend"], buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream attempts repeated or moved on.", ["reason"])
+CACHE_LOOKUPS = Counter("gateway_cache_lookups_total", "Cache look-ups by layer and result.", ["layer", "result"])
+SEMANTIC_SIMILARITY = Histogram(
+    "gateway_semantic_similarity", "Cosine similarity of the best L2 candidate.",
+    buckets=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0),
+)
+EMBEDDING_DURATION = Histogram(
+    "gateway_embedding_duration_seconds", "Time to embed one query.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+TOKENS = Counter("gateway_tokens_total", "Tokens paid to the upstream.", ["kind"])
+TOKENS_SAVED = Counter("gateway_tokens_saved_total", "Tokens a cache hit did not pay for.")
+RATELIMITED = Counter("gateway_ratelimited_total", "Requests refused by the gateway's limits.", ["dimension"])
+REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed (the gateway degraded).", ["component"])
+
+KEY_STATE_VALUES = {"ok": 0, "cooling": 1, "disabled": 2}
+
+
+class KeyStateCollector:
+    """`gateway_upstream_key_state` read at scrape time from the shared (Redis) view of key health."""
+
+    def __init__(self, states: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gateway_upstream_key_state", "Upstream key state: 0 ok, 1 cooling down, 2 disabled.",
+            labels=["backend", "key_id"],
+        )
+        for backend, key_id, state in self._states():
+            family.add_metric([backend, key_id], KEY_STATE_VALUES[state])
+        yield family
+
+
+def render(extra: list[object]) -> tuple[bytes, str]:
+    """One scrape: a fresh registry over every worker's files (multiprocess) plus live collectors."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    for collector in extra:
+        registry.register(collector)  # type: ignore[arg-type]
+    try:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    finally:
+        for collector in extra:
+            registry.unregister(collector)  # type: ignore[arg-type]

@@ -1,0 +1,45 @@
+"""What one request did, collected along the way and written once as its log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+access_log = logging.getLogger("gateway.access")
+
+
+@dataclass
+class RequestRecord:
+    """The fields of the contract's log line; filled by the proxy as the request moves on."""
+
+    request_id: str
+    method: str
+    path: str
+    client: str | None = None
+    tenant: str | None = None
+    model: str | None = None
+    status: int = 0
+    latency_ms: float = 0.0
+    upstream_ms: float | None = None
+    cache: str = "BYPASS"
+    similarity: float | None = None
+    retries: int = 0
+    upstream_key_id: str | None = None
+    backend: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_saved: int | None = None
+    stream: bool = False
+    error: str | None = None
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def finish(self) -> None:
+        self.latency_ms = round((time.perf_counter() - self.started) * 1000.0, 2)
+        if self.upstream_ms is not None:
+            self.upstream_ms = round(self.upstream_ms, 2)
+
+    def log(self) -> None:
+        fields = asdict(self)
+        del fields["started"]
+        access_log.info("request", extra=fields)

@@ -1,0 +1,119 @@
+"""Per-request bookkeeping: the request id, the record behind the log line, and closing it out.
+
+Data for one request lives on `g` under `gw_` names; the built services in `app.extensions["gateway"]`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from flask import Response, current_app, g, request
+
+from app.gateway import Gateway
+from app.observability import metrics
+from app.observability.record import RequestRecord
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ROUTE_LABELS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def services() -> Gateway:
+    return current_app.extensions["gateway"]
+
+
+def record() -> RequestRecord:
+    return g.gw_record
+
+
+def start_request() -> None:
+    """Open the record for every /v1 and /admin request, before anything can refuse it."""
+    if not request.path.startswith(("/v1/", "/admin/")):
+        return
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+    gw = services()
+    g.gw_record = RequestRecord(
+        request_id=request_id, method=request.method, path=request.path,
+        client=client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), gw.trusted_networks),
+    )
+    g.gw_on_close = []
+
+
+def on_close(callback: Callable[[], None]) -> None:
+    """Run `callback` when the answer has been sent (or the client left), after the stream if any."""
+    g.gw_on_close.append(callback)
+
+
+def finish_request(response: Response) -> Response:
+    rec: RequestRecord | None = g.get("gw_record")
+    if rec is None:
+        return response
+    response.headers["X-Request-ID"] = rec.request_id
+    rec.status = response.status_code
+    if rec.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings") and rec.method == "POST":
+        response.headers["X-Cache"] = "HIT" if rec.cache in ("L0", "L1", "L2") else rec.cache
+    for name, value in g.get("gw_limit_headers", {}).items():
+        response.headers.setdefault(name, value)
+    callbacks: list[Callable[[], None]] = g.gw_on_close
+    response.call_on_close(lambda: _close(rec, callbacks))
+    return response
+
+
+def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        callback()
+    rec.finish()
+    rec.log()
+    _observe(rec)
+
+
+def _observe(rec: RequestRecord) -> None:
+    if not rec.path.startswith("/v1/"):
+        return
+    route = ROUTE_LABELS.get(rec.path, "other")
+    metrics.REQUESTS.labels(route, str(rec.status), rec.cache).inc()
+    metrics.REQUEST_DURATION.labels(route, rec.cache).observe(rec.latency_ms / 1000.0)
+    if rec.upstream_ms is not None and rec.backend is not None:
+        metrics.UPSTREAM_DURATION.labels(rec.backend).observe(rec.upstream_ms / 1000.0)
+    if rec.prompt_tokens and rec.cache not in ("L0", "L1", "L2"):
+        metrics.TOKENS.labels("prompt").inc(rec.prompt_tokens)
+    if rec.completion_tokens and rec.cache not in ("L0", "L1", "L2"):
+        metrics.TOKENS.labels("completion").inc(rec.completion_tokens)
+    if rec.tokens_saved:
+        metrics.TOKENS_SAVED.inc(rec.tokens_saved)
+
+
+def parse_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[Any, ...]) -> str | None:
+    """The peer address, unless it is a trusted proxy: then the nearest untrusted hop of X-Forwarded-For."""
+    if not forwarded_for or not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str | None, trusted: tuple[Any, ...]) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)

@@ -1,0 +1,180 @@
+"""The OpenAI-compatible routes: admit, look up the cache, forward, stream back, store, account.
+
+The order is the architecture's request flow. Everything that outlives the view function (the stream, the
+log line, releasing a rate-limit slot) runs from the response's close callback, without the request context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+
+from app.errors import GatewayError, UpstreamBadResponse
+from app.observability.record import RequestRecord
+from app.proxy.context import record, services
+from app.proxy.sse import StreamTap, replay, sse_error
+from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
+from app.upstream.client import UpstreamResult
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("proxy", __name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@bp.before_request
+def admit() -> None:
+    """Authenticate and rate-limit before any body work (a refused request costs almost nothing)."""
+    gw = services()
+    tenant = gw.auth.authenticate(request.headers.get("Authorization"))
+    g.gw_tenant = tenant
+    record().tenant = tenant.name
+    if gw.limiter is not None and request.method == "POST":
+        gw.limiter.admit(tenant, request.content_length or 0)
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return _forward(CHAT)
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return _forward(COMPLETIONS)
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    return _forward(EMBEDDINGS)
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    """The configured models when a backends file names them; otherwise the upstream's own list."""
+    gw = services()
+    configured = gw.upstream.pool.model_ids()
+    if configured:
+        body = {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "gateway"}
+                                           for m in configured]}
+        return Response(json.dumps(body), status=200, content_type="application/json")
+    result = gw.upstream.get("/v1/models", record().request_id)
+    _note_upstream(result)
+    return Response(result.read(), status=result.status, content_type=result.content_type)
+
+
+def _forward(route: str) -> Response:
+    gw = services()
+    rec = record()
+    parsed = parse_request(route, request.get_data(cache=False))
+    rec.model, rec.stream = parsed.model, parsed.stream
+    g.gw_tenant.check_model(parsed.model)
+    if gw.limiter is not None:
+        gw.limiter.check_model(g.gw_tenant, parsed)
+
+    plan = None
+    if gw.cache is not None:
+        plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
+                             request.headers.get("X-Cache-TTL"))
+        hit = gw.cache.lookup(plan)
+        rec.cache = plan.outcome
+        if hit is not None:
+            return _from_cache(parsed, hit)
+
+    body, raw = parsed.body, parsed.raw
+    strip_usage = False
+    if parsed.stream and route != EMBEDDINGS and not _client_wants_usage(body):
+        # Ask for usage in the last chunk (token accounting) and hide that chunk from the client.
+        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        raw = json.dumps(body).encode()
+        strip_usage = True
+
+    result = gw.upstream.send(parsed.path, body, raw, model=parsed.model, stream=parsed.stream,
+                              request_id=rec.request_id)
+    _note_upstream(result)
+    if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
+        tap = StreamTap(route, strip_usage=strip_usage)
+        return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
+                        headers={**SSE_HEADERS, **result.extra_headers})
+    content = result.read()
+    if result.status == 200:
+        answer = _json_answer(content)
+        _note_usage(rec, answer.get("usage"))
+        if plan is not None:
+            gw.cache.store(plan, answer, content)
+    return Response(content, status=result.status, content_type=result.content_type,
+                    headers=result.extra_headers)
+
+
+def _client_wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord, cache: Any) -> Iterator[bytes]:
+    """Pass events on as they arrive; a stream that breaks ends with an error event, never silently.
+
+    Runs after the view returned, outside the request context: everything it needs is passed in.
+    """
+    try:
+        for data in result.iter_raw():
+            out = tap.feed(data)
+            if out:
+                yield out
+        rest = tap.flush()
+        if rest:
+            yield rest
+        if not tap.done:
+            rec.error = "upstream stream ended before [DONE]"
+            yield sse_error("The upstream closed the stream before it was complete.")
+    except GatewayError as exc:
+        rec.error = exc.message
+        yield sse_error(exc.message, exc.error_type, exc.code)
+    finally:
+        result.close()
+        _note_usage(rec, tap.usage)
+        answer = tap.answer()
+        if answer is not None and plan is not None:
+            cache.store(plan, answer, None)
+
+
+def _from_cache(parsed: ParsedRequest, hit: Any) -> Response:
+    rec = record()
+    rec.similarity = hit.similarity
+    usage = hit.answer.get("usage") or {}
+    rec.tokens_saved = int(usage.get("total_tokens") or 0)
+    headers = {"X-Cache-Layer": hit.layer}
+    if hit.similarity is not None:
+        headers["X-Cache-Similarity"] = f"{hit.similarity:.4f}"
+    if parsed.stream:
+        events = replay(hit.answer, parsed.route, include_usage=_client_wants_usage(parsed.body))
+        return Response(events, status=200, mimetype="text/event-stream", headers={**SSE_HEADERS, **headers})
+    return Response(hit.content, status=200, content_type="application/json", headers=headers)
+
+
+def _json_answer(content: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        raise UpstreamBadResponse("The upstream answered with something that is not JSON.") from None
+    if not isinstance(answer, dict):
+        raise UpstreamBadResponse("The upstream answered with JSON that is not an object.")
+    return answer
+
+
+def _note_upstream(result: UpstreamResult) -> None:
+    rec = record()
+    rec.upstream_key_id = result.key_id
+    rec.retries = result.retries
+    rec.upstream_ms = result.upstream_ms
+    rec.backend = result.backend
+
+
+def _note_usage(rec: RequestRecord, usage: Any) -> None:
+    if isinstance(usage, dict):
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens")

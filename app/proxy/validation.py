@@ -1,0 +1,101 @@
+"""Parse and check the fields the gateway itself reads; everything else passes through untouched."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import BadRequest
+
+CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
+ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    route: str
+    path: str
+    body: dict[str, Any]
+    raw: bytes
+    model: str
+    stream: bool
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_request(route: str, raw: bytes) -> ParsedRequest:
+    """Bytes -> checked request, or a 400 whose message names the field."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid UTF-8.", code="invalid_json") from None
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _field("model", "a non-empty string")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _field("stream", "a boolean")
+    if route == CHAT:
+        _check_messages(body.get("messages"))
+    elif route == COMPLETIONS:
+        _check_prompt(body.get("prompt"))
+    elif route == EMBEDDINGS:
+        _check_input(body.get("input"))
+        stream = False
+    _check_numbers(body)
+    return ParsedRequest(route=route, path=ROUTE_PATHS[route], body=body, raw=raw, model=model, stream=stream)
+
+
+def _field(name: str, expected: str) -> BadRequest:
+    return BadRequest(f"Invalid type for '{name}': expected {expected}.", code="invalid_type")
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _field("messages", "a non-empty array of message objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _field(f"messages[{i}]", "an object")
+        if not isinstance(message.get("role"), str):
+            raise _field(f"messages[{i}].role", "a string")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _field(f"messages[{i}].content", "a string, an array of content parts, or null")
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, int, list)) for p in prompt):
+        return
+    raise _field("prompt", "a string or a non-empty array")
+
+
+def _check_input(value: Any) -> None:
+    if isinstance(value, str) or (isinstance(value, list) and value):
+        return
+    raise _field("input", "a string or a non-empty array")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(body: dict[str, Any]) -> None:
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and not _is_number(value):
+            raise _field(name, "a number")
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise _field(name, "a positive integer")

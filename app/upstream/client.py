@@ -1,0 +1,246 @@
+"""Send a request upstream over the pool's keys and map every failure to a gateway error.
+
+urllib3 retries one key (backoff, Retry-After); this module moves on to the next key or backend when a
+key is limited, rejected or failing, always before the first byte of the answer reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from app.errors import (
+    GatewayError,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+PASSED_HEADERS = ("content-type",)
+
+
+@dataclass
+class UpstreamResult:
+    """An upstream answer whose headers arrived; the body is read (or streamed) by the caller."""
+
+    status: int
+    content_type: str
+    response: requests.Response
+    backend: str
+    key_id: str
+    retries: int
+    upstream_ms: float
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    _release: Any = None
+
+    def read(self) -> bytes:
+        """The whole body, for non-streamed answers."""
+        try:
+            return self.response.content
+        except requests.RequestException as exc:
+            raise _map_body_error(exc) from exc
+        finally:
+            self.close()
+
+    def iter_raw(self) -> Iterator[bytes]:
+        """Body bytes as they arrive: each HTTP chunk as soon as it is read, never the whole answer."""
+        raw = self.response.raw
+        if raw.chunked and raw.supports_chunked_reads():
+            yield from raw.read_chunked(decode_content=True)
+            return
+        while True:
+            data = raw.read1(READ_SIZE)
+            if not data:
+                return
+            yield data
+
+    def close(self) -> None:
+        self.response.close()
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class UpstreamClient:
+    """The one way the gateway calls its upstreams."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        pool: UpstreamPool,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        on_retry: Any = None,
+    ) -> None:
+        self.session = session
+        self.pool = pool
+        self.timeout = (connect_timeout, read_timeout)
+        self._on_retry = on_retry or (lambda reason, count: None)
+
+    def send(self, path: str, body: dict[str, Any], raw_body: bytes, *, model: str | None, stream: bool,
+             request_id: str) -> UpstreamResult:
+        """POST to the best key; on a limited or failing key move to the next before anything is sent back."""
+        candidates, soonest = self.pool.candidates(model)
+        if not candidates:
+            raise self._no_candidate(model, soonest)
+        last_error: GatewayError | None = None
+        retries = 0
+        for index, (backend, key) in enumerate(candidates):
+            is_last = index == len(candidates) - 1
+            payload = _for_backend(backend, body, raw_body, model)
+            started = time.perf_counter()
+            self.pool.acquire(key)
+            try:
+                response = self.session.post(
+                    _url(backend.base_url, path), data=payload, headers=_headers(key, request_id),
+                    stream=True, timeout=self.timeout,
+                )
+            except requests.RequestException as exc:
+                self.pool.release(key)
+                error = _map_send_error(exc)
+                if isinstance(error, UpstreamTimeout) and not isinstance(exc, requests.ConnectTimeout):
+                    raise error from exc  # it may be generating already: another key would pay twice
+                self.pool.health.record_failure(key.key_id)
+                self._on_retry("connection", 1)
+                last_error = error
+                retries += 1
+                continue
+            retries += _retries_made(response)
+            result = UpstreamResult(
+                status=response.status_code,
+                content_type=response.headers.get("content-type", "application/json"),
+                response=response, backend=backend.name, key_id=key.key_id, retries=retries,
+                upstream_ms=(time.perf_counter() - started) * 1000.0,
+                _release=lambda key=key: self.pool.release(key),
+            )
+            if self._accept(result, key, is_last):
+                return result
+            retries += 1
+            result.close()
+        if last_error is None:  # every candidate was tried; the loop returns on the last one otherwise
+            last_error = UpstreamUnreachable("no upstream answered")
+        raise last_error
+
+    def _accept(self, result: UpstreamResult, key: UpstreamKey, is_last: bool) -> bool:
+        """Update the key's health; True when this answer goes to the client, False to try the next key."""
+        status = result.status
+        health = self.pool.health
+        if status == 429:
+            retry_after = _retry_after(result.response.headers.get("Retry-After"))
+            until = health.cool_down(key.key_id, retry_after)
+            log.warning("upstream key %s rate limited, cooling down", key.key_id,
+                        extra={"upstream_key_id": key.key_id, "cooldown_s": round(until - time.time(), 1)})
+            self._on_retry("429", 1)
+            if is_last:
+                result.extra_headers["Retry-After"] = str(max(1, math.ceil(until - time.time())))
+            return is_last
+        if status in (401, 403):
+            health.disable(key.key_id)
+            log.error("upstream key %s rejected with %s: taken out of rotation until restored",
+                      key.key_id, status, extra={"upstream_key_id": key.key_id, "upstream_status": status})
+            if is_last:
+                raise UpstreamBadResponse(
+                    f"the upstream rejected the gateway's credentials ({status})", code="upstream_auth_failed"
+                )
+            return False
+        if status >= 500:
+            health.record_failure(key.key_id)
+            self._on_retry("5xx", 1)
+            return is_last
+        health.record_success(key.key_id)
+        return True
+
+    def _no_candidate(self, model: str | None, soonest: float) -> GatewayError:
+        if soonest == float("inf"):
+            return NotFound(f"The model `{model}` does not exist or is not served here.", code="model_not_found")
+        if soonest == DISABLED:
+            return ServiceUnavailable("every upstream key for this model is disabled; an operator must restore one")
+        wait = max(1, math.ceil(soonest - time.time()))
+        return RateLimited("every upstream key is cooling down; retry later", code="upstream_rate_limited",
+                           headers={"Retry-After": str(wait)})
+
+    def get(self, path: str, request_id: str) -> UpstreamResult:
+        """GET from the first usable backend (used for the model list)."""
+        candidates, soonest = self.pool.candidates(None)
+        if not candidates:
+            raise self._no_candidate(None, soonest)
+        backend, key = candidates[0]
+        started = time.perf_counter()
+        try:
+            response = self.session.get(_url(backend.base_url, path), headers=_headers(key, request_id),
+                                        timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise _map_send_error(exc) from exc
+        return UpstreamResult(status=response.status_code,
+                              content_type=response.headers.get("content-type", "application/json"),
+                              response=response, backend=backend.name, key_id=key.key_id,
+                              retries=_retries_made(response), upstream_ms=(time.perf_counter() - started) * 1000)
+
+
+def _url(base_url: str, path: str) -> str:
+    """`TARGET_URL` + `/v1/...`, without doubling a `/v1` the base URL already ends with."""
+    if base_url.endswith("/v1") and path.startswith("/v1/"):
+        path = path[3:]
+    return base_url + path
+
+
+def _headers(key: UpstreamKey, request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+    if key.secret:
+        headers["Authorization"] = f"Bearer {key.secret}"
+    return headers
+
+
+def _for_backend(backend: Backend, body: dict[str, Any], raw_body: bytes, model: str | None) -> bytes:
+    """The client's bytes untouched, unless the backend calls the model by another name."""
+    if model is None or model not in backend.model_map:
+        return raw_body
+    return json.dumps({**body, "model": backend.upstream_model(model)}).encode()
+
+
+def _retries_made(response: requests.Response) -> int:
+    retries = getattr(response.raw, "retries", None)
+    return len(retries.history) if retries is not None else 0
+
+
+def _retry_after(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        return None
+
+
+def _map_send_error(exc: requests.RequestException) -> GatewayError:
+    """requests' error tree -> 504 for timeouts, 502 for everything else that prevented an answer."""
+    if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):
+        return UpstreamTimeout("the upstream did not answer in time")
+    return UpstreamUnreachable("the upstream could not be reached")
+
+
+def _map_body_error(exc: requests.RequestException) -> GatewayError:
+    if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):
+        return UpstreamTimeout("the upstream stopped sending before the answer was complete")
+    return UpstreamBadResponse("the upstream connection broke before the answer was complete")
+
+
+def _caused_by_read_timeout(exc: BaseException) -> bool:
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, ReadTimeoutError)

@@ -1,0 +1,70 @@
+"""One `requests.Session` per worker, with urllib3 `Retry` doing backoff and Retry-After for us.
+
+Retries happen inside urllib3 before a response is handed back, so a streamed answer is only ever
+retried before its first byte reaches the client.
+"""
+
+from __future__ import annotations
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class UpstreamRetry(Retry):
+    """urllib3 Retry that gives up at once on a Retry-After longer than `retry_after_max`.
+
+    urllib3 would sleep the capped time and try the same key again; when the upstream asks for a long
+    pause, moving to another key (or telling the client when to come back) serves the client better.
+    """
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # noqa: ANN001, ANN201
+        if response is not None and response.status == 429:
+            wait = _seconds(response.headers.get("Retry-After"))
+            if wait is not None and wait > self.retry_after_max:
+                raise MaxRetryError(_pool, url, reason=None)  # urllib3 hands the 429 back untouched
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def _seconds(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        return float(header)
+    except ValueError:
+        return None  # an HTTP date: urllib3 parses and caps it
+
+
+def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retry_after_max: float) -> Retry:
+    """Every field set on purpose; the library defaults are wrong for a POST-heavy LLM gateway."""
+    return UpstreamRetry(
+        total=retries,
+        connect=retries,
+        # A read error means the upstream may already be generating (and billing) the answer: not retried.
+        read=0,
+        status=retries,
+        other=0,
+        redirect=0,
+        allowed_methods=frozenset({"GET", "POST"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=backoff_factor,
+        backoff_jitter=backoff_factor,
+        backoff_max=backoff_max,
+        respect_retry_after_header=True,
+        retry_after_max=int(retry_after_max),
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
+
+
+def build_session(*, retry: Retry, pool_size: int) -> requests.Session:
+    """A session whose pool holds one connection per concurrent request of this worker."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.trust_env = False  # no proxy or netrc surprises from the worker's environment
+    return session

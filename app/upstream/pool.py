@@ -1,0 +1,272 @@
+"""Backends, their keys, and which key a request should use next.
+
+Choice: backends that serve the model, in weighted-random order; inside a backend, keys that are not
+cooling down, preferring the fewest requests in flight (per worker) relative to the key's weight.
+Cooldowns are shared through Redis (`KeyHealth`) so every worker and pod stops using a limited key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DISABLED = float("inf")  # a key taken out (401/403) until an operator restores it
+FAILURE_COOLDOWN = 5.0  # seconds a key rests after repeated 5xx / connection errors
+FAILURES_BEFORE_COOLDOWN = 3
+BACKOFF_COOLDOWN_MAX = 300.0
+
+
+def key_fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible id for logs and metrics: never the key itself."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class UpstreamKey:
+    secret: str = field(repr=False)
+    key_id: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    base_url: str
+    keys: tuple[UpstreamKey, ...]
+    weight: float = 1.0
+    models: tuple[str, ...] = ()  # empty: serves any model
+    model_map: Mapping[str, str] = field(default_factory=dict)
+
+    def serves(self, model: str | None) -> bool:
+        return not self.models or model in self.models or model in self.model_map
+
+    def upstream_model(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+
+class PoolConfigError(ConfigError):
+    """The backends description is unusable; the message says where."""
+
+
+def backends_from_settings(target_url: str, keys: tuple[str, ...], upstreams_file: str | None) -> list[Backend]:
+    """`UPSTREAMS_FILE` when given, else one backend from `TARGET_URL` + `UPSTREAM_API_KEYS`."""
+    if upstreams_file:
+        return load_backends_file(Path(upstreams_file))
+    return [Backend(name="default", base_url=target_url, keys=_keys_or_anonymous([_make_key(k) for k in keys]))]
+
+
+def _keys_or_anonymous(keys: list[UpstreamKey]) -> tuple[UpstreamKey, ...]:
+    """A backend without keys (a local vLLM or Ollama) is called without an Authorization header."""
+    return tuple(keys) or (UpstreamKey(secret="", key_id="anonymous"),)
+
+
+def _make_key(secret: str, weight: float = 1.0) -> UpstreamKey:
+    return UpstreamKey(secret=secret, key_id=key_fingerprint(secret), weight=weight)
+
+
+def load_backends_file(path: Path) -> list[Backend]:
+    """Parse the YAML backends file (see README, "Several upstreams")."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PoolConfigError(f"UPSTREAMS_FILE {path}: {exc}") from exc
+    items = doc.get("backends") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        raise PoolConfigError(f"UPSTREAMS_FILE {path}: expected a non-empty 'backends' list")
+    return [_parse_backend(path, i, item) for i, item in enumerate(items)]
+
+
+def _parse_backend(path: Path, index: int, item: Any) -> Backend:
+    where = f"UPSTREAMS_FILE {path}: backends[{index}]"
+    if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+        raise PoolConfigError(f"{where}: needs a 'url'")
+    raw_keys = item.get("keys") or []
+    keys: list[UpstreamKey] = []
+    for raw in raw_keys:
+        if isinstance(raw, str):
+            keys.append(_make_key(raw))
+        elif isinstance(raw, dict) and isinstance(raw.get("key"), str):
+            keys.append(_make_key(raw["key"], float(raw.get("weight", 1.0))))
+        else:
+            raise PoolConfigError(f"{where}: each key is a string or {{key, weight}}")
+    models = item.get("models") or []
+    model_map = item.get("model_map") or {}
+    if not isinstance(models, list) or not isinstance(model_map, dict):
+        raise PoolConfigError(f"{where}: 'models' is a list and 'model_map' a mapping")
+    return Backend(
+        name=str(item.get("name") or f"backend{index}"),
+        base_url=item["url"].rstrip("/"),
+        keys=_keys_or_anonymous(keys),
+        weight=float(item.get("weight", 1.0)),
+        models=tuple(str(m) for m in models),
+        model_map={str(k): str(v) for k, v in model_map.items()},
+    )
+
+
+class KeyHealth:
+    """Cooldowns per key id, shared through one Redis hash, read at most once a second per worker.
+
+    Reading the hash on every request would add a Redis round trip to each; a one-second-old view is
+    enough, and a worker that sees a 429 itself marks the key locally at once.
+    """
+
+    REDIS_KEY = "gw:upstream:cooldown"
+    REFRESH_SECONDS = 1.0
+
+    def __init__(self, redis_client: Any | None) -> None:
+        self._redis = redis_client
+        self._until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._strikes: dict[str, int] = {}
+        self._refreshed = 0.0
+        self._lock = threading.Lock()
+
+    def cooling_until(self, key_id: str, now: float) -> float:
+        self._maybe_refresh(now)
+        until = self._until.get(key_id, 0.0)
+        return until if until > now else 0.0
+
+    def cool_down(self, key_id: str, seconds: float | None, now: float | None = None) -> float:
+        """Rest a key for `seconds` (Retry-After) or an exponential backoff when the upstream gave none."""
+        now = time.time() if now is None else now
+        if seconds is None:
+            strikes = self._strikes.get(key_id, 0) + 1
+            self._strikes[key_id] = strikes
+            seconds = min(BACKOFF_COOLDOWN_MAX, 2.0**strikes)
+        until = now + max(seconds, 0.001)
+        self._set(key_id, until)
+        return until
+
+    def disable(self, key_id: str) -> None:
+        self._set(key_id, DISABLED)
+
+    def record_failure(self, key_id: str) -> bool:
+        """5xx / connection error; returns True when it put the key in a short cooldown."""
+        count = self._failures.get(key_id, 0) + 1
+        self._failures[key_id] = count
+        if count >= FAILURES_BEFORE_COOLDOWN:
+            self._failures[key_id] = 0
+            self._set(key_id, time.time() + FAILURE_COOLDOWN)
+            return True
+        return False
+
+    def record_success(self, key_id: str) -> None:
+        if self._failures.get(key_id) or self._strikes.get(key_id):
+            self._failures.pop(key_id, None)
+            self._strikes.pop(key_id, None)
+
+    def state(self, key_id: str, now: float) -> str:
+        until = self.cooling_until(key_id, now)
+        return "disabled" if until == DISABLED else ("cooling" if until else "ok")
+
+    def _set(self, key_id: str, until: float) -> None:
+        self._until[key_id] = until
+        if self._redis is None:
+            return
+        try:
+            self._redis.hset(self.REDIS_KEY, key_id, "disabled" if until == DISABLED else repr(until))
+        except Exception as exc:  # noqa: BLE001 - Redis down: the local view still protects this worker
+            log.warning("upstream key state not shared, Redis unavailable: %s", type(exc).__name__)
+
+    def _maybe_refresh(self, now: float) -> None:
+        if self._redis is None or now - self._refreshed < self.REFRESH_SECONDS:
+            return
+        with self._lock:
+            if now - self._refreshed < self.REFRESH_SECONDS:
+                return
+            self._refreshed = now
+            try:
+                shared = self._redis.hgetall(self.REDIS_KEY)
+            except Exception as exc:  # noqa: BLE001 - keep the local view until Redis answers again
+                log.debug("upstream key states not refreshed: %s", type(exc).__name__)
+                return
+        fresh: dict[str, float] = {}
+        for raw_id, raw_until in shared.items():
+            key_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            value = raw_until.decode() if isinstance(raw_until, bytes) else raw_until
+            fresh[key_id] = DISABLED if value == "disabled" else float(value)
+        for key_id, until in self._until.items():
+            if until > now and key_id not in fresh:
+                # a local mark not yet visible in Redis stays; a restore in Redis clears a disabled key
+                fresh[key_id] = until if until != DISABLED else 0.0
+        self._until = fresh
+
+    def restore(self, key_id: str) -> None:
+        """Operator action: put a disabled or cooling key back in service everywhere."""
+        self._until.pop(key_id, None)
+        self._failures.pop(key_id, None)
+        self._strikes.pop(key_id, None)
+        if self._redis is not None:
+            self._redis.hdel(self.REDIS_KEY, key_id)
+
+
+class UpstreamPool:
+    """Orders (backend, key) candidates for one request; counts in-flight requests per key."""
+
+    def __init__(self, backends: list[Backend], health: KeyHealth) -> None:
+        self.backends = backends
+        self.health = health
+        self._in_flight: dict[str, int] = {}
+
+    def knows_model(self, model: str | None) -> bool:
+        return any(b.serves(model) for b in self.backends)
+
+    def model_ids(self) -> list[str]:
+        """Models named in the configuration (empty when a backend serves any model)."""
+        seen: dict[str, None] = {}
+        for backend in self.backends:
+            for model in (*backend.models, *backend.model_map):
+                seen.setdefault(model, None)
+        return list(seen)
+
+    def candidates(
+        self, model: str | None, now: float | None = None
+    ) -> tuple[list[tuple[Backend, UpstreamKey]], float]:
+        """Usable (backend, key) pairs in preference order, and the soonest recovery when none is usable."""
+        now = time.time() if now is None else now
+        serving = [b for b in self.backends if b.serves(model)]
+        ordered: list[tuple[Backend, UpstreamKey]] = []
+        soonest = float("inf")
+        for backend in _weighted_order(serving):
+            usable = []
+            for key in backend.keys:
+                until = self.health.cooling_until(key.key_id, now)
+                if until:
+                    soonest = min(soonest, until)
+                else:
+                    usable.append(key)
+            usable.sort(key=lambda k: (self._in_flight.get(k.key_id, 0) / k.weight, random.random()))
+            ordered.extend((backend, key) for key in usable)
+        return ordered, soonest
+
+    def acquire(self, key: UpstreamKey) -> None:
+        self._in_flight[key.key_id] = self._in_flight.get(key.key_id, 0) + 1
+
+    def release(self, key: UpstreamKey) -> None:
+        self._in_flight[key.key_id] = max(0, self._in_flight.get(key.key_id, 1) - 1)
+
+    def key_states(self, now: float | None = None) -> Iterator[tuple[str, str, str]]:
+        now = time.time() if now is None else now
+        for backend in self.backends:
+            for key in backend.keys:
+                yield backend.name, key.key_id, self.health.state(key.key_id, now)
+
+
+def _weighted_order(backends: list[Backend]) -> list[Backend]:
+    """Weighted random order without replacement (Efraimidis-Spirakis keys)."""
+    if len(backends) <= 1:
+        return backends
+    return sorted(backends, key=lambda b: -(random.random() ** (1.0 / max(b.weight, 1e-9))))

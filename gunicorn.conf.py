@@ -1,0 +1,94 @@
+"""gunicorn configuration: gevent workers, settings from the environment, JSON logs, metrics hooks.
+
+Only the standard library is imported at the top: the master must not import `ssl` (requests, urllib3,
+prometheus_client, the app) before forking, or gevent patches it too late in every worker
+(MonkeyPatchWarning, unpatched sockets). gunicorn's gevent worker does the monkey-patching itself.
+"""
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"invalid configuration: {name}={value!r}: expected an integer") from None
+
+
+def _logging_config() -> dict:
+    """The app's JSON logging config, loaded by file path so that importing it pulls in nothing else."""
+    path = Path(__file__).resolve().parent / "app" / "observability" / "logging.py"
+    spec = importlib.util.spec_from_file_location("gateway_logging_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.logging_config(os.environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
+
+
+bind = f"0.0.0.0:{_int('PORT', 8080)}"
+workers = _int("WEB_CONCURRENCY", 2)
+worker_class = "gevent"
+worker_connections = _int("WORKER_CONNECTIONS", 1000)
+graceful_timeout = _int("GRACEFUL_TIMEOUT", 120)
+timeout = 30  # heartbeat of an idle gevent worker, not a request timeout: streams may run far longer
+keepalive = 75  # longer than nginx's and load balancers' idle timeouts, so they close first
+preload_app = False  # build clients after the fork, and let the gevent worker patch before any import
+accesslog = None  # the app writes one JSON line per request itself
+control_socket_disable = True  # one fixed socket path per user would clash between instances; unused here
+logconfig_dict = _logging_config()
+
+
+def _check_settings() -> None:
+    """Fail before forking, with one message naming every bad variable (app/config.py is stdlib-only)."""
+    path = Path(__file__).resolve().parent / "app" / "config.py"
+    spec = importlib.util.spec_from_file_location("gateway_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building Settings
+    spec.loader.exec_module(module)
+    try:
+        module.Settings.from_env()
+    except module.ConfigError as exc:
+        raise SystemExit(f"G-AIGateway cannot start: {exc}") from None
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Check the settings, and give the workers a clean metrics directory (stale files would add up)."""
+    _check_settings()
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.makedirs(directory, exist_ok=True)
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+    server.log.info("prometheus multiprocess directory: %s", directory)
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """prometheus_client's `multiprocess.mark_process_dead(worker.pid)`, done with the standard library.
+
+    Importing prometheus_client here would import `ssl` into the master, and every worker forked after
+    a crash would inherit it unpatched; the library function only removes the dead worker's live-gauge
+    files, which is what this does.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    for mode in ("liveall", "livesum", "livemax", "livemin", "livemostrecent"):
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{worker.pid}.db")):
+            os.remove(path)
+
+
+def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    server.log.info("G-AIGateway listening on %s with %d gevent workers", server.address, server.num_workers)

@@ -1,0 +1,158 @@
+"""Real processes for the tests: the mock upstream and the gateway under gunicorn, on loopback ports.
+
+The only fake in the suite is the upstream, and it is a real HTTP server in its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class MockUpstream:
+    """tools/mock_upstream.py in a subprocess; faults and the request log through its /_mock/ API."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [PYTHON, str(ROOT / "tools" / "mock_upstream.py"), "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_until(lambda: requests.get(self.url + "/_mock/config", timeout=1).ok, 15, "mock upstream")
+
+    def faults(self, *faults: dict[str, Any]) -> None:
+        requests.post(self.url + "/_mock/faults", json={"faults": list(faults)}, timeout=5).raise_for_status()
+
+    def configure(self, **config: float) -> None:
+        requests.post(self.url + "/_mock/config", json=config, timeout=5).raise_for_status()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return requests.get(self.url + "/_mock/requests", timeout=5).json()["requests"]
+
+    def reset(self) -> None:
+        requests.post(self.url + "/_mock/reset", timeout=5).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class Gateway:
+    """gunicorn -c gunicorn.conf.py wsgi:app with gevent workers, bound to a loopback port.
+
+    stderr (gunicorn's and the app's JSON log lines) goes to a file the tests can read.
+    """
+
+    def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="gateway-test-"))
+        self.log_path = self.workdir / "gunicorn.log"
+        self.metrics_dir = self.workdir / "metrics"
+        full_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PYTHONUNBUFFERED": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "REDIS_URL": REDIS_URL,
+            "WEB_CONCURRENCY": str(workers),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            "GRACEFUL_TIMEOUT": "10",
+            **env,
+        }
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "wsgi:app"],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._ready, timeout, f"gateway (log: {self.log_path})")
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"gateway did not start; its log:\n{self.logs()}") from None
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise TimeoutError(f"gunicorn exited with {self.process.returncode}")
+        return requests.get(self.url + "/healthz", timeout=1).ok
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON lines of the log (gunicorn's and the app's), parsed."""
+        import json
+
+        lines = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
+    def request_lines(self) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("message") == "request"]
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def base_env(upstream: MockUpstream, **extra: str) -> dict[str, str]:
+    """A gateway pointed at the mock with one upstream key, auth off unless the test turns it on."""
+    return {
+        "TARGET_URL": upstream.url,
+        "UPSTREAM_API_KEYS": "sk-upstream-test-key",
+        "AUTH_DISABLED": "true",
+        "UPSTREAM_BACKOFF_FACTOR": "0.05",
+        "SEMANTIC_CACHE_ENABLED": "false",
+        **extra,
+    }

@@ -75,8 +75,10 @@ def _decode_embedding(item: Any, index: int) -> np.ndarray:
         if not raw or len(raw) % 4:
             raise EmbeddingError(f"embedding {index} has {len(raw)} bytes, not a float32 vector")
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
-    if isinstance(vector, list) and vector and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
+    if (
+        isinstance(vector, list)
+        and vector
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector)
     ):
         return np.asarray(vector, dtype=np.float32)
     raise EmbeddingError(f"embedding {index} is missing or not a list of numbers")
@@ -167,9 +169,7 @@ class RemoteEmbedder:
             raise EmbeddingError(f"embedding request to {self._endpoint} failed: {type(exc).__name__}") from exc
         try:
             if response.status_code != 200:
-                log.warning(
-                    "embedding API answered %s", response.status_code, extra={"endpoint": self._endpoint}
-                )
+                log.warning("embedding API answered %s", response.status_code, extra={"endpoint": self._endpoint})
                 raise EmbeddingError(f"embedding API answered HTTP {response.status_code}")
             try:
                 payload = response.json()

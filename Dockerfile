@@ -22,8 +22,8 @@ RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
 # A fixed non-root uid/gid matching runAsUser in the manifests. HOME=/tmp so libraries that want a cache
 # directory get a writable one (an emptyDir in Kubernetes). The metrics directory is created and owned by the
 # user for plain `docker run`; Kubernetes mounts an emptyDir over it.
-RUN groupadd --system --gid 10001 gateway \
- && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin gateway \
+RUN groupadd --gid 10001 gateway \
+ && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin gateway \
  && mkdir -p /var/run/prometheus \
  && chown 10001:10001 /var/run/prometheus
 ENV PROMETHEUS_MULTIPROC_DIR=/var/run/prometheus

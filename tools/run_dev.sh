@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `make run`: start the gateway under gunicorn. Without an upstream key it starts the bundled mock upstream
+# and points the gateway at it; without client keys it makes a local development key and prints it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .run
+
+setting() {  # a variable from the environment, else from .env
+  local name="$1"
+  if [[ -n "${!name:-}" ]]; then printf '%s' "${!name}"; return; fi
+  [[ -f .env ]] && grep -E "^${name}=" .env | tail -n1 | cut -d= -f2- || true
+}
+
+port="$(setting PORT)"; port="${port:-8080}"
+mock_pid=""
+cleanup() { [[ -n "$mock_pid" ]] && kill "$mock_pid" 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+if [[ -z "$(setting UPSTREAM_API_KEYS)$(setting DEEPSEEK_API_KEY)$(setting UPSTREAMS_FILE)" ]]; then
+  mock_port="${MOCK_PORT:-9100}"
+  .venv/bin/python tools/mock_upstream.py --host 127.0.0.1 --port "$mock_port" --latency 0.3 --chunk-delay 0.05 \
+    > .run/mock-upstream.log 2>&1 &
+  mock_pid=$!
+  export TARGET_URL="http://127.0.0.1:$mock_port" UPSTREAM_API_KEYS="mock-upstream-key"
+  cat <<BANNER
+================================================================================
+  NO UPSTREAM KEY CONFIGURED (UPSTREAM_API_KEYS / DEEPSEEK_API_KEY / UPSTREAMS_FILE)
+  -> using the bundled MOCK upstream at $TARGET_URL : answers are fake.
+  Set DEEPSEEK_API_KEY (or UPSTREAM_API_KEYS and TARGET_URL) in .env for a real provider.
+================================================================================
+BANNER
+fi
+
+if [[ -z "$(setting GATEWAY_API_KEYS)$(setting GATEWAY_KEYS_FILE)" && "$(setting AUTH_DISABLED)" != "true" ]]; then
+  [[ -s .run/dev-client-key ]] || .venv/bin/python -c 'import secrets; print("gw-dev-" + secrets.token_urlsafe(24))' > .run/dev-client-key
+  export GATEWAY_API_KEYS="dev:$(cat .run/dev-client-key)"
+  echo "No client keys configured: made a local development key (tenant 'dev'), kept in .run/dev-client-key:"
+  echo "  $(cat .run/dev-client-key)"
+fi
+
+export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/.run/metrics}"
+export OPENBLAS_NUM_THREADS=1
+key="$(cat .run/dev-client-key 2>/dev/null || echo '<your client key>')"
+cat <<HELP
+Gateway on http://127.0.0.1:$port   (Ctrl-C stops it)
+  curl http://127.0.0.1:$port/v1/chat/completions -H "Authorization: Bearer $key" \\
+       -H 'Content-Type: application/json' \\
+       -d '{"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hello!"}]}'
+HELP
+.venv/bin/gunicorn -c gunicorn.conf.py -b "127.0.0.1:$port" wsgi:app &
+gunicorn_pid=$!
+trap 'kill -TERM $gunicorn_pid 2>/dev/null; wait $gunicorn_pid; cleanup' INT TERM
+wait "$gunicorn_pid"

@@ -21,7 +21,8 @@ if __name__ == "__main__":
 # FAULT: {"status": 429, "retry_after": 1} | {"kind": "delay" | "latency", "seconds": s}
 #        | {"kind": "reset", "after_chunks": n} | {"kind": "slow_chunks", "delay": s} | {"kind": "garbage"}
 #        | {"kind": "length"}, each optionally with "key" (only requests with that Bearer key), "paths" (only these
-#        paths; without it a fault skips GET /v1/models) and "times" (uses, default 1, -1 = forever).
+#        paths; without it a fault skips GET /v1/models), "times" (uses, default 1, -1 = forever) and "seconds"
+#        (wait first). Status faults may also set "message", "type", "code" and "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -69,6 +70,7 @@ SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Con
 
 _PIECES = re.compile(r"\S+\s*")  # a word with its trailing space: one "token", one stream chunk
 _WORDS = re.compile(r"\w+")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
     "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
@@ -182,11 +184,9 @@ def embed(text: str, dimensions: int) -> list[float]:
     Equal texts give equal vectors and texts sharing words are close, which lets semantic-cache tests point the
     gateway's remote embedding client at this mock. Values are rounded to float32 so "float" and "base64" agree.
     """
-    words = _WORDS.findall(text.lower()) or [text]
-    total = [0.0] * dimensions
-    for word in words:
-        total = [a + b for a, b in zip(total, _word_vector(word, dimensions), strict=True)]
-    norm = math.sqrt(sum(v * v for v in total)) or 1.0
+    vectors = [_word_vector(word, dimensions) for word in _WORDS.findall(text.lower()) or [text]]
+    total = vectors[0] if len(vectors) == 1 else [sum(column) for column in zip(*vectors, strict=True)]
+    norm = math.hypot(*total) or 1.0
     return array.array("f", [v / norm for v in total]).tolist()
 
 
@@ -224,14 +224,9 @@ def chosen_tool(body: Json) -> Json | None:
     return tools[0]
 
 
-def sse(obj: Json) -> bytes:
-    """One server-sent event carrying a JSON object."""
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-def dumps(obj: Any) -> bytes:
-    """The single JSON serialisation of a response body."""
-    return json.dumps(obj, separators=(",", ":")).encode()
+def encode(obj: Any) -> bytes:
+    """Compact JSON bytes, through one shared encoder (json.dumps with options builds a new one every call)."""
+    return _ENCODER.encode(obj).encode()
 
 
 def bearer_key(environ: Environ) -> str | None:
@@ -273,12 +268,18 @@ def validate_fault(fault: Any) -> Json:
     kind = fault.setdefault("kind", "status" if "status" in fault else None)
     if kind not in FAULT_KINDS:
         raise MockError(400, f"unknown fault kind {kind!r}; one of {sorted(FAULT_KINDS)} or a 'status'")
-    if kind == "status" and not isinstance(fault.get("status"), int):
-        raise MockError(400, "a status fault needs an integer 'status'")
+    if kind == "status" and not (isinstance(fault.get("status"), int) and 200 <= fault["status"] <= 599):
+        raise MockError(400, "a status fault needs an integer 'status' (200-599)")
     times = fault.setdefault("times", 1)
     if not isinstance(times, int) or times == 0 or times < -1:
         raise MockError(400, "'times' must be a positive integer or -1 (forever)")
+    for name in ("seconds", "delay", "after_chunks", "retry_after"):
+        value = fault.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise MockError(400, f"'{name}' must be a number >= 0")
     if "paths" in fault:
+        if not isinstance(fault["paths"], list) or not all(isinstance(p, str) for p in fault["paths"]):
+            raise MockError(400, "'paths' must be a list of paths")
         fault["paths"] = [normalise_path(p) for p in fault["paths"]]
     return fault
 
@@ -288,6 +289,13 @@ def normalise_path(path: str) -> str:
     if path.startswith("/v1/"):
         return path[3:]
     return "/" if path == "/v1" else path
+
+
+def fault_wait(fault: Json | None) -> float:
+    """Seconds a fault holds the answer back: its "seconds" (any kind may carry it; delay/latency default 1)."""
+    if fault is None:
+        return 0.0
+    return float(fault.get("seconds", 1.0 if fault["kind"] in ("delay", "latency") else 0.0))
 
 
 def fault_matches(fault: Json, request: Request) -> bool:
@@ -321,7 +329,7 @@ def error_response(status: int, fault: Json | None = None) -> Response:
 
 def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     """A complete JSON answer with its Content-Length, so the connection stays reusable."""
-    data = dumps(body)
+    data = encode(body)
     headers = list(headers or JSON_HEADERS)
     headers.append(("Content-Length", str(len(data))))
     return status_line(status), headers, [data]
@@ -406,7 +414,9 @@ class MockUpstream:
         if bad_json:
             raise MockError(400, _BAD_JSON)
         fault = self.take_fault(request)
-        gevent.sleep(self.config.latency + float(fault.get("seconds", 0) if fault else 0))
+        wait = self.config.latency + fault_wait(fault)
+        if wait > 0:
+            gevent.sleep(wait)
         if fault is None or fault["kind"] in ("delay", "latency"):
             return handler(request, None)
         if fault["kind"] == "status":
@@ -531,7 +541,8 @@ class MockUpstream:
 
     def paced(self, events: Iterable[bytes], fault: Json | None) -> Iterator[bytes]:
         """Yield stream events one write each, with the chunk delay (or a slow_chunks fault's) between them."""
-        delay = float(fault["delay"]) if fault and fault["kind"] == "slow_chunks" else self.config.chunk_delay
+        slow = fault is not None and fault["kind"] == "slow_chunks"
+        delay = float(fault.get("delay", 0.5)) if slow else self.config.chunk_delay
         for i, event in enumerate(events):
             if i and delay > 0:
                 gevent.sleep(delay)
@@ -623,6 +634,34 @@ class ToolCallAnswer:
 Answer = TextAnswer | ToolCallAnswer
 
 
+class StreamFrames:
+    """A stream's chunk envelope, encoded once: each chunk then only encodes its own choices.
+
+    Streams cost one JSON encoding per chunk; keeping that to the small `choices` list keeps the mock cheap as the
+    zero point of the latency benchmark.
+    """
+
+    def __init__(self, envelope: Json, *, usage_null: bool) -> None:
+        encoded = encode(envelope)  # '{...}' without "choices", which goes last
+        self.head = b"data: " + encoded[:-1] + b',"choices":'
+        # OpenAI sends "usage": null on every chunk but the last when the stream asked for usage.
+        self.tail = b',"usage":null}\n\n' if usage_null else b"}\n\n"
+
+    def event(self, choices: list[Json]) -> bytes:
+        return self.head + encode(choices) + self.tail
+
+    def usage_event(self, usage: Json) -> bytes:
+        return self.head + b'[],"usage":' + encode(usage) + b"}\n\n"
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Json:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 class ChatReply:
     """One chat completion, rendered whole (chat.completion) or as SSE chunks (chat.completion.chunk)."""
 
@@ -633,12 +672,7 @@ class ChatReply:
         self.n = n
         self.answer = answer
         self.include_usage = include_usage
-        completion_tokens = answer.tokens * n
-        self.usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        self.usage = usage_of(prompt_tokens, answer.tokens * n)
 
     def _message(self) -> Json:
         if isinstance(self.answer, ToolCallAnswer):
@@ -682,42 +716,25 @@ class ChatReply:
         for piece in pieces(self.answer.text):
             yield {"content": piece}
 
-    def _chunk(self, choices: list[Json]) -> bytes:
-        chunk = {
+    def events(self) -> Iterator[bytes]:
+        envelope = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
         }
-        if self.include_usage:
-            chunk["usage"] = None  # OpenAI sends usage: null on every chunk but the last when usage is asked for
-        return sse(chunk)
-
-    def events(self) -> Iterator[bytes]:
+        frames = StreamFrames(envelope, usage_null=self.include_usage)
         for delta in self._deltas():
-            yield self._chunk(
+            yield frames.event(
                 [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(self.n)]
             )
-        yield self._chunk(
-            [
-                {"index": i, "delta": {}, "logprobs": None, "finish_reason": self.answer.finish_reason}
-                for i in range(self.n)
-            ]
+        finish = self.answer.finish_reason
+        yield frames.event(
+            [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish} for i in range(self.n)]
         )
         if self.include_usage:
-            yield sse(
-                {
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "system_fingerprint": SYSTEM_FINGERPRINT,
-                    "choices": [],
-                    "usage": self.usage,
-                }
-            )
+            yield frames.usage_event(self.usage)
         yield SSE_DONE
 
 
@@ -731,52 +748,34 @@ class TextCompletionReply:
         self.n = n
         self.answer = answer
         self.include_usage = include_usage
-        completion_tokens = answer.tokens * n
-        self.usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        self.usage = usage_of(prompt_tokens, answer.tokens * n)
 
-    def _envelope(self, choices: list[Json]) -> Json:
+    def _envelope(self) -> Json:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
         }
 
     def completion(self) -> Json:
-        envelope = self._envelope(
-            [
-                {"text": self.answer.text, "index": i, "logprobs": None, "finish_reason": self.answer.finish_reason}
-                for i in range(self.n)
-            ]
-        )
-        envelope["usage"] = self.usage
-        return envelope
+        finish = self.answer.finish_reason
+        choices = [
+            {"text": self.answer.text, "index": i, "logprobs": None, "finish_reason": finish} for i in range(self.n)
+        ]
+        return {**self._envelope(), "choices": choices, "usage": self.usage}
 
     def events(self) -> Iterator[bytes]:
+        frames = StreamFrames(self._envelope(), usage_null=self.include_usage)
         for piece in pieces(self.answer.text):
-            yield sse(
-                self._envelope(
-                    [{"text": piece, "index": i, "logprobs": None, "finish_reason": None} for i in range(self.n)]
-                )
+            yield frames.event(
+                [{"text": piece, "index": i, "logprobs": None, "finish_reason": None} for i in range(self.n)]
             )
-        yield sse(
-            self._envelope(
-                [
-                    {"text": "", "index": i, "logprobs": None, "finish_reason": self.answer.finish_reason}
-                    for i in range(self.n)
-                ]
-            )
-        )
+        finish = self.answer.finish_reason
+        yield frames.event([{"text": "", "index": i, "logprobs": None, "finish_reason": finish} for i in range(self.n)])
         if self.include_usage:
-            final = self._envelope([])
-            final["usage"] = self.usage
-            yield sse(final)
+            yield frames.usage_event(self.usage)
         yield SSE_DONE
 
 
@@ -840,7 +839,13 @@ def model_object(model: str) -> Json:
 
 
 class MockHandler(WSGIHandler):
-    """pywsgi's handler, also handing the connection's socket to the app so a reset fault can abort it."""
+    """pywsgi's handler, with Nagle off, and handing the connection's socket to the app for the reset fault."""
+
+    def handle(self) -> None:
+        # pywsgi sends the headers and the body in two writes: with Nagle on, the body waits for the client's
+        # delayed ACK of the headers (~40 ms on Linux loopback), which would swamp every latency measurement.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle()
 
     def get_environ(self) -> Environ:
         environ = super().get_environ()

@@ -2,6 +2,8 @@
 official openai SDK: it must look like the real API to both, and its fault queue must do what tests script."""
 
 import base64
+import http.client
+import json
 import math
 import select
 import signal
@@ -12,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -328,3 +331,30 @@ def test_keys_flag_rejects_other_keys_and_sigterm_exits_cleanly() -> None:
         assert [m["id"] for m in models["data"]] == ["only-model"]
     finally:
         assert stop_mock(proc) == 0
+
+
+def test_bad_faults_are_refused(url: str) -> None:
+    """An unknown fault kind or a bad field is a 400 at queue time, not a surprise during the test."""
+    for fault in (
+        {"kind": "explode"},
+        {"status": "500"},
+        {"kind": "delay", "seconds": -1},
+        {"status": 500, "times": 0},
+    ):
+        resp = requests.post(f"{url}/_mock/faults", json={"faults": [fault]}, timeout=5)
+        assert resp.status_code == 400, fault
+    assert requests.get(f"{url}/_mock/faults", timeout=5).json() == {"faults": []}
+
+
+def test_keep_alive(url: str) -> None:
+    """Several requests share one HTTP/1.1 connection (answers carry Content-Length, no Connection: close)."""
+    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=5)
+    try:
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", json.dumps(CHAT), {**AUTH, "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["choices"]
+            assert resp.getheader("Connection") is None and not resp.will_close
+        assert conn.sock is not None
+    finally:
+        conn.close()

@@ -49,7 +49,7 @@ class MockUpstream:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [PYTHON, str(ROOT / "tools" / "mock_upstream.py"), "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # nothing reads them: a pipe could fill up
         )
         wait_until(lambda: requests.get(self.url + "/_mock/config", timeout=1).ok, 15, "mock upstream")
 

@@ -32,6 +32,9 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         body = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.", code="invalid_json") from None
+    except RecursionError:
+        # json's C scanner recurses per nesting level: a body of 100k brackets would otherwise be a 500.
+        raise BadRequest("The request body is nested too deeply.", code="invalid_json") from None
     except ValueError:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):

@@ -1,0 +1,108 @@
+"""parse_request: the fields the gateway reads are checked, everything else passes through untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.errors import BadRequest
+from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: object) -> bytes:
+    return json.dumps({"model": "mock-gpt", "messages": MESSAGES, **fields}).encode()
+
+
+def bad_request(route: str, raw: bytes) -> BadRequest:
+    with pytest.raises(BadRequest) as info:
+        parse_request(route, raw)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_valid_chat_request_is_parsed_and_kept_byte_for_byte() -> None:
+    """A valid body is accepted, its raw bytes kept exactly, unknown fields included."""
+    raw = b'{"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "x_vendor": {"a": [1, 2.50]}}'
+    parsed = parse_request(CHAT, raw)
+    assert parsed.raw == raw
+    assert parsed.model == "mock-gpt"
+    assert parsed.stream is False
+    assert parsed.path == "/v1/chat/completions"
+    assert parsed.body["x_vendor"] == {"a": [1, 2.5]}
+
+
+@pytest.mark.parametrize("fields", [
+    {"stream": True, "stream_options": {"include_usage": True}},
+    {"stream": None},
+    {"temperature": 0, "top_p": 0.5, "n": 2, "max_tokens": 16, "max_completion_tokens": 1},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant",
+                                                                                  "content": None}]},
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+])
+def test_valid_variants_are_accepted(fields: dict[str, object]) -> None:
+    """Streaming, numeric options, content parts, null content and tools are all valid."""
+    parsed = parse_request(CHAT, chat(**fields))
+    assert parsed.stream is (fields.get("stream") is True)
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    (b"not json", "JSON"),
+    (b"", "JSON"),
+    (b"[1, 2]", "object"),
+    (b'"a string"', "object"),
+    (b"null", "object"),
+    (b'{"model": "m", "messages": [], "temperature": NaN}', "JSON"),
+    (b'{"model": "m", "messages": [], "temperature": Infinity}', "JSON"),
+    (b'{"model": "\xff\xfe"}', "UTF-8"),
+    (json.dumps({"messages": MESSAGES}).encode(), "model"),
+    (json.dumps({"model": 5, "messages": MESSAGES}).encode(), "model"),
+    (json.dumps({"model": "  ", "messages": MESSAGES}).encode(), "model"),
+    (chat(messages="hi"), "messages"),
+    (chat(messages=[]), "messages"),
+    (chat(messages=["hi"]), "messages[0]"),
+    (chat(messages=[{"content": "hi"}]), "messages[0].role"),
+    (chat(messages=[{"role": 1, "content": "hi"}]), "messages[0].role"),
+    (chat(messages=[{"role": "user", "content": {"text": "hi"}}]), "messages[0].content"),
+    (chat(stream="yes"), "stream"),
+    (chat(stream=1), "stream"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(temperature=True), "temperature"),
+    (chat(top_p=[1]), "top_p"),
+    (chat(n=0), "'n'"),
+    (chat(n=True), "'n'"),
+    (chat(n=1.5), "'n'"),
+    (chat(max_tokens=-1), "max_tokens"),
+])
+def test_broken_chat_bodies_are_a_400_naming_the_problem(raw: bytes, field: str) -> None:
+    """Each broken body is refused with a BadRequest whose message names what is wrong."""
+    assert field in bad_request(CHAT, raw).message
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    """JSON nested deeper than the parser's recursion limit is a bad request, not an internal error."""
+    raw = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    bad_request(CHAT, raw)
+    bad_request(EMBEDDINGS, b"[" * 100_000)
+
+
+@pytest.mark.parametrize("prompt", ["once", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_completions_prompt_forms_are_accepted(prompt: object) -> None:
+    """A string, a list of strings, a token list or token lists are valid prompts."""
+    assert parse_request(COMPLETIONS, json.dumps({"model": "m", "prompt": prompt}).encode()).model == "m"
+
+
+@pytest.mark.parametrize("prompt", [None, 5, [], {"text": "x"}])
+def test_bad_completions_prompt_is_refused(prompt: object) -> None:
+    """A missing, numeric, empty or object prompt is a 400 naming `prompt`."""
+    assert "prompt" in bad_request(COMPLETIONS, json.dumps({"model": "m", "prompt": prompt}).encode()).message
+
+
+def test_embeddings_input_is_checked_and_never_streamed() -> None:
+    """Embeddings need a string or non-empty list input; `stream` never makes them a stream."""
+    assert parse_request(EMBEDDINGS, b'{"model": "e", "input": "x", "stream": true}').stream is False
+    assert parse_request(EMBEDDINGS, b'{"model": "e", "input": ["x", "y"]}').model == "e"
+    for value in (None, [], 3):
+        assert "input" in bad_request(EMBEDDINGS, json.dumps({"model": "e", "input": value}).encode()).message

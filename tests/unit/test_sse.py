@@ -1,0 +1,229 @@
+"""StreamTap (watching an upstream stream go by) and replay (a cached answer as a stream)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from app.proxy.sse import StreamTap, replay, sse_error
+from app.proxy.validation import CHAT, COMPLETIONS
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+
+
+def event(payload: dict[str, Any] | str) -> bytes:
+    return b"data: " + (payload if isinstance(payload, str) else json.dumps(payload)).encode() + b"\n\n"
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1700000000, "model": "mock-gpt",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+
+def usage_chunk() -> dict[str, Any]:
+    return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1700000000, "model": "mock-gpt",
+            "choices": [], "usage": USAGE}
+
+
+def chat_stream(words: list[str], *, finish: str = "stop", usage: bool = True, done: bool = True) -> bytes:
+    out = event(chat_chunk({"role": "assistant", "content": ""}, usage=None))
+    for word in words:
+        out += event(chat_chunk({"content": word}, usage=None))
+    out += event(chat_chunk({}, finish, usage=None))
+    if usage:
+        out += event(usage_chunk())
+    if done:
+        out += event("[DONE]")
+    return out
+
+
+def tool_stream() -> bytes:
+    head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    out = event(chat_chunk({"role": "assistant", "content": None, "tool_calls": [head]}))
+    for piece in ['{"city": ', '"Paris"}']:
+        out += event(chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    out += event(chat_chunk({}, "tool_calls"))
+    out += event(usage_chunk())
+    return out + event("[DONE]")
+
+
+def tap_all(data: bytes, route: str = CHAT, **kwargs: Any) -> tuple[StreamTap, bytes]:
+    tap = StreamTap(route, **kwargs)
+    out = tap.feed(data) + tap.flush()
+    return tap, out
+
+
+def parse_events(data: bytes) -> list[Any]:
+    events = []
+    for block in data.decode().split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_clean_chat_stream_is_reconstructed_as_a_completion() -> None:
+    """A clean stream gives the equivalent chat.completion: joined content, finish reason, usage."""
+    tap, out = tap_all(chat_stream(["Hello ", "there ", "world"]))
+    assert tap.clean
+    assert out == chat_stream(["Hello ", "there ", "world"])  # bytes pass through unchanged
+    answer = tap.answer()
+    assert answer["object"] == "chat.completion"
+    assert answer["id"] == "chatcmpl-up" and answer["model"] == "mock-gpt"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Hello there world"}
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"] == USAGE
+    assert tap.usage == USAGE
+
+
+def test_tool_call_stream_is_reconstructed() -> None:
+    """Tool-call deltas are joined into one call with its id, name and full arguments."""
+    tap, _ = tap_all(tool_stream())
+    message = tap.answer()["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert tap.answer()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_completions_stream_is_reconstructed() -> None:
+    """A legacy completions stream gives a text_completion with the joined text."""
+    chunks = [{"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": f}]}
+              for t, f in [("Once ", None), ("upon", None), ("", "stop")]]
+    tap, _ = tap_all(b"".join(event(c) for c in chunks) + event("[DONE]"), COMPLETIONS)
+    answer = tap.answer()
+    assert answer["object"] == "text_completion"
+    assert answer["choices"][0]["text"] == "Once upon"
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(chat_stream(["Hi"], done=False), id="no-done"),
+    pytest.param(chat_stream(["Hi"])[:-30], id="truncated"),
+    pytest.param(chat_stream(["Hi"], finish="length"), id="length"),
+    pytest.param(chat_stream(["Hi"], finish="content_filter"), id="content-filter"),
+    pytest.param(event(chat_chunk({"content": "Hi"})) + sse_error("boom") + event("[DONE]"), id="error-event"),
+    pytest.param(event(chat_chunk({"content": "Hi"})) + b"data: {not json\n\n" + chat_stream([]), id="bad-json"),
+    pytest.param(event(chat_chunk({"content": "Hi"}, "stop") | {"choices": [
+        {"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"},
+        {"index": 1, "delta": {"content": "b"}, "finish_reason": "stop"}]}) + event("[DONE]"), id="n-2"),
+])
+def test_unfinished_or_failed_stream_is_not_clean(data: bytes) -> None:
+    """Truncated, cut by length, errored or multi-choice streams give no answer to cache."""
+    tap, _ = tap_all(data)
+    assert not tap.clean
+    assert tap.answer() is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_events_split_at_arbitrary_byte_boundaries(seed: int) -> None:
+    """Bytes arriving in random pieces (even mid-line, mid-UTF-8) give the same events and answer."""
+    data = chat_stream(["Grüße ", "aus ", "Köln ", "🙂"])
+    rng = random.Random(seed)
+    tap = StreamTap(CHAT)
+    out, pos = b"", 0
+    while pos < len(data):
+        step = rng.randint(1, 9)
+        out += tap.feed(data[pos:pos + step])
+        pos += step
+    out += tap.flush()
+    assert out == data
+    assert tap.answer()["choices"][0]["message"]["content"] == "Grüße aus Köln 🙂"
+
+
+def test_one_byte_at_a_time_with_crlf_line_endings() -> None:
+    """CRLF-separated events fed one byte at a time are still parsed and forwarded whole."""
+    data = chat_stream(["a ", "b"]).replace(b"\n", b"\r\n")
+    tap = StreamTap(CHAT)
+    out = b"".join(tap.feed(data[i:i + 1]) for i in range(len(data))) + tap.flush()
+    assert tap.clean
+    assert len(parse_events(out)) == len(parse_events(chat_stream(["a ", "b"])))
+
+
+def test_last_event_without_blank_line_is_flushed() -> None:
+    """An upstream that closes right after `data: [DONE]` without the blank line still completes."""
+    data = chat_stream(["x"]).rstrip(b"\n")
+    tap = StreamTap(CHAT)
+    out = tap.feed(data)
+    out += tap.flush()
+    assert tap.clean
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_strip_usage_removes_only_the_usage_only_chunk() -> None:
+    """With strip_usage the usage-only chunk is dropped and counted; every other event passes."""
+    data = chat_stream(["Hi ", "you"])
+    tap, out = tap_all(data, strip_usage=True)
+    kept = parse_events(out)
+    assert all(e == "[DONE]" or e["choices"] for e in kept)
+    assert len(kept) == len(parse_events(data)) - 1
+    assert kept[-1] == "[DONE]"
+    assert tap.usage == USAGE
+    assert tap.answer()["usage"] == USAGE
+
+
+def test_without_strip_usage_the_usage_chunk_is_forwarded() -> None:
+    """A client that asked for usage gets the usage-only chunk."""
+    _, out = tap_all(chat_stream(["Hi"]), strip_usage=False)
+    assert {"choices": [], "usage": USAGE}.items() <= parse_events(out)[-2].items()
+
+
+def answer_from(data: bytes) -> dict[str, Any]:
+    tap, _ = tap_all(data)
+    answer = tap.answer()
+    assert answer is not None
+    return answer
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_replay_is_a_valid_stream_with_fresh_ids(include_usage: bool) -> None:
+    """A replayed answer parses as chunks sharing one fresh id, and ends with [DONE]."""
+    answer = answer_from(chat_stream(["word "] * 100))  # longer than one replay piece
+    first, second = b"".join(replay(answer, CHAT, include_usage=include_usage)), b"".join(
+        replay(answer, CHAT, include_usage=include_usage))
+    events = parse_events(first)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    ids = {c["id"] for c in chunks}
+    assert len(ids) == 1 and "chatcmpl-up" not in ids
+    assert ids.isdisjoint(c["id"] for c in parse_events(second)[:-1])
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "mock-gpt" for c in chunks)
+    usage_chunks = [c for c in chunks if not c["choices"]]
+    assert usage_chunks == ([{**chunks[-1], "usage": USAGE}] if include_usage else [])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "word " * 100
+
+
+@pytest.mark.parametrize(("data", "route"), [
+    (chat_stream(["One ", "two"]), CHAT),
+    (tool_stream(), CHAT),
+])
+def test_replay_round_trips_through_the_tap(data: bytes, route: str) -> None:
+    """Tapping a replay of an answer gives back the same message, finish reason and usage."""
+    answer = answer_from(data)
+    again = answer_from(b"".join(replay(answer, route, include_usage=True)))
+    assert again["choices"] == answer["choices"]
+    assert again["usage"] == answer["usage"]
+
+
+def test_replay_of_a_completion() -> None:
+    """A cached text_completion replays as text_completion chunks with its text and finish reason."""
+    answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+              "choices": [{"index": 0, "text": "Once upon", "finish_reason": "length"}]}
+    chunks = parse_events(b"".join(replay(answer, COMPLETIONS, include_usage=False)))
+    assert chunks[-1] == "[DONE]"
+    assert all(c["object"] == "text_completion" and c["id"].startswith("cmpl-") for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "Once upon"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_sse_error_is_an_openai_error_event() -> None:
+    """The error event a broken stream ends with carries an OpenAI-style error object."""
+    (payload,) = parse_events(sse_error("gone", "upstream_error", "stream_interrupted"))
+    assert payload == {"error": {"message": "gone", "type": "upstream_error", "param": None,
+                                 "code": "stream_interrupted"}}

@@ -38,11 +38,13 @@ def create_app(settings: Settings | None = None) -> Flask:
                               connect_timeout=settings.upstream_connect_timeout,
                               read_timeout=settings.upstream_read_timeout)
 
+    cache = _build_cache(settings, redis) if settings.cache_enabled else None
+
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["gateway"] = Gateway(
-        settings=settings, redis=redis, auth=auth, upstream=upstream,
+        settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
     )
     app.before_request(context.start_request)
@@ -52,3 +54,35 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(system.bp)
     app.register_blueprint(admin.bp)
     return app
+
+
+def _build_cache(settings: Settings, redis: object) -> object:
+    from app.cache.local import LocalCache
+    from app.cache.service import CacheOptions, CacheService
+
+    embedder = None
+    if settings.semantic_cache_enabled:
+        from app.embeddings.base import build_embedder
+
+        embedder = build_embedder(settings.embedding_provider, url=settings.embedding_url,
+                                  api_key=settings.embedding_api_key, model=settings.embedding_model,
+                                  connect_timeout=settings.upstream_connect_timeout)
+        _warm_up(embedder)
+    options = CacheOptions(
+        ttl_seconds=settings.cache_ttl_seconds, semantic_enabled=settings.semantic_cache_enabled,
+        semantic_threshold=settings.semantic_cache_threshold,
+        semantic_max_temperature=settings.semantic_max_temperature,
+    )
+    return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
+                        embedder)
+
+
+def _warm_up(embedder: object) -> None:
+    """Load the local model in the background so the worker accepts requests meanwhile."""
+    load = getattr(embedder, "load", None)
+    if load is None:
+        return
+    from gevent import monkey, spawn
+
+    if monkey.is_module_patched("socket"):
+        spawn(load)

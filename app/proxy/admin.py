@@ -30,3 +30,21 @@ def restore_key(key_id: str) -> Response:
         raise NotFound(f"No upstream key with id {key_id}.")
     pool.health.restore(key_id)
     return jsonify({"key_id": key_id, "state": "ok"})
+
+
+@bp.delete("/cache")
+def clear_cache() -> Response:
+    """Everything, or only `?tenant=` or `?model=`: unreachable in every worker within a second."""
+    cache = services().cache
+    if cache is None:
+        raise NotFound("The cache is off (CACHE_ENABLED=false).")
+    scope = cache.invalidate(tenant=request.args.get("tenant") or None, model=request.args.get("model") or None)
+    return jsonify({"cleared": scope})
+
+
+@bp.get("/cache/stats")
+def cache_stats() -> Response:
+    cache = services().cache
+    if cache is None:
+        raise NotFound("The cache is off (CACHE_ENABLED=false).")
+    return jsonify(cache.stats())

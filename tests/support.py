@@ -113,7 +113,8 @@ class Gateway:
         return requests.get(self.url + "/healthz", timeout=1).ok
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # still readable after stop(), for assertions on the whole run
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def log_lines(self) -> list[dict[str, Any]]:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import Flask
 
 from app.config import Settings
+
+if TYPE_CHECKING:
+    from app.auth import Authenticator
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build every service once for this worker (after gunicorn's fork) and wire the blueprints."""
     from app.auth import TenantLimits, build_authenticator
     from app.gateway import Gateway
+    from app.observability import metrics
     from app.observability.logging import configure_logging
     from app.proxy import admin, context, errors, routes, system
     from app.redis_client import build_redis
@@ -36,15 +42,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     upstream = UpstreamClient(build_session(retry=retry, pool_size=settings.upstream_pool_size), pool,
                               connect_timeout=settings.upstream_connect_timeout,
-                              read_timeout=settings.upstream_read_timeout)
+                              read_timeout=settings.upstream_read_timeout,
+                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
 
     cache = _build_cache(settings, redis) if settings.cache_enabled else None
+    limiter = _build_admission(settings, redis, auth)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["gateway"] = Gateway(
-        settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache,
+        settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
     )
     app.before_request(context.start_request)
@@ -86,3 +94,19 @@ def _warm_up(embedder: object) -> None:
 
     if monkey.is_module_patched("socket"):
         spawn(load)
+
+
+def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> object | None:
+    """A limiter only when some tenant has a limit: otherwise admission costs nothing at all."""
+    from app.ratelimit.admission import Admission
+    from app.ratelimit.limiter import RateLimiter, RateLimiterUnavailable
+
+    if not any(t.limits.any or any(m.any for m in t.model_limits.values()) for t in auth.tenants):
+        return None
+    limiter = RateLimiter(redis)
+    try:
+        limiter.ensure_loaded()  # SCRIPT LOAD once per worker; EVALSHA reloads by itself after a flush
+    except RateLimiterUnavailable:
+        pass  # Redis down at start: the first call loads the script
+    return Admission(limiter, fail_closed=settings.rate_limit_fail_closed,
+                     window_seconds=settings.rate_limit_window_seconds)

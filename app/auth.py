@@ -58,7 +58,11 @@ class Authenticator:
 
     @property
     def tenants(self) -> list[Tenant]:
-        return list({t.name: t for t in self._tenants.values()}.values())
+        """Every tenant a request can become (the anonymous one too, with auth disabled)."""
+        known = {t.name: t for t in self._tenants.values()}
+        if self.disabled:
+            known[self._anonymous.name] = self._anonymous
+        return list(known.values())
 
     def authenticate(self, authorization: str | None) -> Tenant:
         if self.disabled:

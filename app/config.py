@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
-# Default L2 threshold: chosen from the measured curve of tools/eval_semantic.py (see README).
-DEFAULT_SEMANTIC_THRESHOLD = 0.80
+# Default L2 threshold, chosen from the curve tools/eval_semantic.py measures (see README). The verifier
+# (app/cache/verify.py) uses the same value; this is its one home because settings sit below every module.
+DEFAULT_SEMANTIC_THRESHOLD = 0.88
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,7 @@ class Settings:
     rate_limit_tpm: int = 0
     rate_limit_concurrency: int = 0
     rate_limit_fail_closed: bool = False
+    rate_limit_window_seconds: float = 60.0
 
     embedding_provider: str = "local"
     embedding_url: str | None = None
@@ -254,6 +256,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         rate_limit_tpm=r.get("RATE_LIMIT_TPM", _int, 0, non_negative),
         rate_limit_concurrency=r.get("RATE_LIMIT_CONCURRENCY", _int, 0, non_negative),
         rate_limit_fail_closed=r.get("RATE_LIMIT_FAIL_CLOSED", _bool, d.rate_limit_fail_closed),
+        rate_limit_window_seconds=r.get(
+            "RATE_LIMIT_WINDOW_SECONDS", _float, d.rate_limit_window_seconds, _between(1.0, 86400.0)
+        ),
         embedding_provider=r.get("EMBEDDING_PROVIDER", _one_of("local", "openai"), d.embedding_provider),
         embedding_url=r.get("EMBEDDING_URL", _http_url, None),
         embedding_api_key=r.raw("EMBEDDING_API_KEY"),
@@ -311,6 +316,7 @@ ENV_VARS: tuple[str, ...] = (
     "RATE_LIMIT_TPM",
     "RATE_LIMIT_CONCURRENCY",
     "RATE_LIMIT_FAIL_CLOSED",
+    "RATE_LIMIT_WINDOW_SECONDS",
     "EMBEDDING_PROVIDER",
     "EMBEDDING_URL",
     "EMBEDDING_API_KEY",

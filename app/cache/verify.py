@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-#: Cosine similarity an L2 candidate needs when the two texts differ only in phrasing (all-MiniLM-L6-v2, measured
-#: with tools/eval_semantic.py: the highest useful-hit rate that keeps false hits on hard negatives near 10%).
-DEFAULT_SEMANTIC_THRESHOLD = 0.88
+from app.config import DEFAULT_SEMANTIC_THRESHOLD  # noqa: E402 - the measured default lives with the settings
+
+__all__ = ["DEFAULT_SEMANTIC_THRESHOLD", "Verdict", "is_semantic_hit", "verify"]
 #: Extra similarity needed when an ordinary content word appears on one side only ("... for teens?"): such pairs
 #: are as often different questions as paraphrases, so only near-identical vectors are trusted.
 WORD_DIFF_MARGIN = 0.06

@@ -15,9 +15,10 @@ from flask import Blueprint, Response, g, request
 
 from app.errors import GatewayError, UpstreamBadResponse
 from app.observability.record import RequestRecord
-from app.proxy.context import record, services
+from app.proxy.context import on_close, record, services
 from app.proxy.sse import StreamTap, replay, sse_error
 from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
+from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,46 @@ bp = Blueprint("proxy", __name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+ENDPOINT_ROUTES = {"proxy.chat_completions": CHAT, "proxy.completions": COMPLETIONS, "proxy.embeddings": EMBEDDINGS}
+
+
 @bp.before_request
 def admit() -> None:
-    """Authenticate and rate-limit before any body work (a refused request costs almost nothing)."""
+    """Authenticate and rate-limit before any body work (a refused request costs almost nothing).
+
+    The body is read here only when the tenant has per-model limits, which need the model.
+    """
     gw = services()
+    rec = record()
     tenant = gw.auth.authenticate(request.headers.get("Authorization"))
     g.gw_tenant = tenant
-    record().tenant = tenant.name
-    if gw.limiter is not None and request.method == "POST":
-        gw.limiter.admit(tenant, request.content_length or 0)
+    rec.tenant = tenant.name
+    route = ENDPOINT_ROUTES.get(request.endpoint or "")
+    admission = gw.limiter
+    if admission is None or route is None:
+        return
+    model, max_tokens = None, None
+    if admission.needs_model(tenant):
+        parsed = _parsed(route)
+        model, max_tokens = parsed.model, parsed.body.get("max_tokens")
+    ticket = admission.admit(tenant, request_id=rec.request_id, model=model,
+                             estimated_tokens=estimate_tokens(request.content_length or 0, max_tokens))
+    g.gw_limit_headers = ticket.headers
+    on_close(lambda: admission.finish(ticket, _tokens_paid(rec)))
+
+
+def _parsed(route: str) -> ParsedRequest:
+    """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
+    parsed = g.get("gw_parsed")
+    if parsed is None:
+        parsed = g.gw_parsed = parse_request(route, request.get_data(cache=False))
+    return parsed
+
+
+def _tokens_paid(rec: RequestRecord) -> int:
+    if rec.cache in ("L0", "L1", "L2"):
+        return 0  # a cached answer costs no upstream tokens
+    return (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
 
 
 @bp.post("/v1/chat/completions")
@@ -70,11 +102,9 @@ def models() -> Response:
 def _forward(route: str) -> Response:
     gw = services()
     rec = record()
-    parsed = parse_request(route, request.get_data(cache=False))
+    parsed = _parsed(route)
     rec.model, rec.stream = parsed.model, parsed.stream
     g.gw_tenant.check_model(parsed.model)
-    if gw.limiter is not None:
-        gw.limiter.check_model(g.gw_tenant, parsed)
 
     plan = None
     if gw.cache is not None:

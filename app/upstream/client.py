@@ -121,7 +121,7 @@ class UpstreamClient:
                 last_error = error
                 retries += 1
                 continue
-            retries += _retries_made(response)
+            retries += self._count_retries(response)
             result = UpstreamResult(
                 status=response.status_code,
                 content_type=response.headers.get("content-type", "application/json"),
@@ -136,6 +136,12 @@ class UpstreamClient:
         if last_error is None:  # every candidate was tried; the loop returns on the last one otherwise
             last_error = UpstreamUnreachable("no upstream answered")
         raise last_error
+
+    def _count_retries(self, response: requests.Response) -> int:
+        reasons = retry_reasons(response)
+        for reason in reasons:
+            self._on_retry(reason, 1)
+        return len(reasons)
 
     def _accept(self, result: UpstreamResult, key: UpstreamKey, is_last: bool) -> bool:
         """Update the key's health; True when this answer goes to the client, False to try the next key."""
@@ -190,7 +196,7 @@ class UpstreamClient:
         return UpstreamResult(status=response.status_code,
                               content_type=response.headers.get("content-type", "application/json"),
                               response=response, backend=backend.name, key_id=key.key_id,
-                              retries=_retries_made(response), upstream_ms=(time.perf_counter() - started) * 1000)
+                              retries=self._count_retries(response), upstream_ms=(time.perf_counter() - started) * 1000)
 
 
 def _url(base_url: str, path: str) -> str:
@@ -214,9 +220,18 @@ def _for_backend(backend: Backend, body: dict[str, Any], raw_body: bytes, model:
     return json.dumps({**body, "model": backend.upstream_model(model)}).encode()
 
 
-def _retries_made(response: requests.Response) -> int:
+def retry_reasons(response: requests.Response) -> list[str]:
+    """Why urllib3 repeated the request, one bounded label per retry: `429`, `5xx` or `connection`."""
     retries = getattr(response.raw, "retries", None)
-    return len(retries.history) if retries is not None else 0
+    reasons = []
+    for attempt in retries.history if retries is not None else ():
+        if attempt.status == 429:
+            reasons.append("429")
+        elif attempt.status is not None and attempt.status >= 500:
+            reasons.append("5xx")
+        else:
+            reasons.append("connection")
+    return reasons
 
 
 def _retry_after(header: str | None) -> float | None:

@@ -88,6 +88,9 @@ def build_authenticator(
         name, sep, key = entry.partition(":")
         if not sep:
             name, key = "", entry
+        if not key.strip():
+            # An empty key would match `Authorization: Bearer ` (nothing after the scheme).
+            raise AuthConfigError(f"GATEWAY_API_KEYS: the entry for tenant {name!r} has an empty key")
         key_digest = digest(key)
         tenants[key_digest] = Tenant(name=name or "key-" + key_digest.hex()[:8], limits=default_limits)
     if keys_file:
@@ -123,13 +126,27 @@ def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tena
                 for model, value in (item.get("model_limits") or {}).items()
             },
         )
-        digests = [digest(str(k)) for k in item.get("keys") or []]
-        digests += [bytes.fromhex(str(h)) for h in item.get("key_sha256") or []]
+        plain = [str(k) for k in item.get("keys") or []]
+        if any(not k.strip() for k in plain):
+            raise AuthConfigError(f"{where}: a key is empty")
+        digests = [digest(k) for k in plain]
+        digests += [_sha256_hex(h, where) for h in item.get("key_sha256") or []]
         if not digests:
             raise AuthConfigError(f"{where}: needs 'keys' or 'key_sha256'")
         for key_digest in digests:
             tenants[key_digest] = tenant
     return tenants
+
+
+def _sha256_hex(value: Any, where: str) -> bytes:
+    """A `key_sha256` entry: 64 hex digits, or the key could never match."""
+    try:
+        raw = bytes.fromhex(str(value))
+    except ValueError:
+        raw = b""
+    if len(raw) != hashlib.sha256().digest_size:
+        raise AuthConfigError(f"{where}: each key_sha256 is 64 hex digits (a SHA-256 of the key)")
+    return raw
 
 
 def _limits(value: Any, default: TenantLimits, where: str) -> TenantLimits:

@@ -49,10 +49,10 @@ class LocalCache:
 
     def put(self, key: str, entry: LocalEntry) -> None:
         size = len(entry.content)
+        if key in self._entries:
+            self._remove(key)  # even when the new answer is not kept: the old one is stale
         if not self.enabled or size > self.max_bytes:
             return
-        if key in self._entries:
-            self._remove(key)
         self._entries[key] = entry
         self._bytes += size
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:

@@ -63,13 +63,9 @@ class Limits:
         for name in ("rpm", "tpm", "concurrency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"Limits.{name} must be an integer >= 0, got {value!r}"
-                )
+                raise ValueError(f"Limits.{name} must be an integer >= 0, got {value!r}")
         if not self.window_seconds > 0 or math.isinf(self.window_seconds):
-            raise ValueError(
-                f"Limits.window_seconds must be > 0, got {self.window_seconds!r}"
-            )
+            raise ValueError(f"Limits.window_seconds must be > 0, got {self.window_seconds!r}")
 
     @property
     def enabled(self) -> bool:
@@ -135,9 +131,7 @@ def format_duration(seconds: float) -> str:
     return text
 
 
-def rate_limit_headers(
-    states: Sequence[DimensionState], retry_after: float | None = None
-) -> dict[str, str]:
+def rate_limit_headers(states: Sequence[DimensionState], retry_after: float | None = None) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused.
 
     When a tenant and a model limit both count requests (or tokens), the tighter one
@@ -152,9 +146,7 @@ def rate_limit_headers(
         tightest = min(candidates, key=lambda s: (s.remaining, -s.reset_seconds))
         headers[f"x-ratelimit-limit-{dimension}"] = str(tightest.limit)
         headers[f"x-ratelimit-remaining-{dimension}"] = str(tightest.remaining)
-        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(
-            tightest.reset_seconds
-        )
+        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(tightest.reset_seconds)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after - 1e-9)))
     return headers
@@ -168,9 +160,7 @@ def _key_part(value: str, pattern: re.Pattern[str]) -> str:
 
 
 def _load_script(name: str) -> str:
-    return (
-        resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
-    )
+    return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
 
 
 class RateLimiter:
@@ -182,21 +172,15 @@ class RateLimiter:
     failover), loads the script on that node and retries once.
     """
 
-    def __init__(
-        self, redis_client: Any, *, lease_seconds: float = 600, key_prefix: str = "gw"
-    ) -> None:
+    def __init__(self, redis_client: Any, *, lease_seconds: float = 600, key_prefix: str = "gw") -> None:
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be > 0, got {lease_seconds!r}")
         if not _SAFE_PREFIX.fullmatch(key_prefix):
-            raise ValueError(
-                f"key_prefix must match {_SAFE_PREFIX.pattern}, got {key_prefix!r}"
-            )
+            raise ValueError(f"key_prefix must match {_SAFE_PREFIX.pattern}, got {key_prefix!r}")
         self._redis = redis_client
         self._lease_us = int(lease_seconds * _MICROS)
         self._prefix = key_prefix
-        self._acquire: Script = redis_client.register_script(
-            _load_script("acquire.lua")
-        )
+        self._acquire: Script = redis_client.register_script(_load_script("acquire.lua"))
         self._finish: Script = redis_client.register_script(_load_script("finish.lua"))
 
     def ensure_loaded(self) -> None:
@@ -205,9 +189,7 @@ class RateLimiter:
             for script in (self._acquire, self._finish):
                 script.sha = self._redis.script_load(script.script)
         except redis.RedisError as exc:
-            raise RateLimiterUnavailable(
-                f"cannot load rate-limit scripts: {exc}"
-            ) from exc
+            raise RateLimiterUnavailable(f"cannot load rate-limit scripts: {exc}") from exc
 
     def keys_for(self, tenant: str, model: str | None = None) -> dict[str, str]:
         """A tenant's (or its model's) keys by dimension, for tests and admin tools."""
@@ -250,26 +232,16 @@ class RateLimiter:
                 if limit:
                     dims.append((kind, keys[_KINDS[kind]], limit, window_us))
         if not dims:
-            return Decision(
-                allowed=True, reservation=Reservation(request_id=request_id)
-            )
+            return Decision(allowed=True, reservation=Reservation(request_id=request_id))
 
-        reserved = (
-            max(1, int(estimated_tokens))
-            if any(kind == "t" for kind, *_ in dims)
-            else 0
-        )
+        reserved = max(1, int(estimated_tokens)) if any(kind == "t" for kind, *_ in dims) else 0
         args: list[str | int] = [request_id, self._lease_us, reserved]
         for kind, _key, limit, window_us in dims:
             args += [kind, limit, window_us]
         try:
-            reply = self._acquire(
-                keys=[key for _kind, key, _limit, _window in dims], args=args
-            )
+            reply = self._acquire(keys=[key for _kind, key, _limit, _window in dims], args=args)
         except redis.RedisError as exc:
-            raise RateLimiterUnavailable(
-                f"rate limiter cannot reach Redis: {exc}"
-            ) from exc
+            raise RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}") from exc
 
         allowed, refused_index, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
         states = [
@@ -292,18 +264,10 @@ class RateLimiter:
         reservation = Reservation(
             request_id=request_id,
             reserved_tokens=reserved,
-            token_keys=tuple(
-                (key, limit, window_us)
-                for kind, key, limit, window_us in dims
-                if kind == "t"
-            ),
-            concurrency_keys=tuple(
-                key for kind, key, _limit, _window in dims if kind == "c"
-            ),
+            token_keys=tuple((key, limit, window_us) for kind, key, limit, window_us in dims if kind == "t"),
+            concurrency_keys=tuple(key for kind, key, _limit, _window in dims if kind == "c"),
         )
-        return Decision(
-            allowed=True, headers=rate_limit_headers(states), reservation=reservation
-        )
+        return Decision(allowed=True, headers=rate_limit_headers(states), reservation=reservation)
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         """Correct the token reservation to the real usage (once per reservation)."""
@@ -317,9 +281,7 @@ class RateLimiter:
         """:meth:`settle` and :meth:`release` in one round trip, when an answer ends."""
         self._run_finish(reservation, actual_tokens=actual_tokens, release=True)
 
-    def _run_finish(
-        self, reservation: Reservation, *, actual_tokens: int | None, release: bool
-    ) -> None:
+    def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, release: bool) -> None:
         delta = 0
         if actual_tokens is not None and reservation.token_keys:
             delta = max(0, int(actual_tokens)) - reservation.reserved_tokens
@@ -331,10 +293,6 @@ class RateLimiter:
         for _key, limit, window_us in token_keys:
             args += [limit, window_us]
         try:
-            self._finish(
-                keys=[key for key, _l, _w in token_keys] + list(conc_keys), args=args
-            )
+            self._finish(keys=[key for key, _l, _w in token_keys] + list(conc_keys), args=args)
         except redis.RedisError as exc:
-            raise RateLimiterUnavailable(
-                f"rate limiter cannot reach Redis: {exc}"
-            ) from exc
+            raise RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}") from exc

@@ -55,10 +55,7 @@ class Admission:
             return self._unavailable(None)
         try:
             decision = self.limiter.acquire(
-                tenant.name,
-                limits,
-                estimated_tokens=estimated_tokens,
-                model=model,
+                tenant.name, limits, estimated_tokens=estimated_tokens, model=model,
                 model_limits=self._limits(model_limits) if model_limits is not None else None,
                 request_id=request_id,
             )
@@ -85,22 +82,15 @@ class Admission:
             log.warning("rate-limit settlement lost (Redis unavailable): %s", type(exc.__cause__).__name__)
 
     def _limits(self, limits: TenantLimits) -> Limits:
-        return Limits(
-            rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency, window_seconds=self.window_seconds
-        )
+        return Limits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency,
+                      window_seconds=self.window_seconds)
 
     def _unavailable(self, exc: Exception | None) -> Ticket:
         metrics.REDIS_ERRORS.labels("ratelimit").inc()
         if exc is not None:
-            log.warning(
-                "rate limiter unavailable (Redis), failing %s: %s",
-                "closed" if self.fail_closed else "open",
-                type(exc.__cause__ or exc).__name__,
-            )
+            log.warning("rate limiter unavailable (Redis), failing %s: %s",
+                        "closed" if self.fail_closed else "open", type(exc.__cause__ or exc).__name__)
         if self.fail_closed:
-            raise ServiceUnavailable(
-                "The rate limiter is unavailable; retry shortly.",
-                code="rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
-            )
+            raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.",
+                                     code="rate_limiter_unavailable", headers={"Retry-After": "1"})
         return Ticket()

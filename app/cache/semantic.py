@@ -90,7 +90,9 @@ class PartitionIndex:
         else:
             top = np.arange(n)
         top = top[np.argsort(-scores[top])]
-        return [Candidate(self._ids[i], self._texts[i], float(scores[i])) for i in top if scores[i] >= threshold]
+        alive = self._alive
+        return [Candidate(self._ids[i], self._texts[i], float(scores[i])) for i in top
+                if alive[i] and scores[i] >= threshold]
 
     def best_score(self, query: np.ndarray) -> float | None:
         n = len(self._ids)

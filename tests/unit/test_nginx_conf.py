@@ -6,6 +6,7 @@ tests that put nginx in front of a real gunicorn can import it from here.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +39,12 @@ def render_nginx_conf(dest_dir: Path, listen_port: int, upstream_port: int) -> P
         if old not in _directives(text):
             raise ValueError(f"deploy/nginx.conf no longer contains {old!r}; update render_nginx_conf")
         text = text.replace(old, new)
+    # Started as root, nginx runs its workers as the `user` directive's user (`nobody` when there is none),
+    # who cannot enter a private temp dir like pytest's: the copy runs them as root instead. Unprivileged,
+    # nginx ignores `user` (with a warning), so the copy has none.
+    text = re.sub(r"^\s*user\s+[^;]*;[^\n]*\n", "", text, flags=re.MULTILINE)
+    if os.geteuid() == 0:
+        text = "user root;\n" + text
     (dest_dir / "log").mkdir(parents=True, exist_ok=True)
     (dest_dir / "tmp").mkdir(parents=True, exist_ok=True)
     out = dest_dir / "nginx.conf"
@@ -140,6 +147,8 @@ def test_render_moves_every_root_only_path(tmp_path: Path) -> None:
     assert "listen 127.0.0.1:18080;" in body and "server 127.0.0.1:18081;" in body
     for root_only in ("/run/", "/var/log/", "/var/lib/", "listen 80;"):
         assert root_only not in body
+    users = _values(body, "user")
+    assert users == (["root"] if os.geteuid() == 0 else []), "workers must be able to write the temp dir"
 
 
 @pytest.mark.nginx

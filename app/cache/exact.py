@@ -41,8 +41,8 @@ class Generations:
         return f"{v.get('*', 0)}.{v.get('t:' + tenant, 0)}.{v.get('m:' + model, 0)}"
 
     def bump(self, scope: str) -> None:
-        """scope: `*`, `t:<tenant>` or `m:<model>`."""
-        self._redis.hincrby(GENERATIONS_KEY, scope, 1)
+        """scope: `*`, `t:<tenant>` or `m:<model>`. This worker uses (and reports) the new value at once."""
+        self._values[scope] = int(self._redis.hincrby(GENERATIONS_KEY, scope, 1))
         self._read_at = 0.0
 
     def snapshot(self) -> dict[str, int]:

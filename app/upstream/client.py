@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3.exceptions
 from urllib3.exceptions import ReadTimeoutError
 
 from app.errors import (
@@ -58,16 +59,25 @@ class UpstreamResult:
             self.close()
 
     def iter_raw(self) -> Iterator[bytes]:
-        """Body bytes as they arrive: each HTTP chunk as soon as it is read, never the whole answer."""
+        """Body bytes as they arrive: each HTTP chunk as soon as it is read, never the whole answer.
+
+        A connection that breaks or stalls mid-body raises a GatewayError, so the caller can end the stream
+        with an error event (urllib3's own errors would escape the relay and cut the stream silently).
+        """
         raw = self.response.raw
-        if raw.chunked and raw.supports_chunked_reads():
-            yield from raw.read_chunked(decode_content=True)
-            return
-        while True:
-            data = raw.read1(READ_SIZE)
-            if not data:
+        try:
+            if raw.chunked and raw.supports_chunked_reads():
+                yield from raw.read_chunked(decode_content=True)
                 return
-            yield data
+            while True:
+                data = raw.read1(READ_SIZE)
+                if not data:
+                    return
+                yield data
+        except ReadTimeoutError as exc:
+            raise UpstreamTimeout("the upstream stopped sending before the answer was complete") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UpstreamBadResponse("the upstream connection broke before the answer was complete") from exc
 
     def close(self) -> None:
         self.response.close()

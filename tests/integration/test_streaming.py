@@ -12,7 +12,7 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env
 
-WORDS = " ".join(f"w{i}" for i in range(12))  # 12 content chunks, plus role and finish chunks
+WORDS = " ".join(f"w{i}" for i in range(8))  # 11 content chunks (with "Mock answer to:"), role, finish
 
 
 def chat(text: str = WORDS, **fields: object) -> dict:
@@ -75,7 +75,7 @@ def test_chunks_arrive_as_the_upstream_sends_them(gateway: Gateway, upstream: Mo
             text += delta or ""
     total = time.monotonic() - started
     assert text == "Mock answer to: " + WORDS
-    assert total > 3.0  # the upstream took its time
+    assert total > 3.0  # 13 gaps of 0.3 s: the upstream took its time
     assert first_content is not None and first_content < total - 2.0
 
 

@@ -116,4 +116,5 @@ def _is_trusted(address: str | None, trusted: tuple[Any, ...]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:10.0.0.1 from a dual-stack listener is 10.0.0.1
     return any(ip in network for network in trusted)

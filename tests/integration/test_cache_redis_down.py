@@ -1,0 +1,105 @@
+"""The cache fails open: a gateway whose redis-server dies keeps answering, and the cache comes back by itself."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import requests
+
+from tests.support import Gateway, MockUpstream, base_env, free_port
+
+
+class RedisServer:
+    """A redis-server subprocess on a fixed loopback port, that a test can kill and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream_server: MockUpstream, own_redis: RedisServer) -> Iterator[Gateway]:
+    gw = Gateway(base_env(upstream_server, REDIS_URL=own_redis.url, UPSTREAM_MAX_RETRIES="0"))
+    yield gw
+    gw.stop()
+
+
+def ask(gw: Gateway, text: str, request_id: str | None = None) -> requests.Response:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": text}]}
+    return requests.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+
+def cache_of(response: requests.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.headers["X-Cache"]
+
+
+def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redis: RedisServer,
+                                                      upstream: MockUpstream, unique: str) -> None:
+    """Redis dies: 200 BYPASS answers, /readyz 503, /healthz 200; Redis back: stored and hit again by itself."""
+    before = f"Before the outage {unique}"
+    assert cache_of(ask(gateway, before)) == "MISS"
+    assert cache_of(ask(gateway, before)) == "HIT"
+
+    own_redis.kill()
+    ids = [f"redis-down-{unique}-{i}" for i in range(4)]
+    during = [ask(gateway, f"During the outage {unique}", request_id) for request_id in ids[:3]]
+    during.append(ask(gateway, before, ids[3]))
+    assert [cache_of(r) for r in during] == ["BYPASS"] * 4
+    assert all(r.json()["choices"][0]["message"]["content"].startswith("Mock answer to: ") for r in during)
+    assert len(upstream.requests()) == 1 + 4
+    assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 503
+    assert requests.get(gateway.url + "/healthz", timeout=10).status_code == 200
+    time.sleep(0.2)  # log lines are written when the response closes
+    lines = {line["request_id"]: line for line in gateway.request_lines() if line.get("request_id") in ids}
+    assert {line["cache"] for line in lines.values()} == {"BYPASS"} and len(lines) == 4
+    assert all(line["status"] == 200 for line in lines.values())
+
+    own_redis.start()
+    after = f"After the outage {unique}"
+    started = time.monotonic()
+    while cache_of(ask(gateway, after)) != "MISS":
+        assert time.monotonic() - started < 5, "the cache did not come back within 5 s"
+        time.sleep(0.1)
+    assert cache_of(ask(gateway, after)) == "HIT"
+    assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 200

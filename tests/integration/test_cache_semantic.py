@@ -176,7 +176,7 @@ def broken_embedding_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]
 
 def test_embedding_failure_still_serves_the_request(broken_embedding_gateway: Gateway, upstream: MockUpstream,
                                                     unique: str) -> None:
-    """An embedding API that cannot be reached costs L2 only: 200 MISS, then exact hits, the error logged and counted."""
+    """An unreachable embedding API costs L2 only: 200 MISS, then exact hits; the error is logged and counted."""
     gw = broken_embedding_gateway
     request_id = f"l2-down-{unique}"
     started = time.monotonic()

@@ -144,6 +144,12 @@ class KeyHealth:
         self._strikes: dict[str, int] = {}
         self._refreshed = 0.0
         self._lock = threading.Lock()
+        # Local marks a refresh must not drop although Redis lacks them: those Redis never heard of (it was
+        # down) and those made while the refresh's HGETALL was in flight. Any other mark missing from Redis
+        # was restored by an operator.
+        self._unshared: set[str] = set()
+        self._marks = 0
+        self._marked_at: dict[str, int] = {}
 
     def cooling_until(self, key_id: str, now: float) -> float:
         self._maybe_refresh(now)
@@ -185,12 +191,17 @@ class KeyHealth:
 
     def _set(self, key_id: str, until: float) -> None:
         self._until[key_id] = until
+        self._marks += 1
+        self._marked_at[key_id] = self._marks
         if self._redis is None:
             return
         try:
             self._redis.hset(self.REDIS_KEY, key_id, "disabled" if until == DISABLED else repr(until))
         except Exception as exc:  # noqa: BLE001 - Redis down: the local view still protects this worker
+            self._unshared.add(key_id)
             log.warning("upstream key state not shared, Redis unavailable: %s", type(exc).__name__)
+        else:
+            self._unshared.discard(key_id)
 
     def _maybe_refresh(self, now: float) -> None:
         if self._redis is None or now - self._refreshed < self.REFRESH_SECONDS:
@@ -199,6 +210,7 @@ class KeyHealth:
             if now - self._refreshed < self.REFRESH_SECONDS:
                 return
             self._refreshed = now
+            marks_before = self._marks
             try:
                 shared = self._redis.hgetall(self.REDIS_KEY)
             except Exception as exc:  # noqa: BLE001 - keep the local view until Redis answers again
@@ -210,14 +222,16 @@ class KeyHealth:
             value = raw_until.decode() if isinstance(raw_until, bytes) else raw_until
             fresh[key_id] = DISABLED if value == "disabled" else float(value)
         for key_id, until in self._until.items():
-            if until > now and key_id not in fresh:
-                # a local mark not yet visible in Redis stays; a restore in Redis clears a disabled key
-                fresh[key_id] = until if until != DISABLED else 0.0
+            if until > now and key_id not in fresh and (
+                key_id in self._unshared or self._marked_at.get(key_id, 0) > marks_before
+            ):
+                fresh[key_id] = until  # a mark Redis has not seen yet; any other one was restored
         self._until = fresh
 
     def restore(self, key_id: str) -> None:
         """Operator action: put a disabled or cooling key back in service everywhere."""
         self._until.pop(key_id, None)
+        self._unshared.discard(key_id)
         self._failures.pop(key_id, None)
         self._strikes.pop(key_id, None)
         if self._redis is not None:

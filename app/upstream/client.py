@@ -183,7 +183,8 @@ class UpstreamClient:
         return True
 
     def _no_candidate(self, model: str | None, soonest: float) -> GatewayError:
-        if soonest == float("inf"):
+        # Asked first: DISABLED is also infinite, so `soonest` alone cannot tell "no backend" from "keys disabled".
+        if not self.pool.knows_model(model):
             return NotFound(f"The model `{model}` does not exist or is not served here.", code="model_not_found")
         if soonest == DISABLED:
             return ServiceUnavailable("every upstream key for this model is disabled; an operator must restore one")

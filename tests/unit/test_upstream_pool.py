@@ -1,12 +1,15 @@
-"""The upstream backends file: errors say where, and never quote a key."""
+"""The upstream backends file and key pool: errors say where (never quoting a key); no usable key is explained."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import requests
 
-from app.upstream.pool import PoolConfigError, load_backends_file
+from app.errors import NotFound, RateLimited, ServiceUnavailable
+from app.upstream.client import UpstreamClient
+from app.upstream.pool import Backend, KeyHealth, PoolConfigError, UpstreamKey, UpstreamPool, load_backends_file
 
 
 def test_yaml_error_in_backends_file_does_not_quote_the_key(tmp_path: Path) -> None:
@@ -35,3 +38,39 @@ def test_backends_file_keys_and_models_are_read(tmp_path: Path) -> None:
     assert "k1" not in repr(backend.keys[0])
     assert backend.serves("m1") and backend.serves("alias") and not backend.serves("other")
     assert backend.upstream_model("alias") == "m1"
+
+
+def client_for(*backends: Backend) -> UpstreamClient:
+    session = requests.Session()  # never used: these requests are refused before anything is sent
+    return UpstreamClient(session, UpstreamPool(list(backends), KeyHealth(None)), connect_timeout=1, read_timeout=1)
+
+
+def send(client: UpstreamClient, model: str) -> None:
+    client.send("/v1/chat/completions", {"model": model}, b"{}", model=model, stream=False, request_id="r")
+
+
+def test_every_key_disabled_is_503_not_unknown_model() -> None:
+    """With the only key rejected by the upstream, requests get 503 (operator needed), not 404 (no such model)."""
+    key = UpstreamKey(secret="sk-a", key_id="a")
+    client = client_for(Backend(name="b", base_url="http://127.0.0.1:9", keys=(key,)))
+    client.pool.health.disable("a")
+    with pytest.raises(ServiceUnavailable):
+        send(client, "mock-gpt")
+
+
+def test_model_no_backend_serves_is_404() -> None:
+    """A model outside every backend's list is a 404 model_not_found."""
+    key = UpstreamKey(secret="sk-a", key_id="a")
+    client = client_for(Backend(name="b", base_url="http://127.0.0.1:9", keys=(key,), models=("m1",)))
+    with pytest.raises(NotFound):
+        send(client, "other")
+
+
+def test_every_key_cooling_is_429_with_retry_after() -> None:
+    """With every key cooling down, the client is told when to come back."""
+    key = UpstreamKey(secret="sk-a", key_id="a")
+    client = client_for(Backend(name="b", base_url="http://127.0.0.1:9", keys=(key,)))
+    client.pool.health.cool_down("a", 5.0)
+    with pytest.raises(RateLimited) as info:
+        send(client, "mock-gpt")
+    assert 1 <= int(info.value.headers["Retry-After"]) <= 5

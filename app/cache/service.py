@@ -156,6 +156,7 @@ class CacheService:
             return None
         vector = self._embed(plan.semantic.text)
         if vector is None:
+            plan.semantic = None  # no second wait on a failing embedder to store: this answer skips L2
             return None
         plan.vector = vector
         index = self.semantic.index(plan.partition, vector.shape[0], now)

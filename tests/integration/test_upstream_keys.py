@@ -94,6 +94,7 @@ def test_limited_key_is_avoided_without_client_errors(gateway: Gateway, second_g
                                                       upstream: MockUpstream) -> None:
     """k1 answers 429 Retry-After 30: every client gets its 200 from k2, in this gateway and the other process."""
     assert post(second_gateway).status_code == 200  # the other process has its own view already
+    upstream.reset()
     upstream.faults({"key": K1, "status": 429, "retry_after": 30, "times": -1})
     responses = until_key_used(gateway, upstream, K1)
     assert all(r.status_code == 200 for r in responses)

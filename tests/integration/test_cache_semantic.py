@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 
+from app.config import DEFAULT_SEMANTIC_THRESHOLD
 from tests.support import Gateway, MockUpstream, base_env, free_port
 
 QUESTION = "How do I reset my password?"
@@ -71,7 +72,7 @@ def test_paraphrase_is_an_l2_hit(gw: Gateway, upstream: MockUpstream, unique: st
     assert cache_of(post(gw, chat(unique, QUESTION))) == "MISS"
     hit = post(gw, chat(unique, PARAPHRASE))
     assert cache_of(hit) == "HIT/L2"
-    assert 0.88 <= similarity(hit) < 1.0
+    assert DEFAULT_SEMANTIC_THRESHOLD <= similarity(hit) < 1.0
     assert hit.json()["choices"][0]["message"]["content"] == ANSWER
     assert chat_calls(upstream) == 1
 
@@ -195,3 +196,13 @@ def test_embedding_failure_still_serves_the_request(broken_embedding_gateway: Ga
     errors = [row for row in metrics.splitlines()
               if row.startswith("gateway_cache_lookups_total{") and 'layer="L2"' in row and 'result="error"' in row]
     assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_failed_embedding_is_not_tried_again_to_store(remote_gateway: Gateway, upstream: MockUpstream,
+                                                      unique: str) -> None:
+    """An embedding API refusing every call is asked once per request: the store does not wait on it again."""
+    upstream.faults({"status": 400, "times": -1, "paths": ["/v1/embeddings"]})  # a 400 is never retried
+    response = post(remote_gateway, chat(unique, QUESTION))
+    assert cache_of(response) == "MISS"
+    assert cache_of(post(remote_gateway, chat(unique, QUESTION))) == "HIT/L0"
+    assert sum(1 for r in upstream.requests() if r["path"].endswith("/embeddings")) == 1

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 # Default L2 threshold, chosen from the curve tools/eval_semantic.py measures (see README). The verifier
 # (app/cache/verify.py) uses the same value; this is its one home because settings sit below every module.
-DEFAULT_SEMANTIC_THRESHOLD = 0.88
+DEFAULT_SEMANTIC_THRESHOLD = 0.968
 
 
 class ConfigError(ValueError):

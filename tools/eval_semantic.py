@@ -6,11 +6,13 @@ Runs the same embedder, threshold and :func:`app.cache.verify.is_semantic_hit` t
 
     .venv/bin/python tools/eval_semantic.py                  # all pairs, plus even/odd id halves
     .venv/bin/python tools/eval_semantic.py --limit 500 --split odd
+    .venv/bin/python tools/eval_semantic.py --cache /tmp/l2-vectors.npz   # embed once, then seconds per run
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -27,7 +29,7 @@ from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD, is_semantic_hit  # noqa
 from app.embeddings import Embedder, build_embedder  # noqa: E402
 
 DEFAULT_PAIRS = REPO.parent / "shared" / "data" / "paraphrase-dev.jsonl"
-THRESHOLDS = (0.70, 0.75, 0.78, 0.80, 0.82, 0.85, 0.88, 0.90, 0.92, 0.95, 0.98)
+THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
 USEFUL = ("qqp_dup", "gpt_paraphrase")
 
 
@@ -48,6 +50,28 @@ def embed_all(embedder: Embedder, texts: list[str], workers: int, batch: int = 6
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(embedder.embed, chunks))
     return {t: v for chunk, vecs in zip(chunks, results, strict=True) for t, v in zip(chunk, vecs, strict=True)}
+
+
+def cached_embed(embedder: Embedder, texts: list[str], workers: int, cache: Path | None) -> dict[str, np.ndarray]:
+    """:func:`embed_all`, reusing vectors saved in ``cache`` (an .npz keyed by model and text hash; keep it out
+    of the repository) and adding the missing ones to it."""
+    if cache is None:
+        return embed_all(embedder, texts, workers)
+
+    def key(text: str) -> str:
+        return hashlib.sha256(f"{embedder.model_id}\0{text}".encode()).hexdigest()[:32]
+
+    known: dict[str, np.ndarray] = {}
+    if cache.exists():
+        with np.load(cache) as saved:
+            known = dict(zip(saved["keys"].tolist(), saved["vectors"], strict=True))
+    missing = [t for t in texts if key(t) not in known]
+    if missing:
+        for text, vector in embed_all(embedder, missing, workers).items():
+            known[key(text)] = vector
+        keys = sorted(known)
+        np.savez(cache, keys=np.array(keys), vectors=np.stack([known[k] for k in keys]).astype(np.float32))
+    return {t: known[key(t)] for t in texts}
 
 
 def pct(flags: Iterable[bool]) -> float:
@@ -73,7 +97,7 @@ def table(pairs: list[dict], sims: np.ndarray, thresholds: Iterable[float], titl
         raw = sims >= th
         mark = "  <- default" if abs(th - DEFAULT_SEMANTIC_THRESHOLD) < 1e-9 else ""
         lines.append(
-            f"  {th:9.2f} | {pct(raw[hard]):6.1f}% {pct(raw[useful]):6.1f}% | "
+            f"  {th:9.3f} | {pct(raw[hard]):6.1f}% {pct(raw[useful]):6.1f}% | "
             f"{pct(hit[hard]):6.1f}% {pct(hit[neg]):6.1f}% {pct(hit[dup]):7.1f}% {pct(hit[gpt]):7.1f}% "
             f"{pct(hit[useful]):7.1f}%{mark}"
         )
@@ -95,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--workers", type=int, default=2, help="embedding threads")
+    parser.add_argument("--cache", type=Path, default=None, help="an .npz of saved vectors (outside the repo)")
     parser.add_argument("--thresholds", default=",".join(f"{t:.2f}" for t in THRESHOLDS))
     args = parser.parse_args(argv)
 
@@ -103,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = build_embedder(args.provider, url=args.url, api_key=args.api_key, model=args.model, offload=False)
     texts = sorted({p["a"] for p in pairs} | {p["b"] for p in pairs})
     started = time.perf_counter()
-    vectors = embed_all(embedder, texts, args.workers)
+    vectors = cached_embed(embedder, texts, args.workers, args.cache)
     embed_s = time.perf_counter() - started
     sims = np.array([float(vectors[p["a"]] @ vectors[p["b"]]) for p in pairs], dtype=np.float32)
 

@@ -18,7 +18,7 @@ from app.cache.exact import EMBEDDINGS_PREFIX, ENTRY_PREFIX, ExactStore, Generat
 from app.cache.keys import SemanticParts, digest, exact_key, semantic_parts
 from app.cache.local import LocalCache, LocalEntry
 from app.cache.semantic import SemanticStore
-from app.cache.verify import is_semantic_hit
+from app.cache.verify import candidate_floor, is_semantic_hit
 from app.embeddings.base import Embedder, EmbeddingError
 from app.errors import BadRequest
 from app.observability import metrics
@@ -164,7 +164,7 @@ class CacheService:
         best = index.best_score(vector)
         if best is not None:
             metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
-        for candidate in index.search(vector, threshold):
+        for candidate in index.search(vector, candidate_floor(threshold)):
             verdict = is_semantic_hit(candidate.similarity, plan.semantic.text, candidate.text, threshold)
             if not verdict.ok:
                 log.debug("L2 candidate rejected: %s", verdict.reason)

@@ -1,17 +1,20 @@
 """The L2 (semantic) cache decision: may the answer cached for ``candidate`` be served for ``query``?
 
 Cosine similarity finds candidates but cannot tell "... in Atlanta?" from "... in Toronto?", 2016 from 2017, "to" from
-"from", or "is" from "is not": those pairs embed almost identically. So a hit needs both
-``similarity >= threshold`` and :func:`verify`, a lexical check of what differs between the two texts.
+"from", or "is" from "is not": those pairs embed almost identically. So :func:`verify` looks at what differs
+between the two texts: hard rules reject changed numbers, negation, direction or a replaced name, and a learned
+margin (a logistic regression over a few lexical features, in cosine units) prices the remaining differences. A hit
+needs ``similarity >= threshold + margin`` (and never below ``threshold - SEARCH_SLACK``).
 
-:func:`verify` is deterministic, pure (no I/O after the one-time vocabulary load) and explains itself: the verdict
-carries a short reason for logs and debugging. Thresholds and rules were chosen by measuring
-``tools/eval_semantic.py`` on held-out pairs; see that tool for the numbers.
+:func:`verify` is deterministic, pure (no I/O after the one-time vocabulary load), costs about 0.2 ms, and explains
+itself: the verdict carries a short reason for logs and debugging. The weights come from ``tools/train_verifier.py``
+(even ids of the dev pairs); ``tools/eval_semantic.py`` measures the result, odd ids held out.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,12 +22,39 @@ from importlib import resources
 
 from app.config import DEFAULT_SEMANTIC_THRESHOLD  # noqa: E402 - the measured default lives with the settings
 
-__all__ = ["DEFAULT_SEMANTIC_THRESHOLD", "Verdict", "is_semantic_hit", "verify"]
-#: Extra similarity needed when an ordinary content word appears on one side only ("... for teens?"): such pairs
-#: are as often different questions as paraphrases, so only near-identical vectors are trusted.
-WORD_DIFF_MARGIN = 0.06
-#: Extra similarity needed when the question words differ ("how was X built" vs "why was X built").
-QUESTION_WORD_MARGIN = 0.03
+__all__ = [
+    "DEFAULT_SEMANTIC_THRESHOLD",
+    "SEARCH_SLACK",
+    "Verdict",
+    "candidate_floor",
+    "features",
+    "is_semantic_hit",
+    "verify",
+]
+
+#: The learned margin, in cosine units: the similarity a pair needs is ``threshold + margin`` with
+#: ``margin = MARGIN_BIAS + sum(MARGIN_WEIGHTS[f] * value_f)`` over the lexical features of :func:`features`.
+#: A logistic regression (cosine + these features) fitted by ``tools/train_verifier.py`` on the even ids of the
+#: paraphrase set, divided by its cosine weight; the bias makes ``margin == 0`` for two texts with the same content
+#: words, so the threshold keeps its old meaning for them. Re-run that tool and paste its output to re-tune.
+MARGIN_WEIGHTS: dict[str, float] = {
+    "one_side_name": 0.1176,  # a name-like word (capitalised, acronym, rare) on one side only
+    "overlap": 0.1057,  # Jaccard of content words: at equal cosine, more shared words means a bigger real change
+    "words_differ": -0.1448,  # content words on one side only, capped at 3: rewording spreads over several words
+    "rarest_diff": 0.3297,  # rarity (0..1.15, from the tokenizer's frequency-ordered vocabulary) of the rarest one
+    "length_ratio": 0.2074,  # shorter/longer word count: same length and high cosine smells of a swapped word
+}
+MARGIN_BIAS = -0.3131
+#: How far below ``threshold`` a candidate may be and still pass on a negative margin (many reworded, common
+#: words and nothing rare or name-like changed). The cache searches from ``candidate_floor(threshold)``.
+SEARCH_SLACK = 0.268
+#: Cap of the ``words_differ`` feature.
+WORDS_DIFFER_CAP = 3
+
+
+def candidate_floor(threshold: float) -> float:
+    """The lowest cosine :func:`is_semantic_hit` can accept at ``threshold``: where the index search starts."""
+    return threshold - SEARCH_SLACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +73,20 @@ class Verdict:
 def is_semantic_hit(
     similarity: float, query: str, candidate: str, threshold: float = DEFAULT_SEMANTIC_THRESHOLD
 ) -> Verdict:
-    """The whole L2 rule: cosine at or above ``threshold`` (plus the verdict's margin) and :func:`verify` passes."""
-    if similarity < threshold:
-        return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}")
+    """The whole L2 rule: the hard checks of :func:`verify` pass and cosine reaches ``threshold + margin``.
+
+    The margin is learned (see :data:`MARGIN_WEIGHTS`) and may be negative, down to ``-SEARCH_SLACK``.
+    """
+    floor = candidate_floor(threshold)
+    if similarity < floor:
+        return Verdict(False, f"similarity {similarity:.3f} < {floor:.3f}")
     verdict = verify(query, candidate)
-    if verdict.ok and similarity < threshold + verdict.margin:
-        needed = threshold + verdict.margin
+    if not verdict.ok:
+        return verdict
+    needed = threshold + verdict.margin
+    if similarity < needed:
         return Verdict(False, f"{verdict.reason}: similarity {similarity:.3f} < {needed:.3f}", verdict.margin)
-    return verdict
+    return Verdict(True, f"{verdict.reason}: similarity {similarity:.3f} >= {max(needed, floor):.3f}", verdict.margin)
 
 
 # -- lexicon -------------------------------------------------------------------------------------------------------
@@ -159,11 +195,16 @@ for _group in (
 
 
 @lru_cache(maxsize=1)
+def _vocab_ids() -> dict[str, int]:
+    """The model's WordPiece vocabulary, word -> id; loaded once (the verifier's only I/O)."""
+    text = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
+    return dict(json.loads(text)["model"]["vocab"])
+
+
+@lru_cache(maxsize=1)
 def _common_words() -> frozenset[str]:
     """Whole words of the model's WordPiece vocabulary: a word outside it is rare, hence likely a name."""
-    text = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
-    vocab = json.loads(text)["model"]["vocab"]
-    return frozenset(w for w in vocab if w.isalpha() and w.islower() and len(w) > 1)
+    return frozenset(w for w in _vocab_ids() if w.isalpha() and w.islower() and len(w) > 1)
 
 
 def _stem(word: str) -> str:
@@ -291,40 +332,93 @@ def _around_markers(words: tuple[str, ...], shared: frozenset[str]) -> list[tupl
     return found
 
 
-def verify(query: str, candidate: str) -> Verdict:
-    """Reject a cosine-similar candidate whose text differs in a way that changes the answer.
+_LOG_VOCAB = math.log(30522)
+#: Rarity of a word the vocabulary does not hold whole (WordPiece splits it): rarer than any whole word.
+_RARITY_UNKNOWN = 1.15
 
-    Checked in order: numbers and versions must match exactly; negation must be on both sides or neither; shared
-    words must not swap sides around "to/from/vs/than"; and no name-like word (capitalised, acronym, outside the
-    model's vocabulary) may appear on one side only. Ordinary words that differ are allowed: cosine judged those.
-    """
-    if query.strip().lower() == candidate.strip().lower():
-        return Verdict(True, "same text")
+
+def _rarity(word: str) -> float:
+    """0..1 for whole words, by rank in the WordPiece vocabulary (ordered roughly by frequency after id ~2000)."""
+    rank = _vocab_ids().get(word.lower())
+    if rank is None or rank < 1000:  # ids below ~1000 are [unused] slots and single characters
+        return _RARITY_UNKNOWN
+    return math.log(rank) / _LOG_VOCAB
+
+
+@dataclass(frozen=True, slots=True)
+class _Comparison:
+    rejected: Verdict | None
+    features: dict[str, float]
+    notes: tuple[str, ...]
+
+
+def _compare(query: str, candidate: str) -> _Comparison:
     a, b = _analyse(query), _analyse(candidate)
     if a.numbers != b.numbers:
         only_a = sorted(a.numbers - b.numbers) or ["-"]
         only_b = sorted(b.numbers - a.numbers) or ["-"]
-        return Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}")
+        return _Comparison(Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}"), {}, ())
     if a.negated != b.negated:
-        return Verdict(False, "negation on one side only")
+        return _Comparison(Verdict(False, "negation on one side only"), {}, ())
     keys_a, keys_b = frozenset(a.content), frozenset(b.content)
     shared = keys_a & keys_b
     swapped = _direction_swapped(a, b, shared)
     if swapped:
-        return Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}")
-    only_a = [k for k in keys_a - keys_b if not _fuzzy_in(k, keys_b)]
-    only_b = [k for k in keys_b - keys_a if not _fuzzy_in(k, keys_a)]
+        return _Comparison(Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}"), {}, ())
+    only_a = sorted(k for k in keys_a - keys_b if not _fuzzy_in(k, keys_b))
+    only_b = sorted(k for k in keys_b - keys_a if not _fuzzy_in(k, keys_a))
     names_a = sorted(a.surface[k] for k in only_a if k in a.strong)
     names_b = sorted(b.surface[k] for k in only_b if k in b.strong)
-    if names_a or names_b:
-        return Verdict(False, f"different entity: {','.join(names_a) or '-'} vs {','.join(names_b) or '-'}")
-    margin = 0.0
+    if names_a and names_b:  # one name replaced by another: "in Atlanta" / "in Toronto"
+        return _Comparison(Verdict(False, f"different entity: {','.join(names_a)} vs {','.join(names_b)}"), {}, ())
+    union = len(keys_a | keys_b)
+    differing = [a.surface[k] for k in only_a] + [b.surface[k] for k in only_b]
+    rarities = [_rarity(w) for w in differing]
+    longer = max(len(a.words), len(b.words), 1)
+    features = {
+        "one_side_name": 1.0 if names_a or names_b else 0.0,
+        "overlap": len(shared) / union if union else 1.0,
+        "words_differ": float(min(len(differing), WORDS_DIFFER_CAP)),
+        "rarest_diff": max(rarities, default=0.0),
+        "length_ratio": min(len(a.words), len(b.words)) / longer,
+    }
     notes = []
-    if only_a or only_b:
-        margin += WORD_DIFF_MARGIN
-        words = sorted(a.surface[k] for k in only_a) + sorted(b.surface[k] for k in only_b)
-        notes.append("words differ: " + ",".join(words[:4]))
-    if a.question_words != b.question_words:
-        margin += QUESTION_WORD_MARGIN
-        notes.append("question words differ")
-    return Verdict(True, "; ".join(notes) or "same content words", margin)
+    if names_a or names_b:
+        notes.append("name on one side: " + ",".join(names_a or names_b))
+    if differing:
+        rarest = differing[rarities.index(max(rarities))]
+        notes.append(f"{len(differing)} words differ ({','.join(differing[:4])}; rarest {rarest})")
+    return _Comparison(None, features, tuple(notes))
+
+
+def features(query: str, candidate: str) -> dict[str, float] | None:
+    """The lexical features the learned margin weighs, or None when a hard rule rejects the pair (for tuning)."""
+    return _compare(query, candidate).features or None
+
+
+def margin_of(values: dict[str, float]) -> float:
+    """Extra cosine (negative: less) a pair with these feature values needs above the threshold."""
+    return MARGIN_BIAS + sum(MARGIN_WEIGHTS[name] * values[name] for name in MARGIN_WEIGHTS)
+
+
+def verify(query: str, candidate: str) -> Verdict:
+    """Reject a cosine-similar candidate whose text differs in a way that changes the answer; else price the rest.
+
+    Hard rules, in order: numbers and versions must match exactly; negation must be on both sides or neither;
+    shared words must not swap sides around "to/from/vs/than"; a name-like word (capitalised, acronym, outside the
+    model's vocabulary) must not be replaced by another. What remains is priced by a learned margin
+    (:data:`MARGIN_WEIGHTS`): a rare or name-like word on one side only asks for more similarity, rewording spread
+    over several common words for less.
+    """
+    if query.strip().lower() == candidate.strip().lower():
+        return Verdict(True, "same text")
+    compared = _compare(query, candidate)
+    if compared.rejected is not None:
+        return compared.rejected
+    margin = round(margin_of(compared.features), 4)
+    reason = (
+        "; ".join((*compared.notes, f"margin {margin:+.3f}"))
+        if compared.notes
+        else f"same content words; margin {margin:+.3f}"
+    )
+    return Verdict(True, reason, margin)

@@ -6,7 +6,17 @@ import time
 
 import pytest
 
-from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD, Verdict, is_semantic_hit, verify
+from app.cache.verify import (
+    DEFAULT_SEMANTIC_THRESHOLD,
+    MARGIN_WEIGHTS,
+    SEARCH_SLACK,
+    Verdict,
+    candidate_floor,
+    features,
+    is_semantic_hit,
+    margin_of,
+    verify,
+)
 
 REJECT = [
     ("What is the best pizza place in Atlanta?", "What is the best pizza place in Toronto?"),
@@ -76,3 +86,47 @@ def test_deterministic_and_fast() -> None:
     for i in range(200):
         assert verify(pair[0] + " " * (i % 7), pair[1]) == first
     assert (time.perf_counter() - started) / 200 < 0.002
+
+
+def test_same_content_words_need_exactly_the_threshold() -> None:
+    """The learned margin is 0 when only phrasing differs, so the threshold keeps its meaning for such pairs."""
+    verdict = verify("How do I reset my password?", "How can I reset my password?")
+    assert verdict.ok and verdict.margin == 0.0
+    assert "same content words" in verdict.reason
+
+
+def test_rare_or_name_like_difference_costs_more_than_a_common_one() -> None:
+    """A rare word or a name on one side only raises the similarity needed more than a common word does."""
+    common = verify("What are good business ideas?", "What are good business ideas for students?")
+    rare = verify("What are good business ideas?", "What are good business ideas for dentists?")
+    name = verify("What is the weather like?", "What is the weather like in Toronto?")
+    assert common.ok and rare.ok and name.ok  # priced, not rejected: one side only, nothing was replaced
+    assert 0 < common.margin < rare.margin
+    assert name.margin > common.margin and "Toronto" in name.reason
+
+
+def test_rewording_over_several_words_needs_less() -> None:
+    """Differences spread over several ordinary words (a rephrasing) lower the similarity needed."""
+    verdict = verify("How do I learn to play guitar?", "How can I teach myself guitar?")
+    assert verdict.ok and verdict.margin < 0
+    assert "words differ" in verdict.reason
+    needed = DEFAULT_SEMANTIC_THRESHOLD + verdict.margin
+    assert is_semantic_hit(needed + 0.001, "How do I learn to play guitar?", "How can I teach myself guitar?")
+
+
+def test_floor_bounds_any_negative_margin() -> None:
+    """Nothing below ``threshold - SEARCH_SLACK`` is served, whatever the margin; the index searches from there."""
+    pair = ("How do I learn to play guitar?", "How can I teach myself guitar?")
+    assert candidate_floor(0.9) == pytest.approx(0.9 - SEARCH_SLACK)
+    verdict = is_semantic_hit(candidate_floor(DEFAULT_SEMANTIC_THRESHOLD) - 0.001, *pair)
+    assert not verdict and "similarity" in verdict.reason
+
+
+def test_features_and_margin_agree_with_the_verdict() -> None:
+    """:func:`features` exposes what the margin weighs (None when a hard rule rejects): the tuning tool uses it."""
+    assert features("Is Rust faster than Go?", "Is Go faster than Rust?") is None
+    values = features("What are good business ideas?", "What are good business ideas for students?")
+    assert values is not None and set(values) == set(MARGIN_WEIGHTS)
+    assert values["words_differ"] == 1.0 and values["one_side_name"] == 0.0
+    verdict = verify("What are good business ideas?", "What are good business ideas for students?")
+    assert verdict.margin == pytest.approx(margin_of(values), abs=1e-4)

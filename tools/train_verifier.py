@@ -36,16 +36,19 @@ NAMES = tuple(verify.MARGIN_WEIGHTS)
 SAME_WORDS = {"one_side_name": 0.0, "overlap": 1.0, "words_differ": 0.0, "rarest_diff": 0.0, "length_ratio": 1.0}
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> np.ndarray:
-    """Newton's method on the L2-penalised log-loss (intercept unpenalised); returns [intercept, weights...]."""
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50, weight: np.ndarray | None = None
+) -> np.ndarray:
+    """Newton's method on the L2-penalised, sample-weighted log-loss (intercept unpenalised): [intercept, w...]."""
     xb = np.column_stack([np.ones(len(x)), x])
+    sw = np.ones(len(x)) if weight is None else weight
     w = np.zeros(xb.shape[1])
     penalty = np.full(xb.shape[1], l2)
     penalty[0] = 0.0
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(xb @ w)))
-        grad = xb.T @ (p - y) + penalty * w
-        hess = (xb * (p * (1 - p))[:, None]).T @ xb + np.diag(penalty)
+        grad = xb.T @ (sw * (p - y)) + penalty * w
+        hess = (xb * (sw * p * (1 - p))[:, None]).T @ xb + np.diag(penalty)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-10:
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", type=float, default=0.70, help="lowest cosine ever served")
     parser.add_argument("--max-false-hits", type=float, default=10.0, help="percent of even hard negatives")
     parser.add_argument("--l2", type=float, default=1.0)
+    parser.add_argument(
+        "--neg-weight",
+        type=float,
+        default=1.0,
+        help="training weight of qqp_neg pairs: above 1 trades useful hits for fewer false hits on related topics",
+    )
     args = parser.parse_args(argv)
 
     pairs = load_pairs(args.pairs, None, "all")
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     y = np.isin(sources, USEFUL).astype(float)
 
     train = even & passes
-    w = fit_logistic(np.column_stack([cos, feats])[train], y[train], args.l2)
+    weight = np.where(sources == "qqp_neg", args.neg_weight, 1.0)
+    w = fit_logistic(np.column_stack([cos, feats])[train], y[train], args.l2, weight=weight[train])
     bias, w_cos, w_feat = w[0], w[1], w[2:]
     score = bias + w_cos * cos + feats @ w_feat
 

@@ -29,6 +29,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ClosedPort:
+    """A loopback port that refuses connections: bound but never listening, and held so no process takes it.
+
+    `free_port()` only promises the port was free a moment ago; a test that needs "nothing answers here"
+    must keep it that way while the gateway dials it.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def wait_until(check: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env, free_port
+from tests.support import ClosedPort, Gateway, MockUpstream, base_env
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -22,10 +22,12 @@ def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 def redis_down_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
+    closed = ClosedPort()
     gw = Gateway(base_env(upstream_server, UPSTREAM_API_KEYS=f"sk-no-redis-{uuid.uuid4().hex}",
-                          REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+                          REDIS_URL=f"redis://127.0.0.1:{closed.port}/0"))
     yield gw
     gw.stop()
+    closed.close()
 
 
 def test_no_monkey_patch_warning(gateway: Gateway) -> None:

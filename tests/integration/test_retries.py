@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env, free_port
+from tests.support import ClosedPort, Gateway, MockUpstream, base_env
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -118,11 +118,13 @@ def test_upstream_key_is_sent_and_client_authorization_is_not(
 
 @pytest.fixture(scope="module")
 def unreachable_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
-    gw = Gateway(base_env(upstream_server, TARGET_URL=f"http://127.0.0.1:{free_port()}",
+    closed = ClosedPort()
+    gw = Gateway(base_env(upstream_server, TARGET_URL=closed.url,
                           UPSTREAM_API_KEYS=f"sk-unreachable-{uuid.uuid4().hex}", UPSTREAM_MAX_RETRIES="1",
                           CACHE_ENABLED="false"))
     yield gw
     gw.stop()
+    closed.close()
 
 
 def test_unreachable_upstream_is_502(unreachable_gateway: Gateway) -> None:

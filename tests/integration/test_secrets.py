@@ -14,7 +14,7 @@ import requests
 import redis
 
 from app.upstream.pool import KeyHealth, key_fingerprint
-from tests.support import GUNICORN, REDIS_URL, ROOT, Gateway, MockUpstream, base_env, free_port
+from tests.support import GUNICORN, REDIS_URL, ROOT, ClosedPort, Gateway, MockUpstream, base_env, free_port
 
 UPSTREAM_KEY = f"sk-secret-{uuid.uuid4().hex}"
 CLIENT_KEY = f"ck-secret-{uuid.uuid4().hex}"
@@ -50,13 +50,15 @@ def secret_env(upstream: MockUpstream, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gateways(upstream_server: MockUpstream, redis_conn: redis.Redis) -> Iterator[list[Gateway]]:
+    closed = ClosedPort()
     started = [Gateway(secret_env(upstream_server))]
     try:
-        started.append(Gateway(secret_env(upstream_server, TARGET_URL=f"http://127.0.0.1:{free_port()}")))
+        started.append(Gateway(secret_env(upstream_server, TARGET_URL=closed.url)))
         yield started
     finally:
         for gw in started:
             gw.stop()
+        closed.close()
         redis_conn.hdel(KeyHealth.REDIS_KEY, key_fingerprint(UPSTREAM_KEY))  # the 401 took it out of rotation
 
 

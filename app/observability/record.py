@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 access_log = logging.getLogger("gateway.access")
 
@@ -40,6 +40,6 @@ class RequestRecord:
             self.upstream_ms = round(self.upstream_ms, 2)
 
     def log(self) -> None:
-        fields = asdict(self)
+        fields = dict(vars(self))  # flat fields: a shallow copy is enough (asdict deep-copies, slowly)
         del fields["started"]
         access_log.info("request", extra=fields)

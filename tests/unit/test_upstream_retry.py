@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import requests
 from urllib3 import HTTPResponse
-from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from app.errors import UpstreamTimeout, UpstreamUnreachable
 from app.upstream.client import _map_send_error, _url
@@ -92,10 +91,10 @@ def test_url_does_not_double_v1(base: str, path: str, expected: str) -> None:
 
 def test_timeouts_map_to_504_and_connection_failures_to_502() -> None:
     """Read and connect timeouts are 504; refused connections are 502."""
-    read_timeout = requests.ConnectionError(MaxRetryError(None, "/x", ReadTimeoutError(None, "/x", "timed out")))
+    read_timeout = MaxRetryError(None, "/x", ReadTimeoutError(None, "/x", "timed out"))
     assert isinstance(_map_send_error(read_timeout), UpstreamTimeout)
-    assert isinstance(_map_send_error(requests.ReadTimeout()), UpstreamTimeout)
-    assert isinstance(_map_send_error(requests.ConnectTimeout()), UpstreamTimeout)
-    refused = requests.ConnectionError(MaxRetryError(None, "/x", NewConnectionError(None, "refused")))
+    assert isinstance(_map_send_error(ReadTimeoutError(None, "/x", "timed out")), UpstreamTimeout)
+    assert isinstance(_map_send_error(MaxRetryError(None, "/x", ConnectTimeoutError("slow"))), UpstreamTimeout)
+    refused = MaxRetryError(None, "/x", NewConnectionError(None, "refused"))
     error = _map_send_error(refused)
     assert isinstance(error, UpstreamUnreachable) and error.status == 502

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 import redis
+import requests
 
 from app.upstream.pool import KeyHealth, key_fingerprint
 from tests.support import GUNICORN, REDIS_URL, ROOT, ClosedPort, Gateway, MockUpstream, base_env, free_port

@@ -54,18 +54,22 @@ class ExactStore:
         self._redis = redis_client
 
     def get(self, key: str) -> tuple[bytes, float] | None:
-        """The entry and its absolute expiry, in one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(key)
-        pipe.pttl(key)
-        content, pttl = pipe.execute()
-        if content is None or pttl is None or pttl == -2:
+        """The entry and its absolute expiry, in one GET (the expiry travels in the value's first line)."""
+        value = self._redis.get(key)
+        if value is None:
             return None
-        expires_at = time.time() + (pttl / 1000.0 if pttl > 0 else 86400.0)
-        return content, expires_at
+        head, sep, content = value.partition(b"\n")
+        try:
+            expires_at = float(head)
+        except ValueError:
+            return None  # not written by this gateway: a miss, and the next store replaces it
+        return (content, expires_at) if sep else None
 
-    def put(self, key: str, content: bytes, ttl: int) -> None:
-        self._redis.set(key, content, ex=ttl)
+    def put(self, key: str, content: bytes, ttl: int) -> float:
+        """Store for `ttl` seconds; returns the absolute expiry L0 must not outlive."""
+        expires_at = time.time() + ttl
+        self._redis.set(key, b"%.3f\n%s" % (expires_at, content), ex=ttl)
+        return expires_at
 
 
 def _text(value: bytes | str) -> str:

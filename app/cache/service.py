@@ -201,8 +201,8 @@ class CacheService:
         if content is None:
             content = json.dumps(answer, separators=(",", ":")).encode()
         try:
-            self.exact.put(plan.key, content, plan.ttl)
-            self.local.put(plan.key, LocalEntry(content, answer, now + plan.ttl))
+            expires_at = self.exact.put(plan.key, content, plan.ttl)
+            self.local.put(plan.key, LocalEntry(content, answer, expires_at))
             if plan.semantic is not None and plan.partition is not None:
                 vector = plan.vector if plan.vector is not None else self._embed(plan.semantic.text)
                 if vector is not None:

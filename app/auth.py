@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from app.config import ConfigError
+from app.config import ConfigError, read_yaml_file
 from app.errors import Forbidden, Unauthorized
 
 DEV_TENANT = "default"
@@ -105,10 +103,7 @@ def build_authenticator(
 
 def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tenant]:
     """YAML: `tenants: [{name, keys | key_sha256, limits: {rpm, tpm, concurrency}, models, model_limits}]`."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise AuthConfigError(f"GATEWAY_KEYS_FILE {path}: {exc}") from exc
+    doc = read_yaml_file(path, "GATEWAY_KEYS_FILE", AuthConfigError)
     items = doc.get("tenants") if isinstance(doc, dict) else None
     if not isinstance(items, list):
         raise AuthConfigError(f"GATEWAY_KEYS_FILE {path}: expected a 'tenants' list")

@@ -26,6 +26,21 @@ class ConfigError(ValueError):
     """Raised when one or more settings are invalid; the message names each variable."""
 
 
+def read_yaml_file(path: Path, variable: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Load a YAML file a setting names; errors say where, never quoting the file (a line may hold a key)."""
+    import yaml  # only the optional files need it
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise error(f"{variable} {path}: {exc.strerror or type(exc).__name__}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise error(f"{variable} {path}: {problem}{where}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """The gateway's whole configuration. Build it with `Settings.from_env()`; tests pass their own."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,8 @@ def base_env(upstream: MockUpstream, **extra: str) -> dict[str, str]:
     """A gateway pointed at the mock with one upstream key, auth off unless the test turns it on."""
     return {
         "TARGET_URL": upstream.url,
-        "UPSTREAM_API_KEYS": "sk-upstream-test-key",
+        # A key of its own: cooldowns are shared through Redis, so one test's 429s never rest another's key.
+        "UPSTREAM_API_KEYS": f"sk-upstream-test-{uuid.uuid4().hex[:12]}",
         "AUTH_DISABLED": "true",
         "UPSTREAM_BACKOFF_FACTOR": "0.05",
         "SEMANTIC_CACHE_ENABLED": "false",

@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from app.config import ConfigError
+from app.config import ConfigError, read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +77,11 @@ def _make_key(secret: str, weight: float = 1.0) -> UpstreamKey:
 
 def load_backends_file(path: Path) -> list[Backend]:
     """Parse the YAML backends file (see README, "Several upstreams")."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise PoolConfigError(f"UPSTREAMS_FILE {path}: {exc.strerror or type(exc).__name__}") from exc
-    except yaml.YAMLError as exc:
-        raise PoolConfigError(f"UPSTREAMS_FILE {path}: {_yaml_problem(exc)}") from None
+    doc = read_yaml_file(path, "UPSTREAMS_FILE", PoolConfigError)
     items = doc.get("backends") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise PoolConfigError(f"UPSTREAMS_FILE {path}: expected a non-empty 'backends' list")
     return [_parse_backend(path, i, item) for i, item in enumerate(items)]
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """Where and what, without the snippet of the file PyYAML quotes: that line may hold a key."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or "invalid YAML"
-    if mark is None:
-        return problem
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _parse_backend(path: Path, index: int, item: Any) -> Backend:

@@ -148,8 +148,6 @@ def test_broken_upstreams_file_never_echoes_a_key(tmp_path: Path) -> None:
     assert not leaks(UPSTREAM_KEY, output)
 
 
-@pytest.mark.xfail(strict=True, reason="app/auth.py load_keys_file puts PyYAML's message (with the line) in "
-                                       "its AuthConfigError; see the report")
 def test_broken_keys_file_never_echoes_a_key(tmp_path: Path) -> None:
     """A YAML error in GATEWAY_KEYS_FILE on a line holding a client key stops start-up without printing it."""
     path = tmp_path / "keys.yaml"

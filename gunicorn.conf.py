@@ -52,7 +52,9 @@ worker_class = "gevent"
 worker_connections = _int("WORKER_CONNECTIONS", 1000)
 graceful_timeout = _int("GRACEFUL_TIMEOUT", 120)
 timeout = 30  # heartbeat of an idle gevent worker, not a request timeout: streams may run far longer
-keepalive = 75  # longer than nginx's and load balancers' idle timeouts, so they close first
+# Idle keep-alive connections hold a worker's exit after SIGTERM up to this long, so it stays short (a rollout
+# takes seconds, not minutes); it is longer than nginx's upstream keepalive_timeout (8 s) so nginx closes first.
+keepalive = 10
 preload_app = False  # build clients after the fork, and let the gevent worker patch before any import
 accesslog = None  # the app writes one JSON line per request itself
 logger_class = QuietAccessLogger

@@ -161,10 +161,10 @@ class CacheService:
         plan.vector = vector
         index = self.semantic.index(plan.partition, vector.shape[0], now)
         threshold = self.options.semantic_threshold
-        best = index.best_score(vector)
-        if best is not None:
-            metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
-        for candidate in index.search(vector, candidate_floor(threshold)):
+        found = index.search(vector, candidate_floor(threshold))
+        if found.best is not None:
+            metrics.SEMANTIC_SIMILARITY.observe(max(found.best, 0.0))
+        for candidate in found.candidates:
             verdict = is_semantic_hit(candidate.similarity, plan.semantic.text, candidate.text, threshold)
             if not verdict.ok:
                 log.debug("L2 candidate rejected: %s", verdict.reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.cache.semantic import CANDIDATES, PartitionIndex, decode_vector, encode_vector
+from app.cache.semantic import CANDIDATES, EXACT_ROWS, PartitionIndex, decode_vector, encode_vector
 
 DIM = 8
 
@@ -47,7 +47,7 @@ def test_search_returns_best_first_above_threshold() -> None:
     index.add("near", unit(1, 0.2), "near")
     index.add("exact", unit(1), "exact")
     index.add("mid", unit(1, 0.6), "mid")
-    found = index.search(unit(1), threshold=0.5)
+    found = index.search(unit(1), threshold=0.5).candidates
     assert [c.entry_id for c in found] == ["exact", "near", "mid"]
     assert found[0].similarity == pytest.approx(1.0, abs=1e-6)
     assert found[0].text == "exact"
@@ -59,8 +59,8 @@ def test_threshold_is_inclusive_and_excludes_below() -> None:
     index = PartitionIndex(DIM)
     index.add("a", unit(1, 1), "a")
     score = float(unit(1, 1) @ unit(1))
-    assert [c.entry_id for c in index.search(unit(1), threshold=score)] == ["a"]
-    assert index.search(unit(1), threshold=score + 1e-4) == []
+    assert [c.entry_id for c in index.search(unit(1), threshold=score).candidates] == ["a"]
+    assert index.search(unit(1), threshold=score + 1e-4).candidates == []
 
 
 def test_search_limits_to_the_best_candidates() -> None:
@@ -68,7 +68,7 @@ def test_search_limits_to_the_best_candidates() -> None:
     index = PartitionIndex(DIM)
     for i in range(10):
         index.add(f"e{i}", unit(1, i * 0.1), f"t{i}")
-    found = index.search(unit(1), threshold=0.0)
+    found = index.search(unit(1), threshold=0.0).candidates
     assert [c.entry_id for c in found] == [f"e{i}" for i in range(CANDIDATES)]
 
 
@@ -78,9 +78,9 @@ def test_dropped_rows_are_never_returned() -> None:
     index.add("gone", unit(1), "gone")
     index.add("kept", unit(1, 0.5), "kept")
     index.drop("gone")
-    assert [c.entry_id for c in index.search(unit(1), threshold=0.0)] == ["kept"]
-    assert [c.entry_id for c in index.search(unit(1), threshold=-1.0)] == ["kept"]
-    assert index.best_score(unit(1)) == pytest.approx(float(unit(1, 0.5) @ unit(1)))
+    assert [c.entry_id for c in index.search(unit(1), threshold=0.0).candidates] == ["kept"]
+    assert [c.entry_id for c in index.search(unit(1), threshold=-1.0).candidates] == ["kept"]
+    assert index.search(unit(1), threshold=0.0).best == pytest.approx(float(unit(1, 0.5) @ unit(1)))
 
 
 def test_only_dropped_rows_means_no_candidates() -> None:
@@ -88,7 +88,7 @@ def test_only_dropped_rows_means_no_candidates() -> None:
     index = PartitionIndex(DIM)
     index.add("gone", unit(1), "gone")
     index.drop("gone")
-    assert index.search(unit(1), threshold=0.0) == []
+    assert index.search(unit(1), threshold=0.0).candidates == []
 
 
 def test_index_grows_past_its_initial_capacity() -> None:
@@ -100,7 +100,7 @@ def test_index_grows_past_its_initial_capacity() -> None:
         index.add(f"e{i}", v, f"t{i}")
     assert len(index) == 300
     for i in (0, 15, 16, 17, 150, 299):
-        found = index.search(vectors[i], threshold=0.999)
+        found = index.search(vectors[i], threshold=0.999).candidates
         assert found and found[0].entry_id == f"e{i}"
 
 
@@ -111,11 +111,36 @@ def test_adding_an_id_twice_keeps_one_row() -> None:
     index.add("a", unit(0, 1), "a again")
     index.add("b", np.ones(DIM + 1, dtype=np.float32), "wrong size")
     assert len(index) == 1 and "a" in index and "b" not in index
-    assert [c.text for c in index.search(unit(1), threshold=0.9)] == ["a"]
+    assert [c.text for c in index.search(unit(1), threshold=0.9).candidates] == ["a"]
 
 
 def test_empty_index_finds_nothing() -> None:
     """A fresh partition has no candidates and no best score."""
     index = PartitionIndex(DIM)
-    assert index.search(unit(1), threshold=0.0) == []
-    assert index.best_score(unit(1)) is None
+    assert index.search(unit(1), threshold=0.0).candidates == []
+    assert index.search(unit(1), threshold=0.0).best is None
+
+
+def test_empty_index_has_no_best_score() -> None:
+    """With nothing stored there is no similarity to report."""
+    assert PartitionIndex(DIM).search(unit(1), threshold=0.0).best is None
+
+
+def test_large_partition_shortlist_finds_near_duplicates() -> None:
+    """Past EXACT_ROWS the sign-sketch shortlist still finds every planted near-duplicate, and skips dropped rows."""
+    rng = np.random.default_rng(11)
+    dim = 384
+    n = EXACT_ROWS + 4000
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = PartitionIndex(dim)
+    for i in range(n):
+        index.add(f"e{i}", vectors[i], f"t{i}")
+    for i in rng.choice(n, 25, replace=False):
+        noise = rng.standard_normal(dim).astype(np.float32) * 0.015  # cosine about 0.96
+        query = vectors[i] + noise
+        query /= np.linalg.norm(query)
+        found = index.search(query, threshold=0.9)
+        assert found.candidates and found.candidates[0].entry_id == f"e{i}"
+    index.drop("e0")
+    assert all(c.entry_id != "e0" for c in index.search(vectors[0], threshold=0.0).candidates)

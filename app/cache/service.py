@@ -95,9 +95,13 @@ class CacheService:
         return plan
 
     def _semantic_allowed(self, body: dict[str, Any]) -> bool:
-        temperature = body.get("temperature", 1.0 if "temperature" not in body else None)
+        """A paraphrase may share an answer only when the client did not ask for variety.
+
+        No temperature means the provider's default sampling (1.0 at OpenAI and DeepSeek), so no L2.
+        """
+        temperature = body.get("temperature")
         if temperature is None:
-            temperature = 1.0  # the APIs' default sampling temperature
+            temperature = 1.0
         n = body.get("n") or 1
         return temperature <= self.options.semantic_max_temperature and n == 1
 

@@ -6,8 +6,8 @@ Data for one request lives on `g` under `gw_` names; the built services in `app.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +41,7 @@ def start_request() -> None:
     if not request.path.startswith(("/v1/", "/admin/")):
         return
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else os.urandom(16).hex()
     gw = services()
     g.gw_record = RequestRecord(
         request_id=request_id, method=request.method, path=request.path,

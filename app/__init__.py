@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+EMBEDDING_READ_TIMEOUT = 3.0
+
+
 def _build_cache(settings: Settings, redis: object) -> object:
     from app.cache.local import LocalCache
     from app.cache.service import CacheOptions, CacheService
@@ -74,7 +77,10 @@ def _build_cache(settings: Settings, redis: object) -> object:
 
         embedder = build_embedder(settings.embedding_provider, url=settings.embedding_url,
                                   api_key=settings.embedding_api_key, model=settings.embedding_model,
-                                  connect_timeout=settings.upstream_connect_timeout)
+                                  # An embedding only saves money if it is quick: a slow API must not hold
+                                  # requests for long before they go upstream anyway.
+                                  connect_timeout=min(settings.upstream_connect_timeout, 2.0),
+                                  read_timeout=EMBEDDING_READ_TIMEOUT, max_retries=1)
         _warm_up(embedder)
     options = CacheOptions(
         ttl_seconds=settings.cache_ttl_seconds, semantic_enabled=settings.semantic_cache_enabled,

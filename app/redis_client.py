@@ -53,23 +53,3 @@ def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout
         **common,
     )
     return redis.Redis(connection_pool=pool)
-
-
-class RedisBreaker:
-    """Remembers that Redis just failed, so the next second of requests skip it instead of each waiting.
-
-    The first call after the pause goes through again: the cache and limiter come back by themselves.
-    """
-
-    def __init__(self, pause_seconds: float = 1.0) -> None:
-        self.pause_seconds = pause_seconds
-        self._open_until = 0.0
-
-    def available(self, now: float) -> bool:
-        return now >= self._open_until
-
-    def failed(self, now: float) -> None:
-        self._open_until = now + self.pause_seconds
-
-    def succeeded(self) -> None:
-        self._open_until = 0.0

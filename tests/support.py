@@ -5,6 +5,7 @@ The only fake in the suite is the upstream, and it is a real HTTP server in its 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -155,6 +156,9 @@ class Gateway:
         self.process.send_signal(sig)
 
     def stop(self) -> None:
+        # Finished `requests` responses caught in reference cycles keep keep-alive connections open, and an open
+        # idle connection holds gunicorn's graceful exit: collect them first.
+        gc.collect()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

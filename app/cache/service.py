@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from app.breaker import Breaker
 from app.cache.exact import EMBEDDINGS_PREFIX, ENTRY_PREFIX, ExactStore, Generations
 from app.cache.keys import SemanticParts, digest, exact_key, semantic_parts
 from app.cache.local import LocalCache, LocalEntry
@@ -22,7 +23,6 @@ from app.cache.verify import candidate_floor, is_semantic_hit
 from app.embeddings.base import Embedder, EmbeddingError
 from app.errors import BadRequest
 from app.observability import metrics
-from app.redis_client import RedisBreaker
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class CacheService:
         self.exact = ExactStore(redis_client)
         self.semantic = SemanticStore(redis_client)
         self.generations = Generations(redis_client)
-        self.breaker = RedisBreaker()
+        self.breaker = Breaker()
+        self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
         # Vectors of different models never share a partition, even at the same dimension.
         self._space = digest(self.embedder.model_id)[:8] if self.embedder is not None else ""
 
@@ -184,12 +185,18 @@ class CacheService:
     def _embed(self, text: str) -> np.ndarray | None:
         assert self.embedder is not None
         started = time.perf_counter()
+        if not self.embedding_breaker.available(time.time()):
+            metrics.CACHE_LOOKUPS.labels("L2", "error").inc()
+            return None
         try:
             vector = self.embedder.embed([text])[0]
         except EmbeddingError as exc:
+            self.embedding_breaker.failed(time.time())
             metrics.CACHE_LOOKUPS.labels("L2", "error").inc()
-            log.warning("embedding failed, semantic look-up skipped: %s", exc)
+            log.warning("embedding failed, semantic look-ups skipped for %.0fs: %s",
+                        self.embedding_breaker.pause_seconds, exc)
             return None
+        self.embedding_breaker.succeeded()
         metrics.EMBEDDING_DURATION.observe(time.perf_counter() - started)
         return vector
 

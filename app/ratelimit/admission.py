@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 from app.auth import Tenant, TenantLimits
+from app.breaker import Breaker
 from app.errors import RateLimited, ServiceUnavailable
 from app.observability import metrics
 from app.ratelimit.limiter import Limits, RateLimiter, RateLimiterUnavailable, Reservation
-from app.redis_client import RedisBreaker
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Admission:
         self.limiter = limiter
         self.fail_closed = fail_closed
         self.window_seconds = window_seconds
-        self.breaker = RedisBreaker()
+        self.breaker = Breaker()
 
     def needs_model(self, tenant: Tenant) -> bool:
         """Per-model limits are the only reason to read the body before admitting."""

@@ -14,9 +14,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,6 +170,54 @@ class Gateway:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+class RedisServer:
+    """A memory-only redis-server of a test's own on a loopback port: one it may wipe, kill and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@contextmanager
+def gateway_pair(env: dict[str, str]) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateway processes on the same Redis: "another worker" for certain, and another pod as well."""
+    first = Gateway(env)
+    try:
+        second = Gateway(env)
+    except BaseException:
+        first.stop()
+        raise
+    try:
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
 
 
 def base_env(upstream: MockUpstream, **extra: str) -> dict[str, str]:

@@ -7,17 +7,15 @@ generation every gateway on that Redis sees); every test uses its own prompts.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import redis
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env, free_port
+from tests.support import Gateway, MockUpstream, RedisServer, base_env, gateway_pair
 
 ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
 ALPHA_KEY = f"sk-alpha-{uuid.uuid4().hex}"
@@ -28,34 +26,11 @@ CHAT_PATH = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A redis-server of this module's own, on a free loopback port."""
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = RedisServer().start()
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        wait_for_redis(url)
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def wait_for_redis(url: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        client = redis.Redis.from_url(url, socket_timeout=0.5)
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-        finally:
-            client.close()
+        server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +38,8 @@ def gateways(upstream_server: MockUpstream, redis_url: str) -> Iterator[tuple[Ga
     """Two gateway processes (one worker each) on the same Redis, with admin and two tenants."""
     env = base_env(upstream_server, REDIS_URL=redis_url, ADMIN_API_KEY=ADMIN_KEY, AUTH_DISABLED="false",
                    GATEWAY_API_KEYS=f"alpha:{ALPHA_KEY},beta:{BETA_KEY}", UPSTREAM_MAX_RETRIES="0")
-    first = Gateway(env)
-    try:
-        second = Gateway(env)
-    except BaseException:
-        first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+    with gateway_pair(env) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from app.config import DEFAULT_SEMANTIC_THRESHOLD
-from tests.support import Gateway, MockUpstream, base_env, free_port
+from tests.support import Gateway, MockUpstream, base_env, free_port, gateway_pair
 
 QUESTION = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"
@@ -25,15 +25,8 @@ ANSWER = f"Mock answer to: {QUESTION}"
 def semantic_gateways(upstream_server: MockUpstream) -> Iterator[tuple[Gateway, Gateway]]:
     """Two gateway processes with L2 on (local model), sharing Redis."""
     env = base_env(upstream_server, SEMANTIC_CACHE_ENABLED="true", UPSTREAM_MAX_RETRIES="0")
-    first = Gateway(env)
-    try:
-        second = Gateway(env)
-    except BaseException:
-        first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+    with gateway_pair(env) as pair:
+        yield pair
 
 
 @pytest.fixture

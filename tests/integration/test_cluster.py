@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import requests
 
 from tests.cluster import LocalCluster, local_cluster
-from tests.support import ROOT, Gateway, MockUpstream, base_env
+from tests.support import ROOT, Gateway, MockUpstream, base_env, gateway_pair
 
 pytestmark = pytest.mark.cluster
 
@@ -47,16 +46,8 @@ def gateways(cluster: LocalCluster, upstream_server: MockUpstream,
     env = base_env(upstream_server, AUTH_DISABLED="", GATEWAY_KEYS_FILE=str(keys), REDIS_CLUSTER="true",
                    REDIS_URL=cluster.url, SEMANTIC_CACHE_ENABLED="true", ADMIN_API_KEY=ADMIN,
                    UPSTREAM_API_KEYS=f"sk-up-cl-{SUFFIX}")
-    first = Gateway(env)
-    try:
-        second = Gateway(env)
-    except BaseException:
-        first.stop()
-        raise
-    yield first, second
-    gc.collect()  # drop finished responses' keep-alive connections, or gunicorn waits GRACEFUL_TIMEOUT
-    first.stop()
-    second.stop()
+    with gateway_pair(env) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -172,6 +172,21 @@ class Gateway:
         self._log.close()
 
 
+def openai_error(response: requests.Response, status: int | None = None) -> dict[str, Any]:
+    """The `error` object of an OpenAI-style error answer, after checking its shape (and status, if given)."""
+    if status is not None:
+        assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert "code" in error and (error["code"] is None or isinstance(error["code"], str))
+    return error
+
+
 class RedisServer:
     """A memory-only redis-server of a test's own on a loopback port: one it may wipe, kill and start again."""
 

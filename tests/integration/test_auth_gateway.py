@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import GUNICORN, ROOT, Gateway, MockUpstream, base_env, free_port
+from tests.support import GUNICORN, ROOT, Gateway, MockUpstream, base_env, free_port, openai_error
 
 SUFFIX = uuid.uuid4().hex[:10]
 ACME_KEY = f"sk-acme-{SUFFIX}"
@@ -29,13 +29,6 @@ HASHED = f"hashed-{SUFFIX}"
 
 def chat(model: str = "mock-gpt", content: str = "hello") -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}]}
-
-
-def openai_error(response: requests.Response) -> dict:
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert isinstance(error["message"], str) and isinstance(error["type"], str)
-    return error
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env
+from tests.support import Gateway, MockUpstream, base_env, openai_error
 
 MAX_BODY_BYTES = 1000
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -75,25 +75,12 @@ def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
     gw.stop()
 
 
-def assert_openai_error(response: requests.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert "code" in error and (error["code"] is None or isinstance(error["code"], str))
-    return error
-
-
 @pytest.mark.parametrize(("route", "build"), CASES)
 def test_broken_body_is_a_400_openai_error(gateway: Gateway, upstream: MockUpstream, route: str, build) -> None:  # noqa: ANN001
     """Each broken body on each POST route is a 400 with an OpenAI-style error, never forwarded upstream."""
     response = requests.post(gateway.url + route, data=build(route), headers={"Content-Type": "application/json"},
                              timeout=10)
-    assert_openai_error(response, 400)
+    openai_error(response, 400)
     assert upstream.requests() == []
 
 
@@ -101,7 +88,7 @@ def test_broken_body_is_a_400_openai_error(gateway: Gateway, upstream: MockUpstr
 def test_body_over_max_body_bytes_is_413(gateway: Gateway, upstream: MockUpstream, route: str) -> None:
     """A body larger than MAX_BODY_BYTES is refused with 413 before reaching the upstream."""
     body = with_fields(route, padding="x" * MAX_BODY_BYTES)
-    assert_openai_error(requests.post(gateway.url + route, data=body, timeout=10), 413)
+    openai_error(requests.post(gateway.url + route, data=body, timeout=10), 413)
     assert upstream.requests() == []
 
 
@@ -111,7 +98,7 @@ def test_chunked_body_over_max_body_bytes_is_413(gateway: Gateway, upstream: Moc
     pieces = (body[i:i + 100] for i in range(0, len(body), 100))
     response = requests.post(gateway.url + "/v1/chat/completions", data=pieces, timeout=10)
     assert response.status_code in (400, 413), response.text
-    assert_openai_error(response, response.status_code)
+    openai_error(response, response.status_code)
     assert upstream.requests() == []
 
 
@@ -126,7 +113,7 @@ def test_body_just_under_the_limit_is_served(gateway: Gateway) -> None:
 @pytest.mark.parametrize("path", ["/v1/nope", "/v1/chat/completion", "/nope", "/v2/chat/completions"])
 def test_unknown_route_is_404(gateway: Gateway, path: str) -> None:
     """An unknown path is a 404 OpenAI-style error."""
-    assert_openai_error(requests.post(gateway.url + path, json=valid_body(ROUTES[0]), timeout=10), 404)
+    openai_error(requests.post(gateway.url + path, json=valid_body(ROUTES[0]), timeout=10), 404)
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -135,7 +122,7 @@ def test_unknown_route_is_404(gateway: Gateway, path: str) -> None:
 ])
 def test_wrong_method_is_405(gateway: Gateway, method: str, path: str) -> None:
     """A known path with the wrong method is a 405 OpenAI-style error."""
-    assert_openai_error(requests.request(method, gateway.url + path, timeout=10), 405)
+    openai_error(requests.request(method, gateway.url + path, timeout=10), 405)
 
 
 def test_incoming_request_id_is_echoed(gateway: Gateway) -> None:

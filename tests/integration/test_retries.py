@@ -9,16 +9,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support import ClosedPort, Gateway, MockUpstream, base_env
+from tests.support import ClosedPort, Gateway, MockUpstream, base_env, openai_error
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def openai_error(response: requests.Response) -> dict:
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert isinstance(error["message"], str) and isinstance(error["type"], str)
-    return error
 
 
 @pytest.fixture(scope="module")

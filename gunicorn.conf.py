@@ -1,8 +1,9 @@
 """gunicorn configuration: gevent workers, settings from the environment, JSON logs, metrics hooks.
 
-Only the standard library is imported at the top: the master must not import `ssl` (requests, urllib3,
-prometheus_client, the app) before forking, or gevent patches it too late in every worker
-(MonkeyPatchWarning, unpatched sockets). gunicorn's gevent worker does the monkey-patching itself.
+Only the standard library (and gunicorn's own logger, which the master has loaded anyway) is imported at the
+top: the master must not import `ssl` (requests, urllib3, prometheus_client, the app) before forking, or gevent
+patches it too late in every worker (MonkeyPatchWarning, unpatched sockets). gunicorn's gevent worker does the
+monkey-patching itself.
 """
 
 import glob

@@ -36,11 +36,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     retry = build_retry(retries=settings.upstream_max_retries, backoff_factor=settings.upstream_backoff_factor,
                         backoff_max=settings.upstream_backoff_max,
                         retry_after_max=settings.upstream_retry_after_max)
-    pool = UpstreamPool(
-        backends_from_settings(settings.target_url, settings.upstream_api_keys, settings.upstreams_file),
-        KeyHealth(redis),
-    )
-    upstream = UpstreamClient(build_session(retry=retry, pool_size=settings.upstream_pool_size), pool,
+    backends = backends_from_settings(settings.target_url, settings.upstream_api_keys, settings.upstreams_file)
+    pool = UpstreamPool(backends, KeyHealth(redis))
+    session = build_session(retry=retry, pool_size=settings.upstream_pool_size, hosts=len(backends))
+    upstream = UpstreamClient(session, pool,
                               connect_timeout=settings.upstream_connect_timeout,
                               read_timeout=settings.upstream_read_timeout,
                               on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))

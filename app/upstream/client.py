@@ -130,6 +130,8 @@ class UpstreamClient:
         self.session = session
         self.pool = pool
         self._timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        # backend name -> (its connection pool, the path its base URL adds); looked up once, not per request.
+        self._routes: dict[str, tuple[Any, str]] = {}
         self._on_retry = on_retry or (lambda reason, count: None)
 
     def send(self, path: str, body: dict[str, Any], raw_body: bytes, *, model: str | None, stream: bool,
@@ -176,11 +178,14 @@ class UpstreamClient:
     def _open(self, method: str, backend: Backend, path: str, body: bytes | None,
               headers: dict[str, str]) -> HTTPResponse:
         """One urlopen on the session adapter's pool for this backend, with the adapter's Retry."""
-        url = _url(backend.base_url, path)
-        adapter = self.session.get_adapter(url)
-        pool = adapter.poolmanager.connection_from_url(url, pool_kwargs=_TLS)
+        adapter = self.session.get_adapter(backend.base_url)
+        route = self._routes.get(backend.name)
+        if route is None or route[0].pool is None:  # first use, or the pool manager closed it
+            pool = adapter.poolmanager.connection_from_url(backend.base_url, pool_kwargs=_TLS)
+            route = self._routes[backend.name] = (pool, parse_url(backend.base_url).path or "")
+        pool, prefix = route
         return pool.urlopen(
-            method, parse_url(url).request_uri, body=body, headers=headers, retries=adapter.max_retries,
+            method, _url(prefix, path), body=body, headers=headers, retries=adapter.max_retries,
             timeout=self._timeout, redirect=False, assert_same_host=False, preload_content=False,
             decode_content=True,
         )

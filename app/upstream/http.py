@@ -60,10 +60,10 @@ def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retr
     )
 
 
-def build_session(*, retry: Retry, pool_size: int) -> requests.Session:
-    """A session whose pool holds one connection per concurrent request of this worker."""
+def build_session(*, retry: Retry, pool_size: int, hosts: int = 1) -> requests.Session:
+    """A session whose pool holds one connection per concurrent request of this worker, for each upstream host."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+    adapter = HTTPAdapter(pool_connections=max(4, hosts), pool_maxsize=pool_size, max_retries=retry, pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.trust_env = False  # no proxy or netrc surprises from the worker's environment

@@ -415,11 +415,12 @@ def cache_mode(args: argparse.Namespace) -> None:
     print_cache_table(args, s, search_rows, notes, balance, pairs)
 
 
-def search_bench(args: argparse.Namespace) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """PartitionIndex.search() (and best_score(), which the look-up also calls) over random unit vectors."""
+def search_bench(args: argparse.Namespace) -> list[tuple[int, np.ndarray]]:
+    """PartitionIndex.search() as the look-up calls it (from the candidate floor), over random unit vectors."""
     from app.cache.semantic import PartitionIndex
-    from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD
+    from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD, candidate_floor
 
+    floor = candidate_floor(DEFAULT_SEMANTIC_THRESHOLD)
     rng = np.random.default_rng(7)
     rows = []
     for size in args.search_sizes:
@@ -431,23 +432,19 @@ def search_bench(args: argparse.Namespace) -> list[tuple[int, np.ndarray, np.nda
         queries = rng.standard_normal((args.queries, 384), dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         for q in queries[:10]:
-            index.search(q, DEFAULT_SEMANTIC_THRESHOLD)
-        search_times, best_times = [], []
+            index.search(q, floor)
+        search_times = []
         for q in queries:
             t0 = time.perf_counter()
-            index.search(q, DEFAULT_SEMANTIC_THRESHOLD)
-            t1 = time.perf_counter()
-            index.best_score(q)
-            t2 = time.perf_counter()
-            search_times.append(t1 - t0)
-            best_times.append(t2 - t1)
-        rows.append((size, np.array(search_times), np.array(best_times)))
+            index.search(q, floor)
+            search_times.append(time.perf_counter() - t0)
+        rows.append((size, np.array(search_times)))
         log(f"  {size} entries: search p50 {pct_ms(search_times, 50):.3f} ms")
     return rows
 
 
 def print_cache_table(args: argparse.Namespace, s: dict[str, Sample],
-                      search_rows: list[tuple[int, np.ndarray, np.ndarray]], notes: list[str], balance: str,
+                      search_rows: list[tuple[int, np.ndarray]], notes: list[str], balance: str,
                       pairs: int) -> None:
     print(f"\n### Cache layers through gunicorn ({args.workers} gevent workers, mock upstream latency "
           f"{args.latency * 1000:.0f} ms, local embeddings, {args.rounds} alternating rounds)\n")
@@ -488,13 +485,11 @@ def print_cache_table(args: argparse.Namespace, s: dict[str, Sample],
               f"{fmt(pct_ms(sample.latencies, 50))} | {fmt(pct_ms(sample.latencies, 99))} | "
               f"{fmt(sample.cpu_ms, 3)} | {target} |")
     print()
-    print("| L2 index, one partition (in-process, dim 384) | search() p50 ms | search() p99 ms "
-          "| best_score() p50 ms | target |")
-    print("|---:|---:|---:|---:|---|")
-    for size, times, best in search_rows:
+    print("| L2 index, one partition (in-process, dim 384) | search() p50 ms | search() p99 ms | target |")
+    print("|---:|---:|---:|---|")
+    for size, times in search_rows:
         target = f"<= 5 ms: {mark(pct_ms(times, 50) <= 5.0)}" if size >= 100_000 else ""
-        print(f"| {size:,} entries | {fmt(pct_ms(times, 50), 3)} | {fmt(pct_ms(times, 99), 3)} "
-              f"| {fmt(pct_ms(best, 50), 3)} | {target} |")
+        print(f"| {size:,} entries | {fmt(pct_ms(times, 50), 3)} | {fmt(pct_ms(times, 99), 3)} | {target} |")
     total = s["L2"].count
     print(f"\nL2 hit rate: {len(l2)}/{total} paraphrases answered from L2 ({100.0 * len(l2) / max(total, 1):.0f}%), "
           f"{len(PARAPHRASES)} question pairs x {args.pair_sets} numbers per round. {args.queries} random queries "

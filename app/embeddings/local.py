@@ -23,6 +23,7 @@ T = TypeVar("T")
 MAX_TOKENS = 256
 DIM = 384
 BATCH_SIZE = 32
+INTRA_OP_THREADS = 2
 #: Characters kept before tokenising: far more than 256 tokens of text, so only giant prompts lose anything,
 #: and they lose only work (the tokens past 256 would be cut anyway).
 MAX_CHARS = MAX_TOKENS * 16
@@ -117,9 +118,12 @@ class LocalEmbedder:
             tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
 
             options = ort.SessionOptions()
-            # Several workers share two cores: one thread each, parallelism comes from processes/the pool.
-            options.intra_op_num_threads = 1
+            # Two intra-op threads: a 13-token query takes ~7 ms instead of ~10 ms (measured, AVX2 without
+            # VNNI) for ~17% more CPU. No spinning: idle ORT threads must not burn the cores the gevent workers
+            # need; more threads would only oversubscribe a pod sized at one worker per CPU.
+            options.intra_op_num_threads = INTRA_OP_THREADS
             options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except EmbeddingError:

@@ -61,7 +61,7 @@ class Tenant:
         self.limiter = limiter
         self.models: set[str | None] = {None}
 
-    def keys(self, model: str | None = None) -> dict[str, str]:
+    def key_names(self, model: str | None = None) -> dict[str, str]:
         self.models.add(model)
         return self.limiter.keys_for(self.name, model)
 
@@ -144,7 +144,7 @@ def test_admitted_again_after_the_window(client: Any, limiter: RateLimiter, tena
     refused = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not refused.allowed and 0 < refused.retry_after <= 0.2
     time.sleep(1.1)
-    assert client.exists(tenant.keys()["requests"]) == 0  # idle tenants leave nothing
+    assert client.exists(tenant.key_names()["requests"]) == 0  # idle tenants leave nothing
     assert all(d.allowed for d in burst(limiter, tenant.name, limits, 5))
 
 
@@ -152,7 +152,7 @@ def test_keys_expire_when_the_bucket_refills(client: Any, limiter: RateLimiter, 
     """A GCRA key lives exactly as long as it holds debt; a concurrency set, one lease."""
     limits = Limits(rpm=10, tpm=600, concurrency=3)
     decision = limiter.acquire(tenant.name, limits, estimated_tokens=60, request_id=rid())
-    keys = tenant.keys()
+    keys = tenant.key_names()
     assert 5_000 < client.pttl(keys["requests"]) <= 6_000  # one request = 6 s of the minute
     assert 5_000 < client.pttl(keys["tokens"]) <= 6_000  # 60 of 600 tokens = 6 s
     assert 590_000 < client.pttl(keys["concurrency"]) <= 600_000  # the lease
@@ -201,7 +201,7 @@ def test_settling_everything_back_deletes_the_key(client: Any, limiter: RateLimi
     decision = limiter.acquire(tenant.name, Limits(tpm=100), estimated_tokens=50, request_id=rid())
     assert decision.reservation is not None
     limiter.settle(decision.reservation, 0)
-    assert client.exists(tenant.keys()["tokens"]) == 0
+    assert client.exists(tenant.key_names()["tokens"]) == 0
 
 
 def test_refusal_consumes_nothing(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -269,15 +269,15 @@ def test_finish_settles_and_releases_in_one_call(client: Any, limiter: RateLimit
     d = limiter.acquire(tenant.name, limits, estimated_tokens=50, request_id=rid())
     assert d.reservation is not None
     limiter.finish(d.reservation, 20)
-    assert client.exists(tenant.keys()["concurrency"]) == 0
+    assert client.exists(tenant.key_names()["concurrency"]) == 0
     again = limiter.acquire(tenant.name, limits, estimated_tokens=10, request_id=rid())
     assert again.allowed and again.headers["x-ratelimit-remaining-tokens"] == "70"
 
 
 def test_model_limits_apply_on_top_of_tenant_limits(limiter: RateLimiter, tenant: Tenant) -> None:
     """A tight per-model limit refuses that model only; the tighter numbers are shown."""
-    tenant.keys("gpt-4o")
-    tenant.keys("other")
+    tenant.key_names("gpt-4o")
+    tenant.key_names("other")
     limits, model_limits = Limits(rpm=100), Limits(rpm=2, concurrency=5)
     kw: dict[str, Any] = {"model": "gpt-4o", "model_limits": model_limits}
     decisions = burst(limiter, tenant.name, limits, 3, **kw)
@@ -354,7 +354,7 @@ def test_cluster_keys_share_one_slot_and_survive_flush() -> None:
     limiter = RateLimiter(cluster)
     tenant = Tenant(cluster, limiter)
     try:
-        keys = [*tenant.keys().values(), *tenant.keys("gpt-4o").values()]
+        keys = [*tenant.key_names().values(), *tenant.key_names("gpt-4o").values()]
         assert len({cluster.keyslot(k) for k in keys}) == 1
         limiter.ensure_loaded()
         limits = Limits(rpm=3, tpm=1000, concurrency=2)

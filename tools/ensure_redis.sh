@@ -2,8 +2,9 @@
 # Make sure a Redis answers at REDIS_URL; start a local, memory-only redis-server when none does.
 set -euo pipefail
 url="${REDIS_URL:-}"
-if [[ -z "$url" && -f .env ]]; then
-  url=$(grep -E '^REDIS_URL=' .env | tail -n1 | cut -d= -f2- || true)
+if [[ -z "$url" && -f .env && -x .venv/bin/python ]]; then
+  # .env parsed as the gateway parses it (inline comments, quotes), not with grep.
+  url=$(.venv/bin/python tools/dotenv_export.py .env REDIS_URL)
 fi
 url="${url:-redis://127.0.0.1:6379/0}"
 hostport="${url#*://}"; hostport="${hostport#*@}"; hostport="${hostport%%/*}"

@@ -5,11 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .run
 
-setting() {  # a variable from the environment, else from .env
-  local name="$1"
-  if [[ -n "${!name:-}" ]]; then printf '%s' "${!name}"; return; fi
-  [[ -f .env ]] && grep -E "^${name}=" .env | tail -n1 | cut -d= -f2- || true
-}
+# .env's settings, parsed as the gateway parses them (the environment wins).
+eval "$(.venv/bin/python tools/dotenv_export.py .env)"
+setting() { local name="$1"; printf '%s' "${!name:-}"; }
 
 port="$(setting PORT)"; port="${port:-8080}"
 mock_pid=""

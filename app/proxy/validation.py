@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,10 @@ from app.errors import BadRequest
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
 ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
+
+
+# A JSON escape of a UTF-16 surrogate; only such an escape can put a lone surrogate into a parsed string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise BadRequest("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
+                         code="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _field("model", "a non-empty string")
@@ -56,6 +64,19 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         stream = False
     _check_numbers(body)
     return ParsedRequest(route=route, path=ROUTE_PATHS[route], body=body, raw=raw, model=model, stream=stream)
+
+
+def _has_lone_surrogate(body: dict[str, Any]) -> bool:
+    """A `\\ud800` without its pair parses to a str no UTF-8 encoder, Redis key or tokenizer accepts.
+
+    Paired escapes (an emoji written as two escapes) parse to one code point and pass; the regex keeps this
+    full check off the hot path for the bodies (nearly all) that hold no surrogate escape at all.
+    """
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _field(name: str, expected: str) -> BadRequest:

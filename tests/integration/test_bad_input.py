@@ -50,6 +50,8 @@ BROKEN: list[tuple[str, str | None, object]] = [
     ("n-0", None, lambda r: with_fields(r, n=0)),
     ("n-true", None, lambda r: with_fields(r, n=True)),
     ("invalid-utf8", None, lambda r: b'{"model": "mock-gpt", "x": "\xff\xfe\xfa"}'),
+    ("lone-surrogate", None, lambda r: with_fields(r, model="mock-gpt").replace(b'"mock-gpt"', b'"mock\\ud800gpt"')),
+    ("lone-surrogate-text", None, lambda r: with_fields(r, user="x").replace(b'"user": "x"', b'"user": "\\udfff"')),
     ("nan-literal", None, lambda r: with_fields(r)[:-1] + b', "temperature": NaN}'),
     ("messages-not-list", "/v1/chat/completions", lambda r: with_fields(r, messages="hi")),
     ("messages-empty", "/v1/chat/completions", lambda r: with_fields(r, messages=[])),

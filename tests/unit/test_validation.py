@@ -81,6 +81,16 @@ def test_broken_chat_bodies_are_a_400_naming_the_problem(raw: bytes, field: str)
     assert field in bad_request(CHAT, raw).message
 
 
+def test_lone_surrogate_escape_is_a_400_and_paired_escapes_pass() -> None:
+    """`\\ud800` alone parses to a str nothing can encode (cache key, Redis, tokenizer): refused up front."""
+    lone = b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    assert "surrogate" in bad_request(CHAT, lone).message
+    paired = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert parse_request(CHAT, paired).body["messages"][0]["content"] == "\U0001F600"
+    escaped_backslash = b'{"model": "m", "messages": [{"role": "user", "content": "\\\\ud800"}]}'
+    assert parse_request(CHAT, escaped_backslash).body["messages"][0]["content"] == "\\ud800"
+
+
 def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
     """JSON nested deeper than the parser's recursion limit is a bad request, not an internal error."""
     raw = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

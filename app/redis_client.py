@@ -11,8 +11,12 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+# What "Redis failed" looks like from redis-py: its own errors, plus the cluster client's, which are not
+# RedisError subclasses. Anything else is a bug in the caller and must not pass for an outage.
+REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 POOL_WAIT_SECONDS = 0.2
 CONNECT_TIMEOUT_SECONDS = 0.5
 HEALTH_CHECK_SECONDS = 30

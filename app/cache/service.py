@@ -1,6 +1,6 @@
 """The cache's order of work: L0, then L1, then L2 on look-up; L1 (+ L0) and L2 on store.
 
-It fails open: any Redis error makes the request a BYPASS (served by the upstream), opens a one-second
+It fails open: a Redis error makes the request a BYPASS (served by the upstream), opens a one-second
 breaker so the following requests do not each wait for a dead Redis, and is logged and counted.
 """
 
@@ -23,6 +23,7 @@ from app.cache.verify import candidate_floor, is_semantic_hit
 from app.embeddings.base import Embedder, EmbeddingError
 from app.errors import BadRequest
 from app.observability import metrics
+from app.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,12 @@ class CacheService:
             if not plan.lookup:
                 return None
             hit = self._exact(plan, now) or self._semantic(plan, now)
-        except Exception as exc:  # noqa: BLE001 - any Redis failure: serve from the upstream instead
+        except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
+            return None
+        except ValueError as exc:  # an entry that is not the JSON we wrote: a miss, not an outage
+            log.warning("unreadable cache entry ignored: %s", type(exc).__name__)
+            plan.outcome = MISS
             return None
         self.breaker.succeeded()
         if hit is not None:
@@ -219,7 +224,7 @@ class CacheService:
                 if vector is not None:
                     entry_id = plan.key.rsplit(":", 1)[-1][:32]
                     self.semantic.put(plan.partition, entry_id, vector, plan.semantic.text, content, plan.ttl)
-        except Exception as exc:  # noqa: BLE001 - a failed store only costs a future miss
+        except REDIS_FAILURES as exc:  # a failed store only costs a future miss
             self._redis_failed(plan, exc, now)
             return
         self.breaker.succeeded()
@@ -261,7 +266,10 @@ def _complete(route: str, answer: dict[str, Any]) -> bool:
     choices = answer.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
-    return all(isinstance(c, dict) and c.get("finish_reason") in CACHEABLE_FINISH for c in choices)
+    if not all(isinstance(c, dict) and c.get("finish_reason") in CACHEABLE_FINISH for c in choices):
+        return False
+    # Only an answer the replay can turn back into a stream: a chat choice needs its message object.
+    return route != "chat" or all(isinstance(c.get("message"), dict) for c in choices)
 
 
 def _ttl(header: str | None, default: int) -> int:

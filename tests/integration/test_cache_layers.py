@@ -122,6 +122,25 @@ def test_another_process_gets_an_l1_hit(gw: Gateway, other: Gateway, upstream: M
     assert len(upstream.requests()) == 1
 
 
+def test_an_unreadable_entry_is_a_miss_not_an_outage(gw: Gateway, other: Gateway, upstream: MockUpstream,
+                                                      redis_url: str, unique: str) -> None:
+    """An entry that is not what the gateway wrote (another tool, a bad restore) costs a miss, nothing more:
+    the answer comes from the upstream, is stored again, and the cache stays on for everyone."""
+    import redis
+
+    assert cache_of(post(gw, chat(unique))) == "MISS"
+    client = redis.Redis.from_url(redis_url)
+    entries = [key for key in client.scan_iter("gw:c:*") if client.type(key) == b"string"]
+    for key in entries:
+        client.set(key, b"not a cache entry", keepttl=True)
+    assert entries
+    fresh = post(other, chat(unique))
+    assert cache_of(fresh) == "MISS"
+    assert content(fresh) == f"Mock answer to: Tell me about {unique}"
+    assert cache_of(post(other, chat(unique))) == "HIT/L0"
+    assert len(upstream.requests()) == 2
+
+
 def test_streamed_miss_is_a_hit_for_the_plain_request(gw: Gateway, other: Gateway, upstream: MockUpstream,
                                                       unique: str) -> None:
     """A streamed answer, once complete, serves the same request without `stream` (here and elsewhere)."""

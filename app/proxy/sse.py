@@ -71,10 +71,12 @@ class StreamTap:
                 continue
             try:
                 chunk = json.loads(data)
-            except ValueError:
+                self._chunk(chunk)
+            except (ValueError, TypeError, AttributeError):
+                # Not the shape OpenAI sends: the bytes still go to the client untouched (this is a tap, not
+                # a filter), but an answer the gateway could not follow is never cached or trusted for usage.
                 self.errored = True
                 continue
-            self._chunk(chunk)
             if self.strip_usage and isinstance(chunk, dict) and chunk.get("usage") and not chunk.get("choices"):
                 forward = False
         return forward
@@ -91,13 +93,15 @@ class StreamTap:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                raise TypeError("a choice that is not an object")
             if choice.get("index", 0) != 0:
                 self._extra_choices = True
                 continue
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
             if self.route == CHAT:
-                self._delta(choice.get("delta") or {})
+                self._delta(_object(choice.get("delta")))
             elif isinstance(choice.get("text"), str):
                 self._text.append(choice["text"])
 
@@ -107,13 +111,14 @@ class StreamTap:
         if isinstance(delta.get("content"), str):
             self._text.append(delta["content"])
         for call in delta.get("tool_calls") or []:
+            call = _object(call)
             slot = self._tool_calls.setdefault(
                 call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             )
             if call.get("id"):
                 slot["id"] = call["id"]
-            function = call.get("function") or {}
-            slot["function"]["name"] += function.get("name") or ""
+            function = _object(call.get("function"))
+            slot["function"]["name"] += function.get("name") or ""  # TypeError unless a string: caught above
             slot["function"]["arguments"] += function.get("arguments") or ""
 
     @property
@@ -152,29 +157,45 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
         return sse_event({"id": completion_id, "object": obj, "created": created, "model": model,
                           "choices": [choice]})
 
-    choices = answer.get("choices") or [{}]
-    first = choices[0]
-    finish = first.get("finish_reason") or "stop"
-    if route == CHAT:
-        message = first.get("message") or {}
-        yield chunk({"index": 0, "delta": {"role": message.get("role", "assistant"), "content": ""},
-                     "logprobs": None, "finish_reason": None})
-        for piece in _pieces(message.get("content") or ""):
-            yield chunk({"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None})
-        for i, call in enumerate(message.get("tool_calls") or []):
-            yield chunk({"index": 0, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
-                         "finish_reason": None})
-        yield chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish})
-    else:
-        for piece in _pieces(first.get("text") or ""):
-            yield chunk({"index": 0, "text": piece, "logprobs": None, "finish_reason": None})
-        yield chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
+    for choice in answer.get("choices") or [{}]:
+        yield from (chunk(piece) for piece in _replay_choice(choice, route))
     if include_usage and answer.get("usage"):
         yield sse_event({"id": completion_id, "object": obj, "created": created, "model": model, "choices": [],
                          "usage": answer["usage"]})
     yield sse_event("[DONE]")
 
 
-def _pieces(text: str) -> Iterator[str]:
+def _replay_choice(choice: dict[str, Any], route: str) -> Iterator[dict[str, Any]]:
+    """One choice of a cached answer as stream choices; an `n > 1` answer replays each under its index."""
+    index = choice.get("index", 0)
+    finish = choice.get("finish_reason") or "stop"
+    if route == CHAT:
+        message = choice.get("message") or {}
+        yield {"index": index, "delta": {"role": message.get("role", "assistant"), "content": ""},
+               "logprobs": None, "finish_reason": None}
+        for piece in _pieces(message.get("content")):
+            yield {"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+        for i, call in enumerate(message.get("tool_calls") or []):
+            yield {"index": index, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
+                   "finish_reason": None}
+        yield {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
+    else:
+        for piece in _pieces(choice.get("text")):
+            yield {"index": index, "text": piece, "logprobs": None, "finish_reason": None}
+        yield {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object the stream may omit (None -> {}); anything else is a shape the tap cannot follow."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError("expected a JSON object")
+    return value
+
+
+def _pieces(text: Any) -> Iterator[str]:
+    if not isinstance(text, str):
+        return
     for start in range(0, len(text), REPLAY_PIECE_CHARS):
         yield text[start : start + REPLAY_PIECE_CHARS]

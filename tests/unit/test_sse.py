@@ -112,12 +112,20 @@ def test_completions_stream_is_reconstructed() -> None:
     pytest.param(event(chat_chunk({"content": "Hi"}, "stop") | {"choices": [
         {"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"},
         {"index": 1, "delta": {"content": "b"}, "finish_reason": "stop"}]}) + event("[DONE]"), id="n-2"),
+    pytest.param(event({"choices": [1]}) + chat_stream(["Hi"]), id="choice-not-object"),
+    pytest.param(event({"choices": [{"index": 0, "delta": "Hi"}]}) + chat_stream(["Hi"]), id="delta-not-object"),
+    pytest.param(event(chat_chunk({"tool_calls": ["x"]})) + chat_stream(["Hi"]), id="tool-call-not-object"),
+    pytest.param(event(chat_chunk({"tool_calls": [{"function": {"name": 5}}]})) + chat_stream(["Hi"]),
+                 id="tool-name-not-string"),
+    pytest.param(event(chat_chunk({"tool_calls": [{"index": [0]}]})) + chat_stream(["Hi"]), id="index-unhashable"),
 ])
 def test_unfinished_or_failed_stream_is_not_clean(data: bytes) -> None:
-    """Truncated, cut by length, errored or multi-choice streams give no answer to cache."""
-    tap, _ = tap_all(data)
+    """Truncated, cut by length, errored, multi-choice or misshapen streams give no answer to cache; whatever
+    the shape, every event still reaches the client unchanged (the tap never cuts a stream it cannot follow)."""
+    tap, out = tap_all(data)
     assert not tap.clean
     assert tap.answer() is None
+    assert out.replace(b"\n\n", b"") == data.replace(b"\n\n", b"")
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -220,6 +228,23 @@ def test_replay_of_a_completion() -> None:
     assert all(c["object"] == "text_completion" and c["id"].startswith("cmpl-") for c in chunks[:-1])
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "Once upon"
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
+def test_replay_of_n_choices_replays_every_choice_under_its_index(route: str) -> None:
+    """A cached `n: 2` answer replayed to a streaming client carries both choices, each whole."""
+    if route == CHAT:
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {i}"}, "finish_reason": "stop"}
+                   for i in range(2)]
+    else:
+        choices = [{"index": i, "text": f"answer {i}", "finish_reason": "stop"} for i in range(2)]
+    answer = {"id": "x", "model": "m", "choices": choices}
+    chunks = parse_events(b"".join(replay(answer, route, include_usage=False)))[:-1]
+    for i in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        text = "".join((c["delta"].get("content") or "") if route == CHAT else c["text"] for c in mine)
+        assert text == f"answer {i}"
+        assert mine[-1]["finish_reason"] == "stop"
 
 
 def test_sse_error_is_an_openai_error_event() -> None:

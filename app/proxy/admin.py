@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from flask import Blueprint, Response, jsonify, request
 
-from app.errors import NotFound, Unauthorized
+from app.errors import NotFound, ServiceUnavailable, Unauthorized
 from app.proxy.context import services
+from app.proxy.errors import json_error
+from app.redis_client import REDIS_FAILURES
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -20,6 +25,18 @@ def guard() -> None:
     presented = request.headers.get("Authorization", "")
     if not hmac.compare_digest(presented.encode(), f"Bearer {admin_key}".encode()):
         raise Unauthorized("Admin endpoints need 'Authorization: Bearer <ADMIN_API_KEY>'.")
+
+
+def redis_unavailable(exc: Exception) -> Response:
+    """Admin actions live in Redis: without it they cannot be done, and the operator is told so (503)."""
+    log.warning("admin action failed, Redis unavailable: %s", type(exc).__name__)
+    error = ServiceUnavailable("Redis is unavailable, so this admin action could not be carried out; retry.",
+                               code="redis_unavailable", headers={"Retry-After": "1"})
+    return json_error(error.status, error.body(), error.headers)
+
+
+for _failure in REDIS_FAILURES:
+    bp.register_error_handler(_failure, redis_unavailable)
 
 
 @bp.post("/upstream-keys/<key_id>/restore")

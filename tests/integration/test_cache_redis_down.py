@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, RedisServer, base_env
+from tests.support import Gateway, MockUpstream, RedisServer, base_env, openai_error
+
+ADMIN_KEY = "admin-redis-down"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,8 @@ def own_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def gateway(upstream_server: MockUpstream, own_redis: RedisServer) -> Iterator[Gateway]:
-    gw = Gateway(base_env(upstream_server, REDIS_URL=own_redis.url, UPSTREAM_MAX_RETRIES="0"))
+    gw = Gateway(base_env(upstream_server, REDIS_URL=own_redis.url, UPSTREAM_MAX_RETRIES="0",
+                          ADMIN_API_KEY=ADMIN_KEY))
     yield gw
     gw.stop()
 
@@ -54,6 +57,11 @@ def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redi
     assert len(upstream.requests()) == 1 + 4
     assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 503
     assert requests.get(gateway.url + "/healthz", timeout=10).status_code == 200
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    cleared = requests.delete(gateway.url + "/admin/cache", headers=admin, timeout=10)
+    assert openai_error(cleared, 503)["code"] == "redis_unavailable"
+    stats = requests.get(gateway.url + "/admin/cache/stats", headers=admin, timeout=10)
+    assert stats.status_code in (200, 503) and stats.json()  # what it can say, or why not: never a 500
     time.sleep(0.2)  # log lines are written when the response closes
     lines = {line["request_id"]: line for line in gateway.request_lines() if line.get("request_id") in ids}
     assert {line["cache"] for line in lines.values()} == {"BYPASS"} and len(lines) == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,11 +150,15 @@ class _Reader:
 
 
 _SECRET_NAMES = ("KEY", "KEYS", "SECRET", "PASSWORD")
+# scheme://user:password@host -> scheme://<hidden>@host (REDIS_URL, TARGET_URL may carry credentials).
+_URL_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 
 
 def _shown(name: str, value: str) -> str:
-    """Never echo a secret back in an error message."""
-    return "<hidden>" if any(part in name for part in _SECRET_NAMES) else repr(value)
+    """Never echo a secret back in an error message: not a key, nor the password inside a URL."""
+    if any(part in name for part in _SECRET_NAMES):
+        return "<hidden>"
+    return repr(_URL_CREDENTIALS.sub(r"\1<hidden>@", value))
 
 
 def _bool(value: str) -> bool:
@@ -196,8 +201,8 @@ def _between(low: float, high: float) -> Callable[[float], str | None]:
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("expected an http:// or https:// URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
     return value.rstrip("/")
 
 

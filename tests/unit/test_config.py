@@ -121,6 +121,14 @@ def test_secret_values_are_never_echoed() -> None:
     assert secret not in message and "sk-secret" not in message
 
 
+def test_passwords_inside_bad_urls_are_never_echoed() -> None:
+    """A bad REDIS_URL or TARGET_URL is named and shown, with the credentials it carries masked."""
+    message = config_error(REDIS_URL="ftp://:hunter2-redis@cache:6379/0", TARGET_URL="https://user:hunter2-up@")
+    assert "REDIS_URL" in message and "TARGET_URL" in message
+    assert "hunter2" not in message
+    assert "ftp://<hidden>@cache:6379/0" in message
+
+
 def test_every_declared_variable_is_read() -> None:
     """Each name in ENV_VARS changes the settings (none is declared but ignored), checked by a bad value."""
     ignored = []

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import redis
+
+from tests.support import missing_tool
 
 NODES = 3
 
@@ -96,7 +97,7 @@ class LocalCluster:
 def local_cluster() -> Iterator[LocalCluster]:
     """A started cluster, always torn down (also when starting it failed half-way)."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server and redis-cli are needed for a local Redis Cluster")
+        missing_tool("redis-server and redis-cli are needed for a local Redis Cluster")
     cluster = LocalCluster()
     try:
         cluster.start()

@@ -28,6 +28,19 @@ GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def missing_tool(reason: str) -> None:
+    """A system tool a test needs is absent: skip on a developer's machine, fail in CI.
+
+    `.ci/run` installs every tool and sets GATEWAY_TESTS_STRICT=1, so there a skip would only hide a broken
+    install step behind a green run.
+    """
+    import pytest
+
+    if os.environ.get("GATEWAY_TESTS_STRICT") == "1":
+        pytest.fail(f"{reason} (GATEWAY_TESTS_STRICT=1: CI must have every tool)", pytrace=False)
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

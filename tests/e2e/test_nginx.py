@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env, free_port, wait_until
+from tests.support import Gateway, MockUpstream, base_env, free_port, missing_tool, wait_until
 from tests.unit.test_nginx_conf import nginx_binary, render_nginx_conf
 
 pytestmark = pytest.mark.nginx
@@ -81,7 +81,7 @@ def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
 def nginx(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     binary = nginx_binary()
     if binary is None:
-        pytest.skip("no nginx binary (apt-get install -y nginx; .ci/run installs it)")
+        missing_tool("no nginx binary (apt-get install -y nginx; .ci/run installs it)")
     server = Nginx(binary, tmp_path_factory.mktemp("nginx"), gateway.port)
     try:
         yield server

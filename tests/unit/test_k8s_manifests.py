@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from app.config import ENV_VARS, Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = REPO_ROOT / "k8s"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -279,10 +281,6 @@ def test_env_names_are_in_env_example() -> None:
 
 def test_env_names_are_settings() -> None:
     """Every variable the manifests and the Dockerfile set is one app.config reads (or a runtime-only one)."""
-    try:
-        from app.config import ENV_VARS
-    except ImportError as exc:
-        pytest.skip(f"app.config.ENV_VARS is not importable yet: {exc}")
     unknown = _manifest_env_names() - set(ENV_VARS)
     assert not unknown, f"set by k8s/ but not read by app.config: {sorted(unknown)}"
     unknown = _dockerfile_env_names() - set(ENV_VARS) - RUNTIME_ONLY_ENV
@@ -291,10 +289,6 @@ def test_env_names_are_settings() -> None:
 
 def test_configmap_values_parse_as_settings() -> None:
     """The ConfigMap plus the Secret's keys make a valid Settings (no ConfigError at pod start)."""
-    try:
-        from app.config import Settings
-    except ImportError as exc:
-        pytest.skip(f"app.config is not importable yet: {exc}")
     environ = {**_configmap_data(), **{key: "placeholder-key" for key in _secret_keys()},
                "WEB_CONCURRENCY": "2", "PROMETHEUS_MULTIPROC_DIR": "/var/run/prometheus"}
     settings = Settings.from_env(environ, dotenv=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import threading
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from app.config import ConfigError, read_yaml_file
 
@@ -76,39 +78,109 @@ def _make_key(secret: str, weight: float = 1.0) -> UpstreamKey:
 
 
 def load_backends_file(path: Path) -> list[Backend]:
-    """Parse the YAML backends file (see README, "Several upstreams")."""
+    """Parse the YAML backends file (see README, "Several upstreams"); every field is checked here, at start."""
     doc = read_yaml_file(path, "UPSTREAMS_FILE", PoolConfigError)
     items = doc.get("backends") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise PoolConfigError(f"UPSTREAMS_FILE {path}: expected a non-empty 'backends' list")
-    return [_parse_backend(path, i, item) for i, item in enumerate(items)]
+    backends: list[Backend] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        backend = _parse_backend(path, index, item)
+        # Metrics, logs and the admin API tell backends apart by name: two of one name would be confused.
+        if backend.name in seen:
+            raise PoolConfigError(f"UPSTREAMS_FILE {path}: backends[{index}]: the name {backend.name!r} is "
+                                  f"already used by backends[{seen[backend.name]}]; backend names must be unique")
+        seen[backend.name] = index
+        backends.append(backend)
+    return backends
 
 
 def _parse_backend(path: Path, index: int, item: Any) -> Backend:
     where = f"UPSTREAMS_FILE {path}: backends[{index}]"
-    if not isinstance(item, dict) or not isinstance(item.get("url"), str):
-        raise PoolConfigError(f"{where}: needs a 'url'")
-    raw_keys = item.get("keys") or []
-    keys: list[UpstreamKey] = []
-    for raw in raw_keys:
-        if isinstance(raw, str):
-            keys.append(_make_key(raw))
-        elif isinstance(raw, dict) and isinstance(raw.get("key"), str):
-            keys.append(_make_key(raw["key"], float(raw.get("weight", 1.0))))
-        else:
-            raise PoolConfigError(f"{where}: each key is a string or {{key, weight}}")
-    models = item.get("models") or []
-    model_map = item.get("model_map") or {}
-    if not isinstance(models, list) or not isinstance(model_map, dict):
-        raise PoolConfigError(f"{where}: 'models' is a list and 'model_map' a mapping")
+    if not isinstance(item, dict):
+        raise PoolConfigError(f"{where}: expected a mapping with a 'url'")
+    name = item.get("name")
+    if name is None:
+        name = f"backend{index}"
+    if not isinstance(name, str) or not name.strip():
+        raise PoolConfigError(f"{where}: 'name' must be a non-empty string")
+    where = f"{where} ({name!r})"
     return Backend(
-        name=str(item.get("name") or f"backend{index}"),
-        base_url=item["url"].rstrip("/"),
-        keys=_keys_or_anonymous(keys),
-        weight=float(item.get("weight", 1.0)),
-        models=tuple(str(m) for m in models),
-        model_map={str(k): str(v) for k, v in model_map.items()},
+        name=name,
+        base_url=_base_url(item.get("url"), where),
+        keys=_parse_keys(item, where),
+        weight=_weight(item.get("weight", 1.0), f"{where}: 'weight'"),
+        models=_model_names(item.get("models"), where),
+        model_map=_model_map(item.get("model_map"), where),
     )
+
+
+def _base_url(value: Any, where: str) -> str:
+    """An http(s) URL with a host; the request path is appended to it, so no query or fragment.
+
+    The value is never quoted in the message: a URL may carry credentials.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise PoolConfigError(f"{where}: needs a 'url' (http:// or https://)")
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise PoolConfigError(f"{where}: 'url' is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PoolConfigError(f"{where}: 'url' must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise PoolConfigError(f"{where}: 'url' must not have a query or fragment (the request path is appended)")
+    return value.strip().rstrip("/")
+
+
+def _weight(value: Any, where: str) -> float:
+    """A finite number > 0 (a numeric string too: YAML 1.1 reads `1e3` as a string)."""
+    if not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if math.isfinite(weight) and weight > 0:
+            return weight
+    raise PoolConfigError(f"{where} must be a number greater than 0, got {value!r}")
+
+
+def _parse_keys(item: dict[str, Any], where: str) -> tuple[UpstreamKey, ...]:
+    """Left out: the backend is called without a key. Given: a non-empty list. Keys are never quoted."""
+    if "keys" not in item:
+        return _keys_or_anonymous([])
+    raw_keys = item["keys"]
+    if not isinstance(raw_keys, list) or not raw_keys:
+        raise PoolConfigError(f"{where}: 'keys' must be a non-empty list (leave it out for a backend without keys)")
+    keys: list[UpstreamKey] = []
+    for i, raw in enumerate(raw_keys):
+        if isinstance(raw, str) and raw.strip():
+            keys.append(_make_key(raw))
+        elif isinstance(raw, dict) and isinstance(raw.get("key"), str) and raw["key"].strip():
+            keys.append(_make_key(raw["key"], _weight(raw.get("weight", 1.0), f"{where}: 'keys[{i}].weight'")))
+        else:
+            raise PoolConfigError(f"{where}: 'keys[{i}]' must be a non-empty string or {{key, weight}}")
+    return tuple(keys)
+
+
+def _model_names(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise PoolConfigError(f"{where}: 'models' must be a list of model names (strings)")
+    return tuple(value)
+
+
+def _model_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise PoolConfigError(f"{where}: 'model_map' must map model names to model names (strings)")
+    return dict(value)
 
 
 class KeyHealth:

@@ -153,6 +153,18 @@ def test_restore_needs_the_admin_key_and_a_known_key_id(gateway: Gateway) -> Non
     assert unknown.status_code == 404
 
 
+def test_bad_backends_file_stops_the_gateway_at_start(upstream_server: MockUpstream, tmp_path: Path) -> None:
+    """A backend with weight 0 stops gunicorn at start with a message naming the file, backend and field."""
+    path = tmp_path / "upstreams.yaml"
+    path.write_text(json.dumps({"backends": [{"name": "zero", "url": upstream_server.url, "weight": 0}]}))
+    with pytest.raises(TimeoutError) as info:
+        Gateway(base_env(upstream_server, UPSTREAMS_FILE=str(path), UPSTREAM_API_KEYS=""), timeout=30)
+    message = str(info.value)
+    assert "gunicorn exited" in message or "did not start" in message
+    assert f"G-AIGateway cannot start: UPSTREAMS_FILE {path}: backends[0] ('zero'): 'weight'" in message
+    assert "Worker failed to boot" in message
+
+
 @pytest.fixture(scope="module")
 def other_upstream() -> Iterator[MockUpstream]:
     server = MockUpstream()

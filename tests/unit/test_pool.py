@@ -97,9 +97,9 @@ backends:
     [
         ("backends: [", "UPSTREAMS_FILE"),
         ("backends: []", "non-empty 'backends' list"),
-        ("backends: [{name: x}]", "backends[0]: needs a 'url'"),
-        ("backends: [{url: 'http://a', keys: [[1]]}]", "each key is a string"),
-        ("backends: [{url: 'http://a', models: m1}]", "'models' is a list"),
+        ("backends: [{name: x}]", "backends[0] ('x'): needs a 'url'"),
+        ("backends: [{url: 'http://a', keys: [[1]]}]", "'keys[0]' must be a non-empty string or {key, weight}"),
+        ("backends: [{url: 'http://a', models: m1}]", "'models' must be a list"),
     ],
 )
 def test_bad_backends_file(tmp_path: Path, text: str, words: str) -> None:

@@ -40,6 +40,73 @@ def test_backends_file_keys_and_models_are_read(tmp_path: Path) -> None:
     assert backend.upstream_model("alias") == "m1"
 
 
+def test_backend_names_must_be_unique(tmp_path: Path) -> None:
+    """Two backends with one name are refused at start, naming the file, the name and both entries."""
+    path = tmp_path / "upstreams.yaml"
+    path.write_text(
+        "backends:\n"
+        "  - {name: main, url: 'http://127.0.0.1:9', keys: [k1]}\n"
+        "  - {name: main, url: 'http://127.0.0.2:9', keys: [k2]}\n"
+    )
+    with pytest.raises(PoolConfigError) as info:
+        load_backends_file(path)
+    message = str(info.value)
+    assert str(path) in message and "'main'" in message and "backends[1]" in message and "backends[0]" in message
+
+
+def test_a_default_name_counts_as_a_name(tmp_path: Path) -> None:
+    """A backend named like another's default name (backend0) is refused too."""
+    path = tmp_path / "upstreams.yaml"
+    path.write_text("backends:\n  - {url: 'http://127.0.0.1:9'}\n  - {name: backend0, url: 'http://127.0.0.2:9'}\n")
+    with pytest.raises(PoolConfigError, match="backend0"):
+        load_backends_file(path)
+
+
+@pytest.mark.parametrize(("entry", "field"), [
+    ("{name: bad, url: 'http://h', weight: 0}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: -2}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: heavy}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: .inf}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: .nan}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: true}", "'weight'"),
+    ("{name: bad, url: 'http://h', weight: null}", "'weight'"),
+    ("{name: bad, url: 'http://h', keys: [{key: sk-secret-1, weight: 0}]}", "'keys[0].weight'"),
+    ("{name: bad}", "'url'"),
+    ("{name: bad, url: 42}", "'url'"),
+    ("{name: bad, url: 'api.example.com'}", "'url'"),
+    ("{name: bad, url: 'ftp://api.example.com'}", "'url'"),
+    ("{name: bad, url: 'https://'}", "'url'"),
+    ("{name: bad, url: 'http://h:99999'}", "'url'"),
+    ("{name: bad, url: 'http://h/v1?x=1'}", "'url'"),
+    ("{name: bad, url: 'http://h', keys: sk-secret-1}", "'keys'"),
+    ("{name: bad, url: 'http://h', keys: []}", "'keys'"),
+    ("{name: bad, url: 'http://h', keys: [sk-secret-1, 7]}", "'keys[1]'"),
+    ("{name: bad, url: 'http://h', keys: [{key: ''}]}", "'keys[0]'"),
+    ("{name: bad, url: 'http://h', models: gpt-4o}", "'models'"),
+    ("{name: bad, url: 'http://h', models: [gpt-4o, 3.5]}", "'models'"),
+    ("{name: bad, url: 'http://h', model_map: [a, b]}", "'model_map'"),
+    ("{name: bad, url: 'http://h', model_map: {a: 1}}", "'model_map'"),
+])
+def test_bad_backend_field_is_refused_at_parse_time(tmp_path: Path, entry: str, field: str) -> None:
+    """A bad field fails loading, naming the file, the backend (index and name) and the field; keys never quoted."""
+    path = tmp_path / "upstreams.yaml"
+    path.write_text(f"backends:\n  - {{name: good, url: 'http://127.0.0.1:9'}}\n  - {entry}\n")
+    with pytest.raises(PoolConfigError) as info:
+        load_backends_file(path)
+    message = str(info.value)
+    assert str(path) in message and "backends[1] ('bad')" in message and field in message
+    assert "sk-secret" not in message
+
+
+def test_numeric_weight_strings_and_keyless_backends_are_accepted(tmp_path: Path) -> None:
+    """`weight: 1e3` (a string to YAML 1.1) is a number; a backend without `keys` is called without one."""
+    path = tmp_path / "upstreams.yaml"
+    path.write_text("backends:\n  - {name: local, url: 'http://vllm:8000/v1', weight: 1e3, models: [llama]}\n")
+    (backend,) = load_backends_file(path)
+    assert backend.weight == 1000.0
+    assert [k.key_id for k in backend.keys] == ["anonymous"]
+
+
 def client_for(*backends: Backend) -> UpstreamClient:
     session = requests.Session()  # never used: these requests are refused before anything is sent
     return UpstreamClient(session, UpstreamPool(list(backends), KeyHealth(None)), connect_timeout=1, read_timeout=1)

@@ -78,14 +78,37 @@ class GatewayGeventWorker(GeventWorker):
                 pass  # the client is gone; gunicorn closes the connection
 
 
+def _load_config_module():  # noqa: ANN202 - app/config.py, loaded by path
+    """app/config.py by file path: it is stdlib-only, and importing the `app` package would pull in Flask."""
+    path = Path(__file__).resolve().parent / "app" / "config.py"
+    spec = importlib.util.spec_from_file_location("gateway_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building Settings
+    spec.loader.exec_module(module)
+    return module
+
+
+_config = _load_config_module()
+_environ = _config.process_environ()  # .env under the environment, exactly as the app reads it
+
+
+def _check_settings() -> None:
+    """Fail before forking, with one message naming every bad variable."""
+    try:
+        _config.Settings.from_env()
+    except _config.ConfigError as exc:
+        raise SystemExit(f"G-AIGateway cannot start: {exc}") from None
+
+
 def _int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
+    value = _environ.get(name, "").strip()
     if not value:
         return default
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"invalid configuration: {name}={value!r}: expected an integer") from None
+        _check_settings()  # names every bad variable at once, not just this one
+        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected an integer") from None
 
 
 def _logging_config() -> dict:
@@ -94,7 +117,7 @@ def _logging_config() -> dict:
     spec = importlib.util.spec_from_file_location("gateway_logging_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.logging_config(os.environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
+    return module.logging_config(_environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
 
 
 bind = f"0.0.0.0:{_int('PORT', 8080)}"
@@ -113,26 +136,13 @@ control_socket_disable = True  # one fixed socket path per user would clash betw
 logconfig_dict = _logging_config()
 
 
-def _check_settings() -> None:
-    """Fail before forking, with one message naming every bad variable (app/config.py is stdlib-only)."""
-    path = Path(__file__).resolve().parent / "app" / "config.py"
-    spec = importlib.util.spec_from_file_location("gateway_config_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building Settings
-    spec.loader.exec_module(module)
-    try:
-        module.Settings.from_env()
-    except module.ConfigError as exc:
-        raise SystemExit(f"G-AIGateway cannot start: {exc}") from None
-
-
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
     """Check the settings, and give the workers a clean metrics directory (stale files would add up)."""
     _check_settings()
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    directory = _environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
     if not directory:
         directory = tempfile.mkdtemp(prefix="gateway-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # prometheus_client in the workers reads os.environ
     os.makedirs(directory, exist_ok=True)
     for entry in os.scandir(directory):
         if entry.is_dir(follow_symlinks=False):

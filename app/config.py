@@ -98,16 +98,23 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
         """Read every setting; `.env` in the working directory fills what the environment leaves unset."""
-        env: dict[str, str] = {}
-        if dotenv and environ is None:
-            env.update(_read_dotenv(Path.cwd() / ".env"))
-        env.update(os.environ if environ is None else environ)
-        return _parse(env)
+        if environ is None:
+            return _parse(process_environ() if dotenv else dict(os.environ))
+        return _parse(dict(environ))
 
     @property
     def upstream_pool_size(self) -> int:
         """Connections kept per upstream host: one per possible in-flight request, bounded."""
         return max(10, min(self.worker_connections, 1000))
+
+
+def process_environ() -> dict[str, str]:
+    """The environment the settings come from: `.env` in the working directory under the real environment.
+
+    gunicorn.conf.py reads its own few settings (PORT, WEB_CONCURRENCY, ...) from here too, so a value in
+    `.env` means the same to gunicorn and to the app.
+    """
+    return {**_read_dotenv(Path.cwd() / ".env"), **os.environ}
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:

@@ -96,7 +96,8 @@ def models() -> Response:
         return Response(json.dumps(body), status=200, content_type="application/json")
     result = gw.upstream.get("/v1/models", record().request_id)
     _note_upstream(result)
-    return Response(result.read(), status=result.status, content_type=result.content_type)
+    return Response(result.read(), status=result.status, content_type=result.content_type,
+                    headers=result.extra_headers)
 
 
 def _forward(route: str) -> Response:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from app.upstream.http import retry_after_seconds
 from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,23 @@ class UpstreamClient:
         self.session = session
         self.pool = pool
         self._timeout = Timeout(connect=connect_timeout, read=read_timeout)
-        # backend name -> (its connection pool, the path its base URL adds); looked up once, not per request.
+        # base URL -> (its connection pool, the path it adds); looked up once, not per request. Keyed by the URL
+        # itself: the backend a key belongs to is defined by where it sends, and names need not be unique.
         self._routes: dict[str, tuple[Any, str]] = {}
         self._on_retry = on_retry or (lambda reason, count: None)
 
     def send(self, path: str, body: dict[str, Any], raw_body: bytes, *, model: str | None, stream: bool,
              request_id: str) -> UpstreamResult:
         """POST to the best key; on a limited or failing key move to the next before anything is sent back."""
+        return self._request("POST", path, model, request_id,
+                             lambda backend: _for_backend(backend, body, raw_body, model))
+
+    def get(self, path: str, request_id: str) -> UpstreamResult:
+        """GET (the model list) over the same keys, with the same handling of limited and rejected keys."""
+        return self._request("GET", path, None, request_id, lambda backend: None)
+
+    def _request(self, method: str, path: str, model: str | None, request_id: str,
+                 payload: Callable[[Backend], bytes | None]) -> UpstreamResult:
         candidates, soonest = self.pool.candidates(model)
         if not candidates:
             raise self._no_candidate(model, soonest)
@@ -144,11 +155,10 @@ class UpstreamClient:
         retries = 0
         for index, (backend, key) in enumerate(candidates):
             is_last = index == len(candidates) - 1
-            payload = _for_backend(backend, body, raw_body, model)
             started = time.perf_counter()
             self.pool.acquire(key)
             try:
-                response = self._open("POST", backend, path, payload, _headers(key, request_id))
+                response = self._open(method, backend, path, payload(backend), _headers(key, request_id))
             except (HTTPError, OSError) as exc:
                 self.pool.release(key)
                 error = _map_send_error(exc)
@@ -159,7 +169,9 @@ class UpstreamClient:
                 last_error = error
                 retries += 1
                 continue
-            retries += self._count_retries(response)
+            except BaseException:
+                self.pool.release(key)  # a gevent Timeout or the worker stopping: no answer to account for
+                raise
             result = UpstreamResult(
                 status=response.status,
                 content_type=response.headers.get("content-type", "application/json"),
@@ -167,10 +179,19 @@ class UpstreamClient:
                 upstream_ms=(time.perf_counter() - started) * 1000.0,
                 _release=lambda key=key: self.pool.release(key),
             )
-            if self._accept(result, key, is_last):
+            accepted = False
+            try:
+                retries += self._count_retries(response)
+                result.retries = retries
+                accepted = self._accept(result, key, is_last)
+            finally:
+                # Whatever is not handed to the caller (a refused key moved past, or the error raised for the
+                # last one) frees its connection and its in-flight count here.
+                if not accepted:
+                    result.close()
+            if accepted:
                 return result
             retries += 1
-            result.close()
         if last_error is None:  # every candidate was tried; the loop returns on the last one otherwise
             last_error = UpstreamUnreachable("no upstream answered")
         raise last_error
@@ -179,10 +200,10 @@ class UpstreamClient:
               headers: dict[str, str]) -> HTTPResponse:
         """One urlopen on the session adapter's pool for this backend, with the adapter's Retry."""
         adapter = self.session.get_adapter(backend.base_url)
-        route = self._routes.get(backend.name)
+        route = self._routes.get(backend.base_url)
         if route is None or route[0].pool is None:  # first use, or the pool manager closed it
             pool = adapter.poolmanager.connection_from_url(backend.base_url, pool_kwargs=_TLS)
-            route = self._routes[backend.name] = (pool, parse_url(backend.base_url).path or "")
+            route = self._routes[backend.base_url] = (pool, parse_url(backend.base_url).path or "")
         pool, prefix = route
         return pool.urlopen(
             method, _url(prefix, path), body=body, headers=headers, retries=adapter.max_retries,
@@ -201,7 +222,7 @@ class UpstreamClient:
         status = result.status
         health = self.pool.health
         if status == 429:
-            retry_after = _retry_after(result.response.headers.get("Retry-After"))
+            retry_after = retry_after_seconds(result.response.headers.get("Retry-After"))
             until = health.cool_down(key.key_id, retry_after)
             log.warning("upstream key %s rate limited, cooling down", key.key_id,
                         extra={"upstream_key_id": key.key_id, "cooldown_s": round(until - time.time(), 1)})
@@ -234,22 +255,6 @@ class UpstreamClient:
         wait = max(1, math.ceil(soonest - time.time()))
         return RateLimited("every upstream key is cooling down; retry later", code="upstream_rate_limited",
                            headers={"Retry-After": str(wait)})
-
-    def get(self, path: str, request_id: str) -> UpstreamResult:
-        """GET from the first usable backend (used for the model list)."""
-        candidates, soonest = self.pool.candidates(None)
-        if not candidates:
-            raise self._no_candidate(None, soonest)
-        backend, key = candidates[0]
-        started = time.perf_counter()
-        try:
-            response = self._open("GET", backend, path, None, _headers(key, request_id))
-        except (HTTPError, OSError) as exc:
-            raise _map_send_error(exc) from exc
-        return UpstreamResult(status=response.status,
-                              content_type=response.headers.get("content-type", "application/json"),
-                              response=response, backend=backend.name, key_id=key.key_id,
-                              retries=self._count_retries(response), upstream_ms=(time.perf_counter() - started) * 1000)
 
 
 def _url(base_url: str, path: str) -> str:
@@ -285,15 +290,6 @@ def retry_reasons(response: HTTPResponse) -> list[str]:
         else:
             reasons.append("connection")
     return reasons
-
-
-def _retry_after(header: str | None) -> float | None:
-    if header is None:
-        return None
-    try:
-        return max(0.0, float(header))
-    except ValueError:
-        return None
 
 
 def _map_send_error(exc: BaseException) -> GatewayError:

@@ -6,6 +6,10 @@ retried before its first byte reaches the client.
 
 from __future__ import annotations
 
+import email.utils
+import math
+import time
+
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError
@@ -19,23 +23,45 @@ class UpstreamRetry(Retry):
 
     urllib3 would sleep the capped time and try the same key again; when the upstream asks for a long
     pause, moving to another key (or telling the client when to come back) serves the client better.
+    Retry-After is read by `retry_after_seconds`: a value urllib3's parser would fail the request on (`nan`,
+    `-1`, text) counts as no header, and the backoff applies.
     """
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # noqa: ANN001, ANN201
         if response is not None and response.status == 429:
-            wait = _seconds(response.headers.get("Retry-After"))
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is not None and wait > self.retry_after_max:
                 raise MaxRetryError(_pool, url, reason=None)  # urllib3 hands the 429 back untouched
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
+    def get_retry_after(self, response) -> float | None:  # noqa: ANN001 - urllib3's signature
+        # urllib3's own parser raises InvalidHeader on a value it cannot read, which fails the whole request.
+        wait = retry_after_seconds(response.headers.get("Retry-After"))
+        return None if wait is None else min(wait, self.retry_after_max)
 
-def _seconds(header: str | None) -> float | None:
+
+def retry_after_seconds(header: str | None, now: float | None = None) -> float | None:
+    """The seconds a Retry-After header asks for (delta-seconds or an HTTP-date), None when absent or unusable.
+
+    Only a finite number >= 0 counts: `inf`, `nan` or `-5` from an upstream is treated as no header.
+    """
     if header is None:
         return None
+    text = header.strip()
     try:
-        return float(header)
+        seconds = float(text)
     except ValueError:
-        return None  # an HTTP date: urllib3 parses and caps it
+        try:
+            date = email.utils.parsedate_tz(text)
+            seconds = None if date is None else email.utils.mktime_tz(date) - (time.time() if now is None else now)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if seconds is None:
+            return None
+        seconds = max(0.0, seconds)  # a date in the past: retry now
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
 
 
 def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retry_after_max: float) -> Retry:

@@ -27,6 +27,9 @@ DISABLED = float("inf")  # a key taken out (401/403) until an operator restores 
 FAILURE_COOLDOWN = 5.0  # seconds a key rests after repeated 5xx / connection errors
 FAILURES_BEFORE_COOLDOWN = 3
 BACKOFF_COOLDOWN_MAX = 300.0
+# Longest rest a Retry-After can buy a key. Upstreams may ask for hours (a spent daily quota); past this the key
+# is tried again, and one that is still limited costs one request that moves on to another key.
+RETRY_AFTER_COOLDOWN_MAX = 3600.0
 
 
 def key_fingerprint(secret: str) -> str:
@@ -215,11 +218,12 @@ class KeyHealth:
     def cool_down(self, key_id: str, seconds: float | None, now: float | None = None) -> float:
         """Rest a key for `seconds` (Retry-After) or an exponential backoff when the upstream gave none."""
         now = time.time() if now is None else now
-        if seconds is None:
+        if seconds is None or math.isnan(seconds):
             strikes = self._strikes.get(key_id, 0) + 1
             self._strikes[key_id] = strikes
-            seconds = min(BACKOFF_COOLDOWN_MAX, 2.0**strikes)
-        until = now + max(seconds, 0.001)
+            seconds = min(BACKOFF_COOLDOWN_MAX, 2.0 ** min(strikes, 32))  # 2.0**1024 would overflow
+        # A Retry-After of hours, or one too large for a float, must not take the key out for good.
+        until = now + min(max(seconds, 0.001), RETRY_AFTER_COOLDOWN_MAX)
         self._set(key_id, until)
         return until
 

@@ -70,3 +70,16 @@ def test_pass_through_works_without_redis(redis_down_gateway: Gateway, upstream:
         assert response.status_code == 200
         assert "hello" in response.text
     assert len(upstream.requests()) == 2
+
+
+def test_bad_server_settings_stop_the_start_naming_every_one(upstream_server: MockUpstream) -> None:
+    """Two bad gunicorn-level integers: gunicorn does not start, and one message names both variables.
+
+    (WEB_CONCURRENCY is parsed by gunicorn itself when it is imported, before this config: a bad value there
+    ends in gunicorn's own ValueError.)
+    """
+    with pytest.raises(TimeoutError) as info:
+        Gateway(base_env(upstream_server, PORT="eighty", GRACEFUL_TIMEOUT="soon"), timeout=20)
+    message = str(info.value)
+    assert "G-AIGateway cannot start" in message
+    assert "PORT='eighty'" in message and "GRACEFUL_TIMEOUT='soon'" in message

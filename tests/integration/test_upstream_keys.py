@@ -153,6 +153,31 @@ def test_restore_needs_the_admin_key_and_a_known_key_id(gateway: Gateway) -> Non
     assert unknown.status_code == 404
 
 
+def test_models_list_rejected_upstream_is_a_502_without_the_upstream_body(gateway: Gateway,
+                                                                           upstream: MockUpstream) -> None:
+    """GET /v1/models answered 401 (quoting a key's tail): the client gets the gateway's 502, never that body."""
+    upstream.faults({"status": 401, "paths": ["/v1/models"], "times": -1,
+                     "message": "Incorrect API key provided: sk-up-k***abcd. You can find your API key at ..."})
+    response = requests.get(gateway.url + "/v1/models", timeout=30)
+    assert response.status_code == 502
+    body = response.json()
+    assert body["error"]["code"] == "upstream_auth_failed"
+    assert "abcd" not in response.text and "Incorrect API key" not in response.text
+    assert {r["key"] for r in upstream.requests()} == {K1, K2}  # both keys tried, both taken out
+    time.sleep(REFRESH)
+    states = key_states(gateway)
+    assert states[key_id(K1)] == 2 and states[key_id(K2)] == 2
+
+
+def test_models_list_with_every_key_limited_is_a_429_with_retry_after(gateway: Gateway,
+                                                                     upstream: MockUpstream) -> None:
+    """GET /v1/models answered 429 on every key: the client gets 429 with Retry-After, as for a POST."""
+    upstream.faults({"status": 429, "retry_after": 30, "paths": ["/v1/models"], "times": -1})
+    response = requests.get(gateway.url + "/v1/models", timeout=30)
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 31
+
+
 def test_bad_backends_file_stops_the_gateway_at_start(upstream_server: MockUpstream, tmp_path: Path) -> None:
     """A backend with weight 0 stops gunicorn at start with a message naming the file, backend and field."""
     path = tmp_path / "upstreams.yaml"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 import pytest
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
@@ -58,6 +61,25 @@ def test_retry_after_above_the_cap_gives_up_at_once() -> None:
     r = retry(retry_after_max=10.0)
     with pytest.raises(MaxRetryError):
         r.increment("POST", "/v1/chat/completions", response=response(429, **{"Retry-After": "60"}))
+
+
+@pytest.mark.parametrize("header", ["nan", "inf", "-1", "1.5e", "soon", ""])
+def test_unusable_retry_after_falls_back_to_the_backoff(header: str) -> None:
+    """A 429 whose Retry-After is no usable number is retried after the backoff, never failing the request."""
+    r = retry(backoff_factor=0.001, backoff_max=0.01)
+    resp = response(429, **{"Retry-After": header})
+    after = r.increment("POST", "/v1/chat/completions", response=resp)
+    assert len(after.history) == 1
+    assert after.get_retry_after(resp) is None
+    after.sleep(resp)  # urllib3's own parser raises InvalidHeader here, which failed the whole request
+
+
+def test_retry_after_as_a_date_beyond_the_cap_gives_up_at_once() -> None:
+    """An HTTP-date Retry-After further away than the cap is handed back at once, like a number would be."""
+    r = retry(retry_after_max=10.0)
+    date = email.utils.formatdate(time.time() + 60, usegmt=True)
+    with pytest.raises(MaxRetryError):
+        r.increment("POST", "/v1/chat/completions", response=response(429, **{"Retry-After": date}))
 
 
 def test_retries_run_out() -> None:

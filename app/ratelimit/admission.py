@@ -1,20 +1,34 @@
 """Admission: a tenant's limits -> one limiter call, with the fail-open/closed decision made here only.
 
 A refused request raises `RateLimited` carrying OpenAI's headers and `Retry-After`; an admitted one gets a
-`Ticket` that is finished when the answer ends (real token usage settled, concurrency slot released).
+`Ticket` that is finished when the answer ends (real token usage settled, concurrency slot released). While it
+runs, a greenlet renews its concurrency leases, so a stream of any length keeps its slot.
+
+When the limiter cannot decide, the request is admitted (fail open) or refused with a 503 (fail closed). Only
+Redis being down opens the breaker (the next second's requests skip Redis); an error answer to one call (a
+script bug, an argument out of range) fails that request alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
 from app.errors import RateLimited, ServiceUnavailable
 from app.observability import metrics
-from app.ratelimit.limiter import Limits, RateLimiter, RateLimiterUnavailable, Reservation
+from app.ratelimit.limiter import (
+    Limits,
+    RateLimiter,
+    RateLimiterCallFailed,
+    RateLimiterError,
+    RateLimiterUnavailable,
+    Reservation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +42,42 @@ BYTES_PER_TOKEN = 4
 class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     reservation: Reservation | None = None
+    renewer: Any = None  # the greenlet renewing the reservation's concurrency leases, if any
 
 
-def estimate_tokens(body_bytes: int, max_tokens: int | None = None) -> int:
-    return body_bytes // BYTES_PER_TOKEN + (max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+def estimate_tokens(body_bytes: int, max_tokens: object = None) -> int:
+    """The tokens to reserve before usage is known: the body's bytes / 4 plus max_tokens (else 256).
+
+    Only a positive int counts as a max_tokens; anything else (a bool, a float, a string, a negative: validation
+    rejects those before) falls back to the default rather than failing. However large the result, the limiter
+    reserves at most the tenant's token budget.
+    """
+    completion = DEFAULT_COMPLETION_ESTIMATE
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
+        completion = max_tokens
+    return max(0, body_bytes) // BYTES_PER_TOKEN + completion
+
+
+def _gevent_patched() -> bool:
+    from gevent import monkey
+
+    return monkey.is_module_patched("socket")
 
 
 class Admission:
-    def __init__(self, limiter: RateLimiter, *, fail_closed: bool, window_seconds: float = 60.0) -> None:
+    """One tenant's request against its limits, and the one place that decides what a limiter failure means.
+
+    ``renew_leases``: renew admitted requests' concurrency leases in a greenlet; None (the default) does
+    whenever gevent has patched the process (gunicorn's gevent worker), where such a greenlet runs.
+    """
+
+    def __init__(self, limiter: RateLimiter, *, fail_closed: bool, window_seconds: float = 60.0,
+                 renew_leases: bool | None = None) -> None:
         self.limiter = limiter
         self.fail_closed = fail_closed
         self.window_seconds = window_seconds
         self.breaker = Breaker()
+        self.renew_leases = _gevent_patched() if renew_leases is None else renew_leases
 
     def needs_model(self, tenant: Tenant) -> bool:
         """Per-model limits are the only reason to read the body before admitting."""
@@ -62,6 +100,12 @@ class Admission:
         except RateLimiterUnavailable as exc:
             self.breaker.failed(now)
             return self._unavailable(exc)
+        except RateLimiterCallFailed as exc:
+            # Redis is up and answered; this call was wrong. Opening the breaker would drop every tenant's
+            # limits over one bad request, so only this request fails (open or closed, as configured).
+            log.error("rate-limit call failed for tenant %s, failing %s: %s", tenant.name,
+                      "closed" if self.fail_closed else "open", exc, extra={"request_id": request_id})
+            return self._unavailable(None)
         self.breaker.succeeded()
         if not decision.allowed:
             metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
@@ -69,23 +113,46 @@ class Admission:
                 f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
                 headers=decision.headers,
             )
-        return Ticket(headers=decision.headers, reservation=decision.reservation)
+        ticket = Ticket(headers=decision.headers, reservation=decision.reservation)
+        if self.renew_leases and decision.reservation is not None and decision.reservation.concurrency_keys:
+            ticket.renewer = _spawn(self._renew, decision.reservation)
+        return ticket
 
-    def finish(self, ticket: Ticket, actual_tokens: int) -> None:
-        """Settle tokens to the real usage and release the concurrency slot; a failure only logs."""
+    def finish(self, ticket: Ticket, actual_tokens: int | None) -> None:
+        """Settle tokens to the real usage (None: unknown, keep the reservation) and release the concurrency
+        slot; a failure only logs."""
+        if ticket.renewer is not None:
+            ticket.renewer.kill(block=False)
+            ticket.renewer = None
         if ticket.reservation is None:
             return
         try:
             self.limiter.finish(ticket.reservation, actual_tokens)
-        except RateLimiterUnavailable as exc:
+        except RateLimiterError as exc:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
-            log.warning("rate-limit settlement lost (Redis unavailable): %s", type(exc.__cause__).__name__)
+            log.warning("rate-limit settlement lost (%s): %s", type(exc).__name__, exc)
+
+    def _renew(self, reservation: Reservation) -> None:
+        """Renew the leases every quarter lease until finish() kills this greenlet or the slots are gone.
+
+        Three renewals can fail in a row (Redis restarting) before a slot is lost.
+        """
+        import gevent
+
+        while True:
+            gevent.sleep(self.limiter.lease_seconds / 4)
+            try:
+                if not self.limiter.renew(reservation):
+                    return
+            except RateLimiterError as exc:
+                metrics.REDIS_ERRORS.labels("ratelimit").inc()
+                log.warning("concurrency lease renewal failed (%s): %s", type(exc).__name__, exc)
 
     def _limits(self, limits: TenantLimits) -> Limits:
         return Limits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency,
                       window_seconds=self.window_seconds)
 
-    def _unavailable(self, exc: Exception | None) -> Ticket:
+    def _unavailable(self, exc: RateLimiterUnavailable | None) -> Ticket:
         metrics.REDIS_ERRORS.labels("ratelimit").inc()
         if exc is not None:
             log.warning("rate limiter unavailable (Redis), failing %s: %s",
@@ -94,3 +161,9 @@ class Admission:
             raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.",
                                      code="rate_limiter_unavailable", headers={"Retry-After": "1"})
         return Ticket()
+
+
+def _spawn(fn: Callable[..., None], *args: Any) -> Any:
+    import gevent
+
+    return gevent.spawn(fn, *args)

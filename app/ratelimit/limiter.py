@@ -3,6 +3,11 @@
 The algorithm (GCRA) lives in ``lua/acquire.lua``; this module builds keys, packs
 arguments, and turns the script's answer into a :class:`Decision` with OpenAI's
 ``x-ratelimit-*`` headers.
+
+Errors: :class:`RateLimiterUnavailable` when Redis cannot serve anyone right now (the
+caller may stop asking for a moment); :class:`RateLimiterCallFailed` when Redis answered
+this one call with an error (a script bug, an argument out of range, a key of the wrong
+type), which says nothing about the next tenant's call.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import redis
 from redis.commands.core import Script
 
 __all__ = [
+    "LEASE_SECONDS",
     "Decision",
     "DimensionState",
     "Limits",
     "RateLimiter",
+    "RateLimiterCallFailed",
+    "RateLimiterError",
     "RateLimiterUnavailable",
     "Reservation",
     "format_duration",
@@ -41,9 +49,52 @@ _SAFE_TENANT = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 _SAFE_MODEL = re.compile(r"[A-Za-z0-9_.:/@-]{1,100}")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 
+# How long a concurrency slot outlives its last renewal.  No setting bounds how long a request may
+# run (UPSTREAM_READ_TIMEOUT is the longest silence between bytes, not a total, so a stream can go on
+# for as long as tokens keep coming), so no fixed lease could be "long enough": instead a running
+# request renews its lease (Admission does, every quarter lease), and the lease only has to cover a
+# few missed renewals.  It is also how long the slots of a worker killed mid-request (SIGKILL, OOM,
+# GRACEFUL_TIMEOUT ran out) stay taken.
+LEASE_SECONDS = 60.0
+# No lease may be longer than this (the Lua scripts cap theirs at the same year).
+_MAX_LEASE_SECONDS = 365 * 86400
 
-class RateLimiterUnavailable(Exception):
-    """Redis could not be asked; the caller decides: admit (fail open) or refuse."""
+# Redis errors that mean Redis cannot serve anyone right now, whatever was asked: unreachable or
+# slow, loading, failing over (READONLY, CLUSTERDOWN, TRYAGAIN), out of memory.  Any other error
+# answer (ResponseError: a script error, WRONGTYPE, a bad argument) belongs to the one call.
+_REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.InvalidResponse,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+)
+
+
+class RateLimiterError(Exception):
+    """A limiter call did not decide; the caller decides: admit (fail open) or refuse."""
+
+
+class RateLimiterUnavailable(RateLimiterError):
+    """Redis could not be asked (down, slow, failing over): every call would fail for a while."""
+
+
+class RateLimiterCallFailed(RateLimiterError):
+    """Redis answered this call with an error (a script bug, a bad argument): Redis itself is fine."""
+
+
+def _redis_down(exc: redis.RedisError) -> bool:
+    # BUSY (another script past lua-time-limit) blocks every client, but redis-py has no class for it.
+    return isinstance(exc, _REDIS_DOWN) or str(exc).startswith("BUSY ")
+
+
+def _limiter_error(exc: redis.RedisError) -> RateLimiterError:
+    """The limiter's error for a redis-py one: only errors that are about Redis count as Redis down."""
+    if _redis_down(exc):
+        return RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}")
+    return RateLimiterCallFailed(f"Redis refused a rate-limit call: {exc}")
 
 
 @dataclass(frozen=True)
@@ -78,8 +129,8 @@ class Reservation:
     """What an admitted request holds, as plain data (safe to hand to a greenlet).
 
     ``token_keys``: (key, limit, window in microseconds) of each token dimension the
-    estimate was reserved on; ``concurrency_keys``: the sets holding ``request_id``.
-    Both empty when nothing is held.
+    estimate was reserved on; each holds ``min(reserved_tokens, limit)``.
+    ``concurrency_keys``: the sets holding ``request_id``.  Both empty when nothing is held.
     """
 
     request_id: str
@@ -170,25 +221,31 @@ class RateLimiter:
     carries the tenant's hash tag (``gw:{tenant}:rpm``), so a call never spans slots.
     redis-py's ``Script`` runs EVALSHA and, on NOSCRIPT (restart, ``SCRIPT FLUSH``,
     failover), loads the script on that node and retries once.
+
+    ``lease_seconds``: how long a concurrency slot lasts unless renewed with :meth:`renew` (see
+    ``LEASE_SECONDS``).
     """
 
-    def __init__(self, redis_client: Any, *, lease_seconds: float = 600, key_prefix: str = "gw") -> None:
-        if not lease_seconds > 0:
-            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds!r}")
+    def __init__(self, redis_client: Any, *, lease_seconds: float = LEASE_SECONDS, key_prefix: str = "gw") -> None:
+        if not 0 < lease_seconds <= _MAX_LEASE_SECONDS:
+            raise ValueError(f"lease_seconds must be > 0 and <= {_MAX_LEASE_SECONDS}, got {lease_seconds!r}")
         if not _SAFE_PREFIX.fullmatch(key_prefix):
             raise ValueError(f"key_prefix must match {_SAFE_PREFIX.pattern}, got {key_prefix!r}")
         self._redis = redis_client
+        self.lease_seconds = lease_seconds
         self._lease_us = int(lease_seconds * _MICROS)
         self._prefix = key_prefix
         self._acquire: Script = redis_client.register_script(_load_script("acquire.lua"))
         self._finish: Script = redis_client.register_script(_load_script("finish.lua"))
+        self._renew: Script = redis_client.register_script(_load_script("renew.lua"))
 
     def ensure_loaded(self) -> None:
         """SCRIPT LOAD now (on every cluster primary): no first-request penalty."""
         try:
-            for script in (self._acquire, self._finish):
+            for script in (self._acquire, self._finish, self._renew):
                 script.sha = self._redis.script_load(script.script)
         except redis.RedisError as exc:
+            # At start-up any failure only means "load on first use"; the caller carries on either way.
             raise RateLimiterUnavailable(f"cannot load rate-limit scripts: {exc}") from exc
 
     def keys_for(self, tenant: str, model: str | None = None) -> dict[str, str]:
@@ -215,7 +272,13 @@ class RateLimiter:
         """Admit or refuse on all dimensions at once; a refusal consumes nothing.
 
         Token dimensions reserve ``max(estimated_tokens, 1)`` (never free, so a spent
-        budget refuses); :meth:`settle` corrects it.  No Redis call if all limits are 0.
+        budget refuses), but never more than their own limit: the estimate is a guess
+        (a ``max_tokens`` is a ceiling, often far above the real answer), so a request
+        claiming more than a whole budget is not refused forever: it waits for a full
+        bucket and takes all of it.  :meth:`settle` then charges the real usage, and
+        usage beyond the budget becomes debt that delays the tenant's next requests.
+        The clamp also keeps the script's arithmetic in range (a ``max_tokens`` of
+        2**63 would overflow it).  No Redis call if all limits are 0.
         """
         dims: list[tuple[str, str, int, int]] = []  # (kind, key, limit, window us)
         scopes: list[tuple[str | None, Limits]] = [(None, limits)]
@@ -234,14 +297,16 @@ class RateLimiter:
         if not dims:
             return Decision(allowed=True, reservation=Reservation(request_id=request_id))
 
-        reserved = max(1, int(estimated_tokens)) if any(kind == "t" for kind, *_ in dims) else 0
+        token_limits = [limit for kind, _key, limit, _window in dims if kind == "t"]
+        # Each token key takes min(reserved, its limit) (the script clamps the same way).
+        reserved = min(max(1, int(estimated_tokens)), max(token_limits)) if token_limits else 0
         args: list[str | int] = [request_id, self._lease_us, reserved]
         for kind, _key, limit, window_us in dims:
             args += [kind, limit, window_us]
         try:
             reply = self._acquire(keys=[key for _kind, key, _limit, _window in dims], args=args)
         except redis.RedisError as exc:
-            raise RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}") from exc
+            raise _limiter_error(exc) from exc
 
         allowed, refused_index, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
         states = [
@@ -277,22 +342,42 @@ class RateLimiter:
         """Give the request's concurrency slots back; idempotent."""
         self._run_finish(reservation, actual_tokens=None, release=True)
 
-    def finish(self, reservation: Reservation, actual_tokens: int) -> None:
-        """:meth:`settle` and :meth:`release` in one round trip, when an answer ends."""
+    def finish(self, reservation: Reservation, actual_tokens: int | None) -> None:
+        """:meth:`settle` and :meth:`release` in one round trip, when an answer ends.
+
+        ``actual_tokens`` None (usage unknown) keeps the reservation as it is and only releases.
+        """
         self._run_finish(reservation, actual_tokens=actual_tokens, release=True)
 
-    def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, release: bool) -> None:
-        delta = 0
-        if actual_tokens is not None and reservation.token_keys:
-            delta = max(0, int(actual_tokens)) - reservation.reserved_tokens
-        token_keys = reservation.token_keys if delta else ()
-        conc_keys = reservation.concurrency_keys if release else ()
-        if not token_keys and not conc_keys:
-            return
-        args: list[str | int] = [reservation.request_id, delta, len(token_keys)]
-        for _key, limit, window_us in token_keys:
-            args += [limit, window_us]
+    def renew(self, reservation: Reservation) -> bool:
+        """Extend the request's concurrency leases by a whole lease; False once it holds none.
+
+        A released (or already expired and reclaimed) slot is not brought back.
+        """
+        if not reservation.concurrency_keys:
+            return False
         try:
-            self._finish(keys=[key for key, _l, _w in token_keys] + list(conc_keys), args=args)
+            held = self._renew(keys=list(reservation.concurrency_keys), args=[reservation.request_id, self._lease_us])
         except redis.RedisError as exc:
-            raise RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}") from exc
+            raise _limiter_error(exc) from exc
+        return int(held) > 0
+
+    def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, release: bool) -> None:
+        # Per token key: actual - what that key holds (the reservation, clamped to its limit).
+        corrections: list[tuple[str, int, int, int]] = []
+        if actual_tokens is not None:
+            actual = max(0, int(actual_tokens))
+            for key, limit, window_us in reservation.token_keys:
+                delta = actual - min(reservation.reserved_tokens, limit)
+                if delta:
+                    corrections.append((key, limit, window_us, delta))
+        conc_keys = reservation.concurrency_keys if release else ()
+        if not corrections and not conc_keys:
+            return
+        args: list[str | int] = [reservation.request_id, len(corrections)]
+        for _key, limit, window_us, delta in corrections:
+            args += [limit, window_us, delta]
+        try:
+            self._finish(keys=[key for key, *_ in corrections] + list(conc_keys), args=args)
+        except redis.RedisError as exc:
+            raise _limiter_error(exc) from exc

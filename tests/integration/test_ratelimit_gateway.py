@@ -28,7 +28,11 @@ TENANTS = {
     "cached": {"tpm": 2000},
     "conc": {"concurrency": 2},
     "flush": {"rpm": 100},
+    "huge16": {"rpm": 1000},
+    "huge63": {"rpm": 1000},
 }
+# per-model limits make the gateway read the body (and so max_tokens) before admitting
+MODEL_LIMITS = {"huge16": {"mock-gpt": {"tpm": 1000}}, "huge63": {"mock-gpt": {"tpm": 1000}}}
 RESET = re.compile(r"^(\d+ms|\d+(\.\d+)?s|\d+m\d+(\.\d+)?s|\d+h\d+m\d+(\.\d+)?s)$")
 
 
@@ -48,7 +52,8 @@ def post(gw: Gateway, api_key: str, body: dict, **kwargs: object) -> requests.Re
 def keys_file(directory: Path, tenants: dict[str, dict[str, int]]) -> str:
     path = directory / "keys.yaml"
     path.write_text(json.dumps({"tenants": [
-        {"name": f"rl-{name}-{SUFFIX}", "keys": [key(name)], "limits": limits} for name, limits in tenants.items()
+        {"name": f"rl-{name}-{SUFFIX}", "keys": [key(name)], "limits": limits,
+         "model_limits": MODEL_LIMITS.get(name, {})} for name, limits in tenants.items()
     ]}))
     return str(path)
 
@@ -230,6 +235,20 @@ def test_script_flush_is_survived(gateway: Gateway, upstream: MockUpstream, redi
     assert before.status_code == 200 and all(r.status_code == 200 for r in after)
     remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in (before, *after)]
     assert remaining[-1] < remaining[0]
+
+
+@pytest.mark.parametrize(("tenant", "max_tokens"), [("huge16", 10**16), ("huge63", 2**63)], ids=["1e16", "2**63"])
+def test_huge_max_tokens_is_rate_limited_not_failed_open(gateway: Gateway, upstream: MockUpstream, tenant: str,
+                                                         max_tokens: int) -> None:
+    """A huge max_tokens takes the whole token budget: answered and limited, no Redis error, no fail-open."""
+    errors_before = redis_errors(gateway)
+    response = post(gateway, key(tenant), chat(f"huge {uuid.uuid4().hex}", max_tokens=max_tokens))
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-tokens"] == "1000"  # the per-model limit
+    assert response.headers["x-ratelimit-remaining-tokens"] == "0"
+    # the limiter still answers for this tenant (failing open would send no x-ratelimit-* headers)
+    assert "x-ratelimit-limit-tokens" in post(gateway, key(tenant), chat(f"next {uuid.uuid4().hex}")).headers
+    assert redis_errors(gateway) == errors_before
 
 
 def redis_errors(gw: Gateway) -> float:

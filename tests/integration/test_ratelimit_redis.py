@@ -19,6 +19,7 @@ from app.ratelimit import (
     Decision,
     Limits,
     RateLimiter,
+    RateLimiterCallFailed,
     RateLimiterUnavailable,
     Reservation,
 )
@@ -155,7 +156,7 @@ def test_keys_expire_when_the_bucket_refills(client: Any, limiter: RateLimiter, 
     keys = tenant.key_names()
     assert 5_000 < client.pttl(keys["requests"]) <= 6_000  # one request = 6 s of the minute
     assert 5_000 < client.pttl(keys["tokens"]) <= 6_000  # 60 of 600 tokens = 6 s
-    assert 590_000 < client.pttl(keys["concurrency"]) <= 600_000  # the lease
+    assert 59_000 < client.pttl(keys["concurrency"]) <= 60_000  # the lease (renewed while the request runs)
     assert decision.reservation is not None
     limiter.release(decision.reservation)
     assert client.exists(keys["concurrency"]) == 0
@@ -219,14 +220,87 @@ def test_refusal_consumes_nothing(limiter: RateLimiter, tenant: Tenant) -> None:
     assert ok.headers["x-ratelimit-remaining-tokens"] == "5"
 
 
-def test_request_larger_than_budget_is_admitted_once_into_a_full_bucket(limiter: RateLimiter, tenant: Tenant) -> None:
-    """An estimate above the whole budget is not refused forever; it leaves debt."""
+def test_request_larger_than_budget_reserves_the_budget_and_real_usage_leaves_debt(
+    limiter: RateLimiter, tenant: Tenant
+) -> None:
+    """An estimate above the budget takes the whole budget (not more); usage beyond it, once settled, is debt."""
     limits = Limits(tpm=100)
     huge = limiter.acquire(tenant.name, limits, estimated_tokens=250, request_id=rid())
-    assert huge.allowed
+    assert huge.allowed and huge.reservation is not None
+    assert huge.reservation.reserved_tokens == 100
     assert huge.headers["x-ratelimit-remaining-tokens"] == "0"
+    during = limiter.acquire(tenant.name, limits, request_id=rid())
+    assert not during.allowed and during.retry_after <= 0.6  # one token's interval, no debt from a guess
+    limiter.settle(huge.reservation, 250)  # it really used 250: 150 beyond the budget
     after = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not after.allowed and after.retry_after > 60  # 150 tokens of debt to repay first
+
+
+@pytest.mark.parametrize("estimate", [10**16, 2**63, 10**400], ids=["1e16", "2**63", "1e400"])
+def test_absurd_estimate_is_clamped_to_the_budget(
+    client: Any, limiter: RateLimiter, tenant: Tenant, estimate: int
+) -> None:
+    """A max_tokens of 1e16 or 2**63 reserves the whole budget instead of overflowing the script into an error."""
+    limits = Limits(rpm=10, tpm=1000, concurrency=2)
+    decision = limiter.acquire(tenant.name, limits, estimated_tokens=estimate, request_id=rid())
+    assert decision.allowed and decision.reservation is not None
+    assert decision.reservation.reserved_tokens == 1000
+    assert decision.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert 0 < client.pttl(tenant.key_names()["tokens"]) <= 60_000  # one window, never more
+    refused = limiter.acquire(tenant.name, limits, request_id=rid())
+    assert not refused.allowed and refused.dimension == "tokens" and refused.retry_after < 1
+    limiter.finish(decision.reservation, 10)  # it used 10: 990 come back
+    again = limiter.acquire(tenant.name, limits, estimated_tokens=100, request_id=rid())
+    assert again.allowed and 890 <= int(again.headers["x-ratelimit-remaining-tokens"]) <= 892
+
+
+def test_each_token_limit_holds_at_most_its_own_budget(limiter: RateLimiter, tenant: Tenant) -> None:
+    """Tenant tpm 1000 and model tpm 100, estimate 500: the tenant holds 500, the model 100, each settled right."""
+    tenant.key_names("m")
+    limits, model_limits = Limits(tpm=1000, window_seconds=3600), Limits(tpm=100)  # no tenant refill mid-test
+    kw: dict[str, Any] = {"model": "m", "model_limits": model_limits}
+    first = limiter.acquire(tenant.name, limits, estimated_tokens=500, request_id=rid(), **kw)
+    assert first.allowed and first.reservation is not None
+    assert first.headers["x-ratelimit-remaining-tokens"] == "0"  # the model's, the tighter
+    model_only = limiter.acquire(tenant.name, Limits(), estimated_tokens=1, request_id=rid(), **kw)
+    assert not model_only.allowed and model_only.retry_after < 1  # the model holds 100, not 500
+    tenant_only = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid())
+    assert tenant_only.headers["x-ratelimit-remaining-tokens"] == "499"
+    limiter.settle(first.reservation, 50)
+    after = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid(), **kw)
+    assert after.allowed and after.headers["x-ratelimit-remaining-tokens"] == "49"  # model: 100 - 50 - 1
+    tenant_after = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid())
+    assert tenant_after.headers["x-ratelimit-remaining-tokens"] == "947"  # 1000 - 50 - 1 - 1 - 1
+
+
+def test_scripts_clamp_what_python_would_not_send(client: Any, limiter: RateLimiter, tenant: Tenant) -> None:
+    """Defence in depth: the scripts keep TTLs in range even for a cost, debt or lease Python never sends."""
+    keys = tenant.key_names()
+    args = [rid(), 10**30, 10**30, "t", 1000, 60_000_000, "c", 2, 60_000_000]
+    reply = limiter._acquire(keys=[keys["tokens"], keys["concurrency"]], args=args)
+    assert int(reply[0]) == 1
+    assert 0 < client.pttl(keys["tokens"]) <= 60_000
+    assert 0 < client.pttl(keys["concurrency"]) <= 366 * 86_400_000
+    limiter.settle(Reservation(request_id="r", reserved_tokens=1, token_keys=((keys["tokens"], 1000, 60_000_000),)),
+                   10**30)
+    assert 0 < client.pttl(keys["tokens"]) <= 366 * 86_400_000
+    refused = limiter.acquire(tenant.name, Limits(tpm=1000), request_id=rid())
+    assert not refused.allowed and 0 < refused.retry_after <= 366 * 86_400
+
+
+def test_redis_refusing_one_call_is_not_redis_down(client: Any, limiter: RateLimiter, tenant: Tenant) -> None:
+    """A Redis error answer (here WRONGTYPE) raises RateLimiterCallFailed, not RateLimiterUnavailable."""
+    client.rpush(tenant.key_names()["requests"], "not a GCRA key")
+    with pytest.raises(RateLimiterCallFailed) as info:
+        limiter.acquire(tenant.name, Limits(rpm=10), request_id=rid())
+    assert not isinstance(info.value, RateLimiterUnavailable)
+    assert isinstance(info.value.__cause__, redis.ResponseError)
+    client.delete(tenant.key_names()["requests"])
+    client.rpush(tenant.key_names()["tokens"], "not a GCRA key")
+    reservation = Reservation(request_id="r", reserved_tokens=5,
+                              token_keys=((tenant.key_names()["tokens"], 10, 60_000_000),))
+    with pytest.raises(RateLimiterCallFailed):
+        limiter.settle(reservation, 1)
 
 
 def test_concurrency_limit_and_release(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -260,6 +334,23 @@ def test_crashed_worker_slot_expires_with_its_lease(client: Any, tenant: Tenant)
     assert limiter.acquire(tenant.name, limits, request_id=rid()).allowed
     assert not limiter.acquire(tenant.name, limits, request_id=rid()).allowed
     time.sleep(0.4)
+    assert limiter.acquire(tenant.name, limits, request_id=rid()).allowed
+
+
+def test_renew_keeps_a_long_request_its_slot(client: Any, tenant: Tenant) -> None:
+    """Renewing before the lease ends keeps the slot past it; once released, renew reports nothing held."""
+    limiter = RateLimiter(client, lease_seconds=0.3)
+    limits = Limits(concurrency=1)
+    held = limiter.acquire(tenant.name, limits, request_id=rid())
+    assert held.allowed and held.reservation is not None
+    for _ in range(3):
+        time.sleep(0.2)
+        assert limiter.renew(held.reservation)
+    # 0.6 s in, twice the lease: still held
+    assert not limiter.acquire(tenant.name, limits, request_id=rid()).allowed
+    limiter.release(held.reservation)
+    assert not limiter.renew(held.reservation)
+    assert client.exists(tenant.key_names()["concurrency"]) == 0  # renew did not bring it back
     assert limiter.acquire(tenant.name, limits, request_id=rid()).allowed
 
 

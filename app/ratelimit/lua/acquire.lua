@@ -3,7 +3,8 @@
 -- KEYS[i]            one key per dimension that is on; all share the tenant's hash tag.
 -- ARGV[1]            request id (the member of the concurrency sets)
 -- ARGV[2]            concurrency lease, microseconds (a crashed worker's slot frees itself after it)
--- ARGV[3]            token cost to reserve for "t" dimensions (the caller's estimate, >= 1)
+-- ARGV[3]            token cost to reserve for "t" dimensions (the caller's estimate, >= 1; each "t" key
+--                    takes at most its own limit of it)
 -- ARGV[3+3i-2..3i]   per KEYS[i]: kind ("r" requests, "t" tokens, "c" concurrency), limit, window (us)
 --
 -- Returns {allowed (1|0), refused index (0 = none), retry after (us), then per key: remaining, reset (us)}.
@@ -19,12 +20,29 @@
 --   Once TAT <= now the bucket is full and the key is useless, so it expires exactly then.
 -- The clock is Redis's (TIME), so workers with skewed clocks agree.  Redis >= 5 replicates script
 -- effects, which makes the non-deterministic TIME call safe.
+--
+-- Every number that becomes a TTL, a score or a reply is kept within MAX_AHEAD (a year) of now, even for
+-- arguments the caller never sends (a cost of 1e30, a NaN): an out-of-range PX or PEXPIRE would make this
+-- call an error instead of a decision.
+
+local MAX_AHEAD = 365 * 86400 * 1000000  -- microseconds
+
+-- A TTL in milliseconds for a span in microseconds: at least 1, at most MAX_AHEAD (NaN becomes 1).
+local function px(us)
+  local ms = math.ceil(us / 1000)
+  if not (ms >= 1) then return 1 end
+  if ms > MAX_AHEAD / 1000 then return MAX_AHEAD / 1000 end
+  return ms
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local request_id = ARGV[1]
 local lease = tonumber(ARGV[2])
+if not (lease >= 1) then lease = 1 end
+if lease > MAX_AHEAD then lease = MAX_AHEAD end
 local tokens = tonumber(ARGV[3])
+if not (tokens >= 1) then tokens = 1 end
 
 local n = #KEYS
 local out = {1, 0, 0}
@@ -58,14 +76,14 @@ for i = 1, n do
   else
     local period = window / limit           -- T: microseconds per unit
     local cost = 1
-    if kind == 't' then cost = tokens end
+    -- A request larger than the whole budget can never fit: it reserves the whole budget, so it is admitted
+    -- into a full bucket instead of being refused forever (the caller clamps the same way and settles the
+    -- real usage later; usage beyond the budget then becomes debt, a TAT beyond now + W).
+    if kind == 't' then cost = math.min(tokens, limit) end
     local tat = tonumber(redis.call('GET', key) or now)
     if tat < now then tat = now end        -- a full bucket does not bank credit beyond N
-    -- A request larger than the whole budget can never fit; it is admitted into a full bucket and the
-    -- excess becomes debt (TAT beyond now + W) instead of being refused forever.
-    local fit = math.min(cost, limit) * period
-    local allow_at = tat + fit - window
-    local new_tat = tat + cost * period
+    local allow_at = tat + cost * period - window
+    local new_tat = math.min(tat + cost * period, now + MAX_AHEAD)
     -- Remaining = whole units of credit left in the window (the epsilon absorbs float rounding).
     states[i] = {
       math.floor((window - (tat - now)) / period + 1e-6), tat - now,
@@ -104,13 +122,11 @@ if out[1] == 1 then
   for _, w in ipairs(writes) do
     if w[1] == 'g' then
       -- %.17g keeps the fractional microseconds (tostring would round to 14 digits).
-      local ttl = math.ceil((w[3] - now) / 1000)
-      if ttl < 1 then ttl = 1 end
-      redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', ttl)
+      redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', px(w[3] - now))
     else
       redis.call('ZADD', w[2], string.format('%.17g', now + lease), request_id)
       -- The set lives as long as its newest lease; release() empties it (and Redis deletes it) sooner.
-      local ttl = math.ceil(lease / 1000)
+      local ttl = px(lease)
       if redis.call('PTTL', w[2]) < ttl then
         redis.call('PEXPIRE', w[2], ttl)
       end

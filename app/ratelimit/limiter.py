@@ -23,6 +23,8 @@ from typing import Any, Literal
 import redis
 from redis.commands.core import Script
 
+from app.redis_client import REDIS_FAILURES
+
 __all__ = [
     "LEASE_SECONDS",
     "Decision",
@@ -70,6 +72,7 @@ _REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
+    redis.exceptions.RedisClusterException,  # slots not covered, no node reachable: not a RedisError subclass
 )
 
 
@@ -85,12 +88,12 @@ class RateLimiterCallFailed(RateLimiterError):
     """Redis answered this call with an error (a script bug, a bad argument): Redis itself is fine."""
 
 
-def _redis_down(exc: redis.RedisError) -> bool:
+def _redis_down(exc: Exception) -> bool:
     # BUSY (another script past lua-time-limit) blocks every client, but redis-py has no class for it.
     return isinstance(exc, _REDIS_DOWN) or str(exc).startswith("BUSY ")
 
 
-def _limiter_error(exc: redis.RedisError) -> RateLimiterError:
+def _limiter_error(exc: Exception) -> RateLimiterError:
     """The limiter's error for a redis-py one: only errors that are about Redis count as Redis down."""
     if _redis_down(exc):
         return RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}")
@@ -244,7 +247,7 @@ class RateLimiter:
         try:
             for script in (self._acquire, self._finish, self._renew):
                 script.sha = self._redis.script_load(script.script)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             # At start-up any failure only means "load on first use"; the caller carries on either way.
             raise RateLimiterUnavailable(f"cannot load rate-limit scripts: {exc}") from exc
 
@@ -305,7 +308,7 @@ class RateLimiter:
             args += [kind, limit, window_us]
         try:
             reply = self._acquire(keys=[key for _kind, key, _limit, _window in dims], args=args)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise _limiter_error(exc) from exc
 
         allowed, refused_index, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
@@ -358,7 +361,7 @@ class RateLimiter:
             return False
         try:
             held = self._renew(keys=list(reservation.concurrency_keys), args=[reservation.request_id, self._lease_us])
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise _limiter_error(exc) from exc
         return int(held) > 0
 
@@ -379,5 +382,5 @@ class RateLimiter:
             args += [limit, window_us, delta]
         try:
             self._finish(keys=[key for key, *_ in corrections] + list(conc_keys), args=args)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise _limiter_error(exc) from exc

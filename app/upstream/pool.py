@@ -278,9 +278,12 @@ class KeyHealth:
                 return
         fresh: dict[str, float] = {}
         for raw_id, raw_until in shared.items():
-            key_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            value = raw_until.decode() if isinstance(raw_until, bytes) else raw_until
-            fresh[key_id] = DISABLED if value == "disabled" else float(value)
+            key_id = raw_id.decode(errors="replace") if isinstance(raw_id, bytes) else raw_id
+            until = _shared_until(raw_until)
+            if until is None:
+                log.warning("ignored an unreadable upstream key state in Redis (%s)", self.REDIS_KEY)
+                continue
+            fresh[key_id] = until
         for key_id, until in self._until.items():
             if until > now and key_id not in fresh and (
                 key_id in self._unshared or self._marked_at.get(key_id, 0) > marks_before
@@ -355,3 +358,15 @@ def _weighted_order(backends: list[Backend]) -> list[Backend]:
     if len(backends) <= 1:
         return backends
     return sorted(backends, key=lambda b: -(random.random() ** (1.0 / max(b.weight, 1e-9))))
+
+
+def _shared_until(raw: Any) -> float | None:
+    """A key state as another worker wrote it: "disabled" or a finite timestamp; None for anything else."""
+    value = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if value == "disabled":
+        return DISABLED
+    try:
+        until = float(value)
+    except ValueError:
+        return None
+    return until if math.isfinite(until) else None

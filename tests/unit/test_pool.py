@@ -1,13 +1,11 @@
-"""Upstream backends, key choice and shared key health (with an in-memory stand-in for the Redis hash)."""
+"""Upstream backends, key choice and one worker's key health (sharing through Redis: tests/integration)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
 from app.upstream import pool as pool_module
 from app.upstream.pool import (
@@ -21,30 +19,6 @@ from app.upstream.pool import (
     key_fingerprint,
     load_backends_file,
 )
-
-
-class FakeHash:
-    """The three hash commands KeyHealth uses, shared by several 'workers'; can be switched off."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-        self.down = False
-
-    def _check(self) -> None:
-        if self.down:
-            raise redis.ConnectionError("down")
-
-    def hset(self, name: str, key: str, value: str) -> None:
-        self._check()
-        self.data[key] = value
-
-    def hgetall(self, name: str) -> dict[bytes, bytes]:
-        self._check()
-        return {k.encode(): v.encode() for k, v in self.data.items()}
-
-    def hdel(self, name: str, key: str) -> None:
-        self._check()
-        self.data.pop(key, None)
 
 
 def key(secret: str, weight: float = 1.0) -> UpstreamKey:
@@ -179,78 +153,3 @@ def test_states() -> None:
     health.disable("d")
     assert [health.state(k, 1.0) for k in ("ok", "c", "d")] == ["ok", "cooling", "disabled"]
     assert health.cooling_until("d", 1.0) == DISABLED
-
-
-def shared_workers(store: Any, count: int = 2) -> list[KeyHealth]:
-    return [KeyHealth(store) for _ in range(count)]
-
-
-def test_cooldown_is_shared_within_a_second() -> None:
-    """A key one worker saw limited is avoided by another worker at its next refresh."""
-    store = FakeHash()
-    a, b = shared_workers(store)
-    assert b.cooling_until("k", 100.0) == 0.0
-    a.cool_down("k", 30, now=100.0)
-    assert b.cooling_until("k", 100.5) == 0.0  # b's view is at most a second old
-    assert b.cooling_until("k", 101.1) == 130.0
-
-
-def test_disable_is_shared() -> None:
-    """A key rejected (401) in one worker is out everywhere."""
-    store = FakeHash()
-    a, b = shared_workers(store)
-    a.disable("k")
-    assert b.state("k", 10.0) == "disabled"
-
-
-@pytest.mark.parametrize("mark", ["cooling", "disabled"])
-def test_restore_reaches_every_worker(mark: str) -> None:
-    """The admin restore (in any worker) puts a cooling or disabled key back in every worker that marked it."""
-    store = FakeHash()
-    a, b, c = shared_workers(store, 3)
-    now = 1000.0
-    if mark == "cooling":
-        a.cool_down("k", 300, now=now)
-    else:
-        a.disable("k")
-    assert b.state("k", now) == mark
-    c.restore("k")
-    later = now + 1.1
-    assert a.state("k", later) == "ok"
-    assert b.state("k", later) == "ok"
-
-
-def test_local_mark_survives_while_redis_is_down() -> None:
-    """Redis down when the key was limited: this worker still avoids the key (its own view protects it)."""
-    store = FakeHash()
-    (a,) = shared_workers(store, 1)
-    store.down = True
-    a.cool_down("k", 30, now=100.0)
-    assert a.cooling_until("k", 102.0) == 130.0
-    store.down = False
-    assert a.cooling_until("k", 104.0) == 130.0  # Redis back, but it never heard of the mark
-
-
-def test_refresh_failure_keeps_the_view() -> None:
-    """A failed refresh keeps the last known states."""
-    store = FakeHash()
-    a, b = shared_workers(store)
-    a.cool_down("k", 30, now=100.0)
-    assert b.cooling_until("k", 101.5) == 130.0
-    store.down = True
-    assert b.cooling_until("k", 103.0) == 130.0
-
-
-def test_mark_made_during_a_refresh_is_kept() -> None:
-    """A 429 seen while this worker's refresh is waiting on Redis is not undone by the stale answer."""
-    store = FakeHash()
-    (a,) = shared_workers(store, 1)
-
-    class Racing(FakeHash):
-        def hgetall(self, name: str) -> dict[bytes, bytes]:
-            snapshot = store.hgetall(name)  # Redis answers before the mark...
-            a.cool_down("k", 30, now=100.0)  # ...and another greenlet marks the key meanwhile
-            return snapshot
-
-    a._redis = Racing()
-    assert a.cooling_until("k", 100.0) == 130.0

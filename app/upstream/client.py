@@ -183,7 +183,7 @@ class UpstreamClient:
             try:
                 retries += self._count_retries(response)
                 result.retries = retries
-                accepted = self._accept(result, key, is_last)
+                accepted = self._accept(result, key, is_last, listing=method == "GET")
             finally:
                 # Whatever is not handed to the caller (a refused key moved past, or the error raised for the
                 # last one) frees its connection and its in-flight count here.
@@ -217,8 +217,12 @@ class UpstreamClient:
             self._on_retry(reason, 1)
         return len(reasons)
 
-    def _accept(self, result: UpstreamResult, key: UpstreamKey, is_last: bool) -> bool:
-        """Update the key's health; True when this answer goes to the client, False to try the next key."""
+    def _accept(self, result: UpstreamResult, key: UpstreamKey, is_last: bool, *, listing: bool = False) -> bool:
+        """Update the key's health; True when this answer goes to the client, False to try the next key.
+
+        A 403 to the model list (`listing`) does not take the key out: a key restricted to inference (OpenAI's
+        restricted keys can be) may be refused the list and still serve every chat request.
+        """
         status = result.status
         health = self.pool.health
         if status == 429:
@@ -230,6 +234,12 @@ class UpstreamClient:
             if is_last:
                 result.extra_headers["Retry-After"] = str(max(1, math.ceil(until - time.time())))
             return is_last
+        if status == 403 and listing:
+            log.warning("upstream key %s may not list models (403)", key.key_id,
+                        extra={"upstream_key_id": key.key_id, "upstream_status": status})
+            if is_last:
+                raise UpstreamBadResponse("the upstream refused to list its models (403)", code="upstream_forbidden")
+            return False
         if status in (401, 403):
             health.disable(key.key_id)
             log.error("upstream key %s rejected with %s: taken out of rotation until restored",

@@ -169,6 +169,22 @@ def test_models_list_rejected_upstream_is_a_502_without_the_upstream_body(gatewa
     assert states[key_id(K1)] == 2 and states[key_id(K2)] == 2
 
 
+def test_models_list_forbidden_keeps_the_keys_and_hides_the_body(gateway: Gateway, upstream: MockUpstream) -> None:
+    """GET /v1/models answered 403 (a key restricted to inference): 502 without the upstream's body, and the
+    keys stay in rotation, so chat requests still go through."""
+    upstream.faults({"status": 403, "paths": ["/v1/models"], "times": -1,
+                     "message": "Insufficient permissions for key sk-up-k***abcd"})
+    response = requests.get(gateway.url + "/v1/models", timeout=30)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_forbidden"
+    assert "abcd" not in response.text and "Insufficient permissions" not in response.text
+    time.sleep(REFRESH)
+    assert set(key_states(gateway).values()) == {0}
+    chat = requests.post(gateway.url + "/v1/chat/completions", timeout=30,
+                         json={"model": "mock-gpt", "messages": [{"role": "user", "content": "still served?"}]})
+    assert chat.status_code == 200
+
+
 def test_models_list_with_every_key_limited_is_a_429_with_retry_after(gateway: Gateway,
                                                                      upstream: MockUpstream) -> None:
     """GET /v1/models answered 429 on every key: the client gets 429 with Retry-After, as for a POST."""

@@ -64,9 +64,17 @@ def _parsed(route: str) -> ParsedRequest:
     return parsed
 
 
-def _tokens_paid(rec: RequestRecord) -> int:
-    if rec.cache in ("L0", "L1", "L2"):
-        return 0  # a cached answer costs no upstream tokens
+def _tokens_paid(rec: RequestRecord) -> int | None:
+    """What the request cost upstream, to settle its token reservation to; None keeps the estimate.
+
+    A cached answer, a refused request and an upstream error cost no upstream tokens. An answer that ended
+    without `usage` (the client left mid-stream, a provider that sends none) was still paid for upstream:
+    keeping the estimate is nearer the truth than refunding it, which would let such requests run free.
+    """
+    if rec.cache in ("L0", "L1", "L2") or rec.upstream_ms is None or rec.status >= 400:
+        return 0
+    if rec.prompt_tokens is None and rec.completion_tokens is None:
+        return None
     return (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
 
 
@@ -207,5 +215,12 @@ def _note_upstream(result: UpstreamResult) -> None:
 
 def _note_usage(rec: RequestRecord, usage: Any) -> None:
     if isinstance(usage, dict):
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.completion_tokens = usage.get("completion_tokens")
+        rec.prompt_tokens = _token_count(usage.get("prompt_tokens"))
+        rec.completion_tokens = _token_count(usage.get("completion_tokens"))
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage figure the accounting can add up; anything else from an odd upstream counts as unknown."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

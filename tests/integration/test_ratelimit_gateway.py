@@ -26,6 +26,7 @@ TENANTS = {
     "tokens": {"tpm": 60},
     "tokens-stream": {"tpm": 60},
     "cached": {"tpm": 2000},
+    "left": {"tpm": 1000},
     "conc": {"concurrency": 2},
     "flush": {"rpm": 100},
     "huge16": {"rpm": 1000},
@@ -182,6 +183,22 @@ def test_streamed_usage_is_charged_without_showing_it(gateway: Gateway, upstream
     assert_429(second)
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert 60 - used <= remaining <= 60 - used + 2
+
+
+def test_a_client_leaving_mid_stream_is_charged_the_estimate(gateway: Gateway, upstream: MockUpstream) -> None:
+    """The client hangs up before the usage chunk: the upstream was still paid, so the reservation (the estimate)
+    stays charged instead of being refunded, or hanging up early would make every stream free."""
+    upstream.faults({"kind": "slow_chunks", "delay": 0.4, "times": 1})
+    body = chat(f"leaving {uuid.uuid4().hex}", stream=True)
+    with post(gateway, key("left"), body, stream=True) as first:
+        assert first.status_code == 200
+        next(first.iter_lines())  # one event, then hang up
+    time.sleep(1.2)  # the gateway notices at its next write, then settles
+    second = post(gateway, key("left"), chat(f"after {uuid.uuid4().hex}"))
+    assert second.status_code == 200
+    charged = 1000 - int(second.headers["x-ratelimit-remaining-tokens"])
+    # both estimates (~256 + body/4 each) minus ~2 s of refill at 1000/min; a refund would leave about half
+    assert charged >= 420, charged
 
 
 def test_stream_client_asking_for_usage_gets_it(gateway: Gateway, upstream: MockUpstream) -> None:

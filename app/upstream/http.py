@@ -15,6 +15,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
+from app.upstream.connection import POOL_CLASSES_BY_SCHEME
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -86,10 +88,19 @@ def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retr
     )
 
 
+class OneWriteAdapter(HTTPAdapter):
+    """requests' adapter, with pools whose connections send a request's head and body together."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - requests' signature
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = POOL_CLASSES_BY_SCHEME
+
+
 def build_session(*, retry: Retry, pool_size: int, hosts: int = 1) -> requests.Session:
     """A session whose pool holds one connection per concurrent request of this worker, for each upstream host."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=max(4, hosts), pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+    adapter = OneWriteAdapter(pool_connections=max(4, hosts), pool_maxsize=pool_size, max_retries=retry,
+                              pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.trust_env = False  # no proxy or netrc surprises from the worker's environment

@@ -167,5 +167,16 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signat
             os.remove(path)
 
 
+def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Move everything loaded so far (the app, its libraries) out of the garbage collector's sight.
+
+    A full collection otherwise walks every object of Flask, numpy, onnxruntime and the model's tokenizer
+    from time to time, in the middle of some request; frozen objects are never traversed (gc.freeze).
+    """
+    import gc
+
+    gc.freeze()
+
+
 def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
     server.log.info("G-AIGateway listening on %s with %d gevent workers", server.address, server.num_workers)

@@ -6,7 +6,7 @@ Data for one request lives on `g` under `gw_` names; the built services in `app.
 from __future__ import annotations
 
 import ipaddress
-import os
+import random
 import re
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +41,8 @@ def start_request() -> None:
     if not request.path.startswith(("/v1/", "/admin/")):
         return
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else os.urandom(16).hex()
+    # 128 random bits without a syscall: an id needs to be unique, not secret (`random` reseeds after a fork).
+    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else f"{random.getrandbits(128):032x}"
     gw = services()
     g.gw_record = RequestRecord(
         request_id=request_id, method=request.method, path=request.path,

@@ -7,14 +7,33 @@ holding the head until the body is written costs nothing and saves one send per 
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
+from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+# The unpatched poll: a zero-timeout readiness check is one syscall, with no switch to gevent's hub.
+_poll = monkey.get_original("select", "poll")
 
 
 class _OneWrite:
     """Holds the head `endheaders()` sends until the first body bytes; `request()` flushes what is left."""
+
+    @property
+    def is_connected(self) -> bool:
+        """urllib3's check before reusing a pooled connection (readable while idle = closed or garbage).
+
+        urllib3 asks the patched `select.poll` with a zero timeout, which under gevent sets up watchers and a
+        timer and switches to the hub; the original poll answers the same question in one syscall.
+        """
+        sock = getattr(self, "sock", None)
+        if sock is None:
+            return False
+        poller = _poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
     _hold_next = False
     _held = b""

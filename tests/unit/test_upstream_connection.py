@@ -71,3 +71,19 @@ def test_a_chunked_body_is_still_framed(wire: tuple[socket.socket, socket.socket
     writes, data = sent(OneWriteCounting, wire, "POST", iter([b"ab", b"cd"]))
     assert b"Transfer-Encoding: chunked" in writes[0]
     assert data.endswith(b"\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n")
+
+
+def test_is_connected_tells_a_live_connection_from_a_dropped_one(wire: tuple[socket.socket, socket.socket]) -> None:
+    """The pooled-connection check: idle and open is connected; closed by the peer, or holding unread bytes
+    (a late answer to a request that was given up on), is not, so urllib3 opens a fresh one."""
+    left, right = wire
+    conn = OneWriteCounting("upstream.test", 80)
+    assert not conn.is_connected  # never connected
+    conn.sock = left
+    assert conn.is_connected
+    right.sendall(b"HTTP/1.1 200 OK\r\n")
+    assert not conn.is_connected
+    left.recv(100)
+    assert conn.is_connected
+    right.close()
+    assert not conn.is_connected

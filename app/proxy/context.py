@@ -6,6 +6,7 @@ Data for one request lives on `g` under `gw_` names; the built services in `app.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from flask import Response, current_app, g, request
 from app.gateway import Gateway
 from app.observability import metrics
 from app.observability.record import RequestRecord
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ROUTE_LABELS = {
@@ -73,7 +76,10 @@ def finish_request(response: Response) -> Response:
 
 def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
     for callback in callbacks:
-        callback()
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - one failed step must not skip the others (slot release, log line)
+            log.exception("request close step failed", extra={"request_id": rec.request_id})
     rec.finish()
     rec.log()
     _observe(rec)

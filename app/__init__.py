@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
     )
+    app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
     app.before_request(context.start_request)
     app.after_request(context.finish_request)
     errors.register_error_handlers(app)

@@ -70,8 +70,43 @@ def finish_request(response: Response) -> Response:
     for name, value in g.get("gw_limit_headers", {}).items():
         response.headers.setdefault(name, value)
     callbacks: list[Callable[[], None]] = g.gw_on_close
-    response.call_on_close(lambda: _close(rec, callbacks))
+    closer = _Closer(rec, callbacks)
+    response.call_on_close(closer)
+    request.environ[CLOSER_KEY] = closer  # for close_on_failure, if the response never starts
     return response
+
+
+CLOSER_KEY = "gateway.close_request"
+
+
+class _Closer:
+    """Runs a request's close steps once: from the response's close, or from close_on_failure."""
+
+    __slots__ = ("_rec", "_callbacks", "_done")
+
+    def __init__(self, rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
+        self._rec, self._callbacks, self._done = rec, callbacks, False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            _close(self._rec, self._callbacks)
+
+
+def close_on_failure(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI middleware: when starting the response fails (gunicorn refusing a header, say), nothing would close
+    the response, so the request's close steps (rate-limit slot, lease renewal, log line) run here instead."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            return wsgi_app(environ, start_response)
+        except BaseException:
+            closer = environ.pop(CLOSER_KEY, None)
+            if closer is not None:
+                closer()
+            raise
+
+    return app
 
 
 def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:

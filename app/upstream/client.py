@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class UpstreamClient:
                 raise
             result = UpstreamResult(
                 status=response.status,
-                content_type=response.headers.get("content-type", "application/json"),
+                content_type=_content_type(response.headers.get("content-type")),
                 response=response, backend=backend.name, key_id=key.key_id, retries=retries,
                 upstream_ms=(time.perf_counter() - started) * 1000.0,
                 _release=lambda key=key: self.pool.release(key),
@@ -265,6 +266,16 @@ class UpstreamClient:
         wait = max(1, math.ceil(soonest - time.time()))
         return RateLimited("every upstream key is cooling down; retry later", code="upstream_rate_limited",
                            headers={"Retry-After": str(wait)})
+
+
+_PRINTABLE_HEADER = re.compile(r"[\x20-\x7e]{1,200}")
+
+
+def _content_type(value: str | None) -> str:
+    """The upstream's Content-Type, passed on only when it is a value gunicorn will write (printable ASCII)."""
+    if value is not None and _PRINTABLE_HEADER.fullmatch(value):
+        return value
+    return "application/json"
 
 
 def _url(base_url: str, path: str) -> str:

@@ -12,6 +12,7 @@ script bug, an argument out of range) fails that request alone.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class Admission:
             decision = self.limiter.acquire(
                 tenant.name, limits, estimated_tokens=estimated_tokens, model=model,
                 model_limits=self._limits(model_limits) if model_limits is not None else None,
-                request_id=request_id,
+                request_id=_slot_id(request_id),
             )
         except RateLimiterUnavailable as exc:
             self.breaker.failed(now)
@@ -167,3 +168,12 @@ def _spawn(fn: Callable[..., None], *args: Any) -> Any:
     import gevent
 
     return gevent.spawn(fn, *args)
+
+
+def _slot_id(request_id: str) -> str:
+    """The request's member in the concurrency sets: its id plus 64 random bits.
+
+    The request id may come from the client (X-Request-ID is kept), and a client sending one id on every
+    request would otherwise hold one slot however many requests it runs at once.
+    """
+    return f"{request_id}:{random.getrandbits(64):016x}"

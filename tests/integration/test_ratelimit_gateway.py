@@ -45,9 +45,10 @@ def chat(content: str, **extra: object) -> dict:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}], **extra}
 
 
-def post(gw: Gateway, api_key: str, body: dict, **kwargs: object) -> requests.Response:
+def post(gw: Gateway, api_key: str, body: dict, headers: dict[str, str] | None = None,
+         **kwargs: object) -> requests.Response:
     return requests.post(gw.url + "/v1/chat/completions", json=body, timeout=30,
-                         headers={"Authorization": f"Bearer {api_key}"}, **kwargs)
+                         headers={"Authorization": f"Bearer {api_key}", **(headers or {})}, **kwargs)
 
 
 def keys_file(directory: Path, tenants: dict[str, dict[str, int]]) -> str:
@@ -242,6 +243,21 @@ def test_concurrency_limit(gateway: Gateway, upstream: MockUpstream) -> None:
     assert_429(third)
     time.sleep(0.1)  # slots are released when the answers close
     assert post(gateway, key("conc"), chat(f"fourth {uuid.uuid4().hex}")).status_code == 200
+
+
+def test_one_request_id_on_every_request_does_not_share_a_slot(gateway: Gateway, upstream: MockUpstream) -> None:
+    """A client sending the same X-Request-ID on concurrent requests is limited like any other (the id is kept
+    for logs and headers, but is not what holds the slot)."""
+    upstream.faults({"kind": "delay", "seconds": 1.5, "times": 2})
+    same = {"X-Request-ID": f"same-{uuid.uuid4().hex}"}
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(post, gateway, key("conc"), chat(f"slow {uuid.uuid4().hex}"), headers=same)
+                for _ in range(2)]
+        time.sleep(0.5)
+        third = post(gateway, key("conc"), chat(f"third {uuid.uuid4().hex}"), headers=same)
+        assert [f.result().status_code for f in slow] == [200, 200]
+    assert_429(third)
+    assert third.headers["X-Request-ID"] == same["X-Request-ID"]
 
 
 def test_script_flush_is_survived(gateway: Gateway, upstream: MockUpstream, redis_conn: redis.Redis) -> None:

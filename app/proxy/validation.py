@@ -14,7 +14,7 @@ ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMB
 
 
 # A JSON escape of a UTF-16 surrogate; only such an escape can put a lone surrogate into a parsed string.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,10 @@ def _reject_constant(name: str) -> Any:
 def parse_request(route: str, raw: bytes) -> ParsedRequest:
     """Bytes -> checked request, or a 400 whose message names the field."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16 and surrogate bytes (CESU-8) and turn
+        # them into strings nothing downstream can encode.
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.", code="invalid_json") from None
     except RecursionError:
@@ -44,7 +47,7 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
         raise BadRequest("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
                          code="invalid_json")
     model = body.get("model")

@@ -91,6 +91,16 @@ def test_lone_surrogate_escape_is_a_400_and_paired_escapes_pass() -> None:
     assert parse_request(CHAT, escaped_backslash).body["messages"][0]["content"] == "\\ud800"
 
 
+@pytest.mark.parametrize("raw", [
+    pytest.param('{"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]}'
+                 .encode("utf-8", "surrogatepass"), id="surrogate-bytes"),
+    pytest.param('{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"), id="utf-16"),
+])
+def test_bodies_that_are_not_strict_utf8_are_refused(raw: bytes) -> None:
+    """Surrogate bytes (CESU-8) or a UTF-16 body: json.loads(bytes) would take them, the gateway says 400."""
+    assert "UTF-8" in bad_request(CHAT, raw).message
+
+
 def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
     """JSON nested deeper than the parser's recursion limit is a bad request, not an internal error."""
     raw = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

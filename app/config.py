@@ -158,7 +158,8 @@ class _Reader:
 
 _SECRET_NAMES = ("KEY", "KEYS", "SECRET", "PASSWORD")
 # scheme://user:password@host -> scheme://<hidden>@host (REDIS_URL, TARGET_URL may carry credentials).
-_URL_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+# Greedy to the last "@": a password may hold "/" or "@" itself; masking a little too much is harmless.
+_URL_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@")
 
 
 def _shown(name: str, value: str) -> str:

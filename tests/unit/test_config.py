@@ -127,6 +127,8 @@ def test_passwords_inside_bad_urls_are_never_echoed() -> None:
     assert "REDIS_URL" in message and "TARGET_URL" in message
     assert "hunter2" not in message
     assert "ftp://<hidden>@cache:6379/0" in message
+    message = config_error(REDIS_URL="ftp://:s3cr/et@cache:6379/0", TARGET_URL="ftp://user:p@ss@host")
+    assert "s3cr" not in message and "et@" not in message and "ss@" not in message
 
 
 def test_every_declared_variable_is_read() -> None:

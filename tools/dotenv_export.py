@@ -9,10 +9,13 @@ scripts and the gateway always agree. The environment wins, as it does in the ga
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 
 from dotenv import dotenv_values
+
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what `export` accepts (str.isidentifier takes "CAFÉ")
 
 
 def exports(path: str) -> list[str]:
@@ -23,7 +26,7 @@ def exports(path: str) -> list[str]:
     return [
         f"export {name}={shlex.quote(value)}"
         for name, value in values.items()
-        if value is not None and name.isidentifier() and name not in os.environ
+        if value is not None and _SHELL_NAME.fullmatch(name) and name not in os.environ
     ]
 
 

@@ -18,6 +18,7 @@ REDIS_URL=redis://127.0.0.1:6390/0   # comment after a URL
 UPSTREAM_API_KEYS=              # empty: unset
 QUOTED="a # not a comment"
 SET_IN_ENV=from-file
+CAFÉ=not-a-shell-name
 """
 
 
@@ -40,6 +41,7 @@ def test_exports_match_what_the_gateway_reads(tmp_path: Path) -> None:
     assert exported["UPSTREAM_API_KEYS"] == ""
     assert exported["QUOTED"] == "a # not a comment"
     assert "SET_IN_ENV" not in exported  # the environment wins, as in the gateway
+    assert "CAFÉ" not in exported  # `export` would fail on it and stop `make run`
 
 
 def test_single_value_lookup(tmp_path: Path) -> None:

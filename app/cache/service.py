@@ -157,6 +157,8 @@ class CacheService:
             return None
         content, expires_at = found
         answer = json.loads(content)
+        if not isinstance(answer, dict):
+            raise ValueError("a cache entry that is not a JSON object")  # not ours: a miss (see lookup)
         self.local.put(plan.key, LocalEntry(content, answer, expires_at))
         metrics.CACHE_LOOKUPS.labels("L1", "hit").inc()
         return CacheHit("L1", content, answer)
@@ -182,8 +184,11 @@ class CacheService:
             content = self.semantic.confirm(plan.partition, candidate.entry_id)
             if content is None:
                 continue
+            answer = json.loads(content)
+            if not isinstance(answer, dict):
+                raise ValueError("a cache entry that is not a JSON object")
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
-            return CacheHit("L2", content, json.loads(content), round(candidate.similarity, 4))
+            return CacheHit("L2", content, answer, round(candidate.similarity, 4))
         metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
         return None
 

@@ -122,8 +122,10 @@ def test_another_process_gets_an_l1_hit(gw: Gateway, other: Gateway, upstream: M
     assert len(upstream.requests()) == 1
 
 
+@pytest.mark.parametrize("garbage", [b"not a cache entry", b"%.3f\n[1, 2]" % (time.time() + 600)],
+                         ids=["not-an-entry", "json-not-an-object"])
 def test_an_unreadable_entry_is_a_miss_not_an_outage(gw: Gateway, other: Gateway, upstream: MockUpstream,
-                                                      redis_url: str, unique: str) -> None:
+                                                      redis_url: str, unique: str, garbage: bytes) -> None:
     """An entry that is not what the gateway wrote (another tool, a bad restore) costs a miss, nothing more:
     the answer comes from the upstream, is stored again, and the cache stays on for everyone."""
     import redis
@@ -132,7 +134,7 @@ def test_an_unreadable_entry_is_a_miss_not_an_outage(gw: Gateway, other: Gateway
     client = redis.Redis.from_url(redis_url)
     entries = [key for key in client.scan_iter("gw:c:*") if client.type(key) == b"string"]
     for key in entries:
-        client.set(key, b"not a cache entry", keepttl=True)
+        client.set(key, garbage, keepttl=True)
     assert entries
     fresh = post(other, chat(unique))
     assert cache_of(fresh) == "MISS"

@@ -48,8 +48,9 @@ class _HeadWithBodySocket:
     def sendall(self, data: bytes) -> None:
         if self._first:  # gunicorn's first write of a response is always its head
             self._first = False
-            self._head = bytes(data)
-            return
+            if _has_body(data):
+                self._head = bytes(data)
+                return
         if self._head:
             data, self._head = self._head + data, b""
         self._sock.sendall(data)
@@ -64,10 +65,23 @@ class _HeadWithBodySocket:
         return getattr(self._sock, name)
 
 
+def _has_body(head: bytes) -> bool:
+    """Whether body bytes will follow this head: not after a 1xx (103 Early Hints), 204, 304 or a zero length.
+
+    A head with nothing after it goes out at once rather than after the request's close steps.
+    """
+    status = head[9:12]
+    if status[:1] == b"1" or status in (b"204", b"304"):
+        return False
+    return b"\r\ncontent-length: 0\r\n" not in head.lower()
+
+
 class GatewayGeventWorker(GeventWorker):
     """gunicorn's gevent worker, writing each response's head and first body bytes together."""
 
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
+        if req.method == "HEAD":  # no body will follow the head
+            return super().handle_request(listener_name, req, sock, addr)
         wrapped = _HeadWithBodySocket(sock)
         try:
             return super().handle_request(listener_name, req, wrapped, addr)
@@ -175,6 +189,7 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signatur
     """
     import gc
 
+    gc.collect()  # start-up garbage first, or freezing would keep it for good
     gc.freeze()
 
 

@@ -57,10 +57,12 @@ class _OneWrite:
     def request(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().request(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            if self._held:  # no body (GET), or it failed before its first chunk
-                held, self._held = self._held, b""
-                super().send(held)  # type: ignore[misc]
+        except BaseException:
+            self._held = b""  # the request failed before its body: urllib3 discards this connection
+            raise
+        if self._held:  # no body (GET)
+            held, self._held = self._held, b""
+            super().send(held)  # type: ignore[misc]
 
 
 class OneWriteHTTPConnection(_OneWrite, HTTPConnection):

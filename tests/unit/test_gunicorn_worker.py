@@ -61,6 +61,19 @@ def test_a_response_without_body_is_flushed(conf: ModuleType, pair: tuple[socket
     assert received(client) == [b"HTTP/1.1 204 No Content\r\n\r\n"]
 
 
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\n\r\n",
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+])
+def test_a_head_without_body_is_not_held(conf: ModuleType, pair: tuple[socket.socket, socket.socket],
+                                         head: bytes) -> None:
+    """Nothing follows it, so it leaves at once (not after the request's close steps)."""
+    server, client = pair
+    conf._HeadWithBodySocket(server).sendall(head)
+    assert received(client) == [head]
+
+
 def test_any_other_socket_use_sends_the_head_first(conf: ModuleType, pair: tuple[socket.socket, socket.socket]) -> None:
     """sendfile, shutdown, fileno...: the held head is written before the socket is used any other way."""
     server, client = pair

@@ -87,3 +87,19 @@ def test_is_connected_tells_a_live_connection_from_a_dropped_one(wire: tuple[soc
     assert conn.is_connected
     right.close()
     assert not conn.is_connected
+
+
+def test_a_body_that_fails_before_its_first_chunk_raises_its_own_error(
+        wire: tuple[socket.socket, socket.socket]) -> None:
+    """Nothing half-written is sent afterwards, and the caller sees the body's error, not a send error."""
+    def broken_body() -> Iterator[bytes]:
+        raise RuntimeError("body source failed")
+        yield b""  # pragma: no cover - makes this a generator
+
+    left, right = wire
+    conn = OneWriteCounting("upstream.test", 80)
+    conn.writes = []
+    conn.sock = left
+    with pytest.raises(RuntimeError, match="body source failed"):
+        conn.request("POST", "/v1/chat/completions", body=broken_body())
+    assert conn.writes == [] and conn._held == b""

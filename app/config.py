@@ -207,11 +207,23 @@ def _between(low: float, high: float) -> Callable[[float], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}"
 
 
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
+def http_base_url(value: str) -> str:
+    """An http(s) URL with a host that request paths are appended to (so no query or fragment), without its
+    trailing slash. TARGET_URL, EMBEDDING_URL and every UPSTREAMS_FILE backend `url` are checked here.
+
+    The ValueError says what is wrong without quoting the value: a URL may carry credentials.
+    """
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise ValueError("expected a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
-    return value.rstrip("/")
+    if parts.query or parts.fragment:
+        raise ValueError("expected no query or fragment (the request path is appended)")
+    return text.rstrip("/")
 
 
 def _redis_url(value: str) -> str:
@@ -258,7 +270,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         web_concurrency=r.get("WEB_CONCURRENCY", _int, d.web_concurrency, positive),
         worker_connections=r.get("WORKER_CONNECTIONS", _int, d.worker_connections, positive),
         graceful_timeout=r.get("GRACEFUL_TIMEOUT", _int, d.graceful_timeout, non_negative),
-        target_url=r.get("TARGET_URL", _http_url, d.target_url),
+        target_url=r.get("TARGET_URL", http_base_url, d.target_url),
         upstream_api_keys=upstream_keys,
         upstreams_file=r.get("UPSTREAMS_FILE", _existing_file, None),
         upstream_max_retries=r.get("UPSTREAM_MAX_RETRIES", _int, d.upstream_max_retries, _between(0, 10)),
@@ -288,7 +300,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
             "RATE_LIMIT_WINDOW_SECONDS", _float, d.rate_limit_window_seconds, _between(1.0, 86400.0)
         ),
         embedding_provider=r.get("EMBEDDING_PROVIDER", _one_of("local", "openai"), d.embedding_provider),
-        embedding_url=r.get("EMBEDDING_URL", _http_url, None),
+        embedding_url=r.get("EMBEDDING_URL", http_base_url, None),
         embedding_api_key=r.raw("EMBEDDING_API_KEY"),
         embedding_model=r.raw("EMBEDDING_MODEL"),
         cache_enabled=r.get("CACHE_ENABLED", _bool, d.cache_enabled),

@@ -17,9 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from app.config import ConfigError, read_yaml_file
+from app.config import ConfigError, http_base_url, read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +119,12 @@ def _parse_backend(path: Path, index: int, item: Any) -> Backend:
 
 
 def _base_url(value: Any, where: str) -> str:
-    """An http(s) URL with a host; the request path is appended to it, so no query or fragment.
-
-    The value is never quoted in the message: a URL may carry credentials.
-    """
     if not isinstance(value, str) or not value.strip():
         raise PoolConfigError(f"{where}: needs a 'url' (http:// or https://)")
     try:
-        parts = urlsplit(value.strip())
-        parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
-    except ValueError:
-        raise PoolConfigError(f"{where}: 'url' is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PoolConfigError(f"{where}: 'url' must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
-        raise PoolConfigError(f"{where}: 'url' must not have a query or fragment (the request path is appended)")
-    return value.strip().rstrip("/")
+        return http_base_url(value)
+    except ValueError as exc:
+        raise PoolConfigError(f"{where}: 'url': {exc}") from None
 
 
 def _weight(value: Any, where: str) -> float:

@@ -87,6 +87,8 @@ def test_one_error_names_every_bad_variable() -> None:
     ("SEMANTIC_MAX_TEMPERATURE", "3"),
     ("WEB_CONCURRENCY", "0"),
     ("UPSTREAM_BACKOFF_FACTOR", "inf"),
+    ("TARGET_URL", "https://api.example.com/?debug=1"),  # paths are appended: a query would swallow them
+    ("TARGET_URL", "https://api.example.com:99999"),
 ])
 def test_out_of_range_values_are_refused(name: str, value: str) -> None:
     """A value of the right type but outside its range is an error naming the variable."""

@@ -156,9 +156,7 @@ class CacheService:
             metrics.CACHE_LOOKUPS.labels("L1", "miss").inc()
             return None
         content, expires_at = found
-        answer = json.loads(content)
-        if not isinstance(answer, dict):
-            raise ValueError("a cache entry that is not a JSON object")  # not ours: a miss (see lookup)
+        answer = _stored_answer(content)
         self.local.put(plan.key, LocalEntry(content, answer, expires_at))
         metrics.CACHE_LOOKUPS.labels("L1", "hit").inc()
         return CacheHit("L1", content, answer)
@@ -184,9 +182,7 @@ class CacheService:
             content = self.semantic.confirm(plan.partition, candidate.entry_id)
             if content is None:
                 continue
-            answer = json.loads(content)
-            if not isinstance(answer, dict):
-                raise ValueError("a cache entry that is not a JSON object")
+            answer = _stored_answer(content)
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
             return CacheHit("L2", content, answer, round(candidate.similarity, 4))
         metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
@@ -261,6 +257,14 @@ class CacheService:
         if first:
             log.warning("Redis unavailable, cache bypassed for %.0fs: %s", self.breaker.pause_seconds,
                         type(exc).__name__)
+
+
+def _stored_answer(content: bytes) -> dict[str, Any]:
+    """A stored answer, parsed; ValueError for anything the gateway did not write (lookup makes it a miss)."""
+    answer = json.loads(content)
+    if not isinstance(answer, dict):
+        raise ValueError("a cache entry that is not a JSON object")
+    return answer
 
 
 def _complete(route: str, answer: dict[str, Any]) -> bool:

@@ -108,6 +108,15 @@ class Settings:
         return max(10, min(self.worker_connections, 1000))
 
 
+def exit_if_invalid() -> None:
+    """Stop the process with one message naming every bad setting (gunicorn.conf.py and `make run` call this
+    before anything starts)."""
+    try:
+        Settings.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"G-AIGateway cannot start: {exc}") from None
+
+
 def process_environ() -> dict[str, str]:
     """The environment the settings come from: `.env` in the working directory under the real environment.
 

@@ -47,12 +47,7 @@ Gateway on http://127.0.0.1:$port   (Ctrl-C stops it)
 HELP
 # Every setting checked first, with one message naming each bad one (gunicorn itself would stop on a bad
 # WEB_CONCURRENCY with a traceback, before its config file runs).
-.venv/bin/python -c 'import sys
-from app.config import ConfigError, Settings
-try:
-    Settings.from_env()
-except ConfigError as exc:
-    sys.exit(f"G-AIGateway cannot start: {exc}")'
+.venv/bin/python -c 'from app.config import exit_if_invalid; exit_if_invalid()'
 .venv/bin/gunicorn -c gunicorn.conf.py -b "127.0.0.1:$port" wsgi:app &
 gunicorn_pid=$!
 trap 'kill -TERM $gunicorn_pid 2>/dev/null; wait $gunicorn_pid; cleanup' INT TERM

@@ -69,11 +69,13 @@ EMBEDDING_READ_TIMEOUT = 3.0
 
 def _build_cache(settings: Settings, redis: object) -> object:
     from app.cache.local import LocalCache
+    from app.cache.semantic import IndexBounds
     from app.cache.service import CacheOptions, CacheService
 
-    embedder = None
+    embedder = static = None
     if settings.semantic_cache_enabled:
         from app.embeddings.base import build_embedder
+        from app.embeddings.static import StaticEmbedder
 
         embedder = build_embedder(settings.embedding_provider, url=settings.embedding_url,
                                   api_key=settings.embedding_api_key, model=settings.embedding_model,
@@ -81,25 +83,18 @@ def _build_cache(settings: Settings, redis: object) -> object:
                                   # requests for long before they go upstream anyway.
                                   connect_timeout=min(settings.upstream_connect_timeout, 2.0),
                                   read_timeout=EMBEDDING_READ_TIMEOUT, max_retries=1)
-        _warm_up(embedder)
+        # The first stage: a memory-mapped table shared by the workers. The transformer loads on first need
+        # (a candidate surviving the cheap checks), so a worker that never meets a near-duplicate never pays for it.
+        static = StaticEmbedder()
     options = CacheOptions(
         ttl_seconds=settings.cache_ttl_seconds, semantic_enabled=settings.semantic_cache_enabled,
         semantic_threshold=settings.semantic_cache_threshold,
         semantic_max_temperature=settings.semantic_max_temperature,
+        index_bounds=IndexBounds(settings.semantic_index_max_rows, settings.semantic_index_max_bytes),
+        store_queue_size=settings.semantic_store_queue_size,
     )
     return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                        embedder)
-
-
-def _warm_up(embedder: object) -> None:
-    """Load the local model in the background so the worker accepts requests meanwhile."""
-    load = getattr(embedder, "load", None)
-    if load is None:
-        return
-    from gevent import monkey, spawn
-
-    if monkey.is_module_patched("socket"):
-        spawn(load)
+                        embedder, static)
 
 
 def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> object | None:

@@ -18,11 +18,6 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
-# Default L2 threshold, chosen from the curve tools/eval_semantic.py measures (see README). The verifier
-# (app/cache/verify.py) uses the same value; this is its one home because settings sit below every module.
-DEFAULT_SEMANTIC_THRESHOLD = 0.968
-
-
 class ConfigError(ValueError):
     """Raised when one or more settings are invalid; the message names each variable."""
 
@@ -85,8 +80,12 @@ class Settings:
 
     cache_enabled: bool = True
     semantic_cache_enabled: bool = True
-    semantic_cache_threshold: float = DEFAULT_SEMANTIC_THRESHOLD
+    # None: the default measured with the verifier it goes with (app/cache/data/verifier.json, see README).
+    semantic_cache_threshold: float | None = None
     semantic_max_temperature: float = 0.7
+    semantic_index_max_rows: int = 100_000
+    semantic_index_max_bytes: int = 64 * 1024 * 1024
+    semantic_store_queue_size: int = 1000
     cache_ttl_seconds: int = 86400
     local_cache_size: int = 1024
     local_cache_max_bytes: int = 64 * 1024 * 1024
@@ -320,6 +319,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         semantic_max_temperature=r.get(
             "SEMANTIC_MAX_TEMPERATURE", _float, d.semantic_max_temperature, _between(0.0, 2.0)
         ),
+        semantic_index_max_rows=r.get("SEMANTIC_INDEX_MAX_ROWS", _int, d.semantic_index_max_rows, positive),
+        semantic_index_max_bytes=r.get("SEMANTIC_INDEX_MAX_BYTES", _int, d.semantic_index_max_bytes, positive),
+        semantic_store_queue_size=r.get("SEMANTIC_STORE_QUEUE_SIZE", _int, d.semantic_store_queue_size, positive),
         cache_ttl_seconds=r.get("CACHE_TTL_SECONDS", _int, d.cache_ttl_seconds, positive),
         local_cache_size=r.get("LOCAL_CACHE_SIZE", _int, d.local_cache_size, non_negative),
         local_cache_max_bytes=r.get("LOCAL_CACHE_MAX_BYTES", _int, d.local_cache_max_bytes, non_negative),
@@ -374,6 +376,9 @@ ENV_VARS: tuple[str, ...] = (
     "SEMANTIC_CACHE_ENABLED",
     "SEMANTIC_CACHE_THRESHOLD",
     "SEMANTIC_MAX_TEMPERATURE",
+    "SEMANTIC_INDEX_MAX_ROWS",
+    "SEMANTIC_INDEX_MAX_BYTES",
+    "SEMANTIC_STORE_QUEUE_SIZE",
     "CACHE_TTL_SECONDS",
     "LOCAL_CACHE_SIZE",
     "LOCAL_CACHE_MAX_BYTES",

@@ -1,157 +1,202 @@
-"""Measure the gateway's L2 (semantic cache) decision on labelled question pairs.
+"""Measure the semantic (L2) cache's decision on the labelled dev pairs: false hits and useful hits per threshold.
 
-Runs the same embedder, threshold and :func:`app.cache.verify.is_semantic_hit` the gateway uses over a pairs file
-(``{"a", "b", "label", "source", "id"}`` per line) and prints, per threshold, how many hard negatives would be served
-(false hits) against how many true paraphrases would be (useful hits), with and without the verifier.
+Runs the gateway's own decision, step for step as app/cache/service.py takes it: the static first stage (its cosine
+must reach the floor), the verifier's hard rules, the transformer's cosine (of the typo-repaired query when there is
+one), the learned score, and the threshold as a floor on cosine. Both dev sets, the held-out part (odd ids; the
+verifier is fitted on even ids by tools/train_verifier.py) and all of it:
 
-    .venv/bin/python tools/eval_semantic.py                  # all pairs, plus even/odd id halves
-    .venv/bin/python tools/eval_semantic.py --limit 500 --split odd
-    .venv/bin/python tools/eval_semantic.py --cache /tmp/l2-vectors.npz   # embed once, then seconds per run
+    make eval                                   # = .venv/bin/python tools/eval_semantic.py
+    .venv/bin/python tools/eval_semantic.py --cache /tmp/l2-vectors.npz   # reuse embeddings between runs
+
+FH = false hits: pairs that must not share an answer, served. useful = paraphrase pairs served.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import sys
-import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+import os
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD, is_semantic_hit  # noqa: E402
-from app.embeddings import Embedder, build_embedder  # noqa: E402
+import numpy as np  # noqa: E402
 
-DEFAULT_PAIRS = REPO.parent / "shared" / "data" / "paraphrase-dev.jsonl"
-THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
-USEFUL = ("qqp_dup", "gpt_paraphrase")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from app.cache import verify  # noqa: E402
+from app.cache.lexicon import verifier_model  # noqa: E402
+from app.embeddings.local import LocalEmbedder  # noqa: E402
+from app.embeddings.static import StaticEmbedder  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+SETS = {"prompts": DATA / "prompt-pairs-dev.jsonl", "quora": DATA / "paraphrase-dev.jsonl"}
+THRESHOLDS = (0.6, 0.65, 0.7, 0.72, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
+KIND_THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.99)
+QUORA_NEGATIVE = ("qqp_hardneg", "qqp_neg")
 
 
-def load_pairs(path: Path, limit: int | None, split: str) -> list[dict]:
+@dataclass
+class Pair:
+    dataset: str
+    number: int
+    label: int
+    kind: str
+    a: str
+    b: str
+    similarity: float = 0.0
+    static_similarity: float = 0.0
+
+    @property
+    def held_out(self) -> bool:
+        return self.number % 2 == 1
+
+
+def load_pairs(dataset: str, path: Path) -> list[Pair]:
     pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                pairs.append(json.loads(line))
-    if split in ("even", "odd"):
-        pairs = [p for p in pairs if p["id"] % 2 == (0 if split == "even" else 1)]
-    return pairs[:limit] if limit else pairs
+    for line in path.read_text("utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        number = int(str(row["id"]).rsplit("-", 1)[-1])
+        kind = row.get("kind") or row.get("source") or ""
+        pairs.append(Pair(dataset, number, int(row["label"]), kind, row["a"], row["b"]))
+    return pairs
 
 
-def embed_all(embedder: Embedder, texts: list[str], workers: int, batch: int = 64) -> dict[str, np.ndarray]:
-    """Embed every distinct text once, in batches, over ``workers`` threads (onnxruntime releases the GIL)."""
-    chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(embedder.embed, chunks))
-    return {t: v for chunk, vecs in zip(chunks, results, strict=True) for t, v in zip(chunk, vecs, strict=True)}
+def embed_pairs(pairs: list[Pair], cache: Path | None, log: bool = True) -> None:
+    """Fill each pair's cosines, embedding every text once (the query side as the service embeds it)."""
+    transformer, static = LocalEmbedder(offload=False), StaticEmbedder()
+    texts: set[str] = set()
+    repairs: dict[int, str | None] = {}
+    for i, p in enumerate(pairs):
+        repairs[i] = verify.repair_typos(p.a, p.b)
+        texts.update(t for t in (verify.normalise(p.a), verify.normalise(p.b), repairs[i]) if t)
+    ordered = sorted(texts)
+    vectors = _cached_embed(transformer, ordered, cache, log)
+    statics = dict(zip(ordered, static.embed(ordered), strict=True))
+    for i, p in enumerate(pairs):
+        a, b = verify.normalise(p.a), verify.normalise(p.b)
+        p.similarity = float(vectors[a] @ vectors[b])
+        if repairs[i]:
+            p.similarity = max(p.similarity, float(vectors[repairs[i]] @ vectors[b]))
+        p.static_similarity = float(statics[a] @ statics[b])
 
 
-def cached_embed(embedder: Embedder, texts: list[str], workers: int, cache: Path | None) -> dict[str, np.ndarray]:
-    """:func:`embed_all`, reusing vectors saved in ``cache`` (an .npz keyed by model and text hash; keep it out
-    of the repository) and adding the missing ones to it."""
-    if cache is None:
-        return embed_all(embedder, texts, workers)
-
-    def key(text: str) -> str:
-        return hashlib.sha256(f"{embedder.model_id}\0{text}".encode()).hexdigest()[:32]
-
+def _cached_embed(embedder: LocalEmbedder, texts: list[str], cache: Path | None, log: bool) -> dict[str, np.ndarray]:
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:24] for t in texts]
     known: dict[str, np.ndarray] = {}
-    if cache.exists():
-        with np.load(cache) as saved:
-            known = dict(zip(saved["keys"].tolist(), saved["vectors"], strict=True))
-    missing = [t for t in texts if key(t) not in known]
+    if cache is not None and cache.exists():
+        saved = np.load(cache)
+        known = dict(zip(saved["keys"].tolist(), saved["vectors"], strict=True))
+    missing = [t for t, k in zip(texts, keys, strict=True) if k not in known]
     if missing:
-        for text, vector in embed_all(embedder, missing, workers).items():
-            known[key(text)] = vector
-        keys = sorted(known)
-        np.savez(cache, keys=np.array(keys), vectors=np.stack([known[k] for k in keys]).astype(np.float32))
-    return {t: known[key(t)] for t in texts}
+        started = time.perf_counter()
+        for k, v in zip([keys[texts.index(t)] for t in missing], embedder.embed(missing), strict=True):
+            known[k] = v
+        if log:
+            print(f"embedded {len(missing)} texts in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        if cache is not None:
+            np.savez(cache, keys=np.array(list(known)), vectors=np.array(list(known.values())))
+    return {t: known[k] for t, k in zip(texts, keys, strict=True)}
 
 
-def pct(flags: Iterable[bool]) -> float:
-    values = list(flags)
+def served(p: Pair, threshold: float) -> bool:
+    """The gateway's decision for a stored ``b`` and a new ``a``, from the first stage to the threshold."""
+    if p.static_similarity < verifier_model().static_floor:
+        return False
+    return verify.decide(p.a, p.b, similarity=p.similarity, static_similarity=p.static_similarity,
+                         threshold=threshold).ok
+
+
+def pct(values: list[bool]) -> float:
     return 100.0 * sum(values) / len(values) if values else float("nan")
 
 
-def table(pairs: list[dict], sims: np.ndarray, thresholds: Iterable[float], title: str) -> str:
-    by_source: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        by_source.setdefault(p["source"], []).append(i)
-    useful = [i for s in USEFUL for i in by_source.get(s, [])]
-    hard, neg = by_source.get("qqp_hardneg", []), by_source.get("qqp_neg", [])
-    dup, gpt = by_source.get("qqp_dup", []), by_source.get("gpt_paraphrase", [])
-    counts = f"hardneg={len(hard)} neg={len(neg)} dup={len(dup)} gpt={len(gpt)}"
-    lines = [
-        f"== {title} ({counts})",
-        "            | cosine only      | cosine + verify",
-        "  threshold | FH-hard  useful  | FH-hard  FH-neg  use-dup  use-gpt  use-all",
-    ]
+def prompts_table(pairs: list[Pair], thresholds: Iterable[float], default: float) -> list[str]:
+    lines = ["  threshold |    FH  useful   typo | worst look-alike kind   | cosine only: FH  useful"]
     for th in thresholds:
-        hit = np.array([bool(is_semantic_hit(float(sims[i]), p["a"], p["b"], th)) for i, p in enumerate(pairs)])
-        raw = sims >= th
-        mark = "  <- default" if abs(th - DEFAULT_SEMANTIC_THRESHOLD) < 1e-9 else ""
+        hits = {id(p): served(p, th) for p in pairs}
+        neg = [hits[id(p)] for p in pairs if p.label == 0]
+        pos = [hits[id(p)] for p in pairs if p.label == 1]
+        typo = [hits[id(p)] for p in pairs if p.kind == "para-typo"]
+        kinds = {k for p in pairs if p.label == 0 for k in [p.kind]}
+        worst = max(kinds, key=lambda k: pct([hits[id(p)] for p in pairs if p.kind == k]))
+        worst_pct = pct([hits[id(p)] for p in pairs if p.kind == worst])
+        raw_neg = pct([p.similarity >= th for p in pairs if p.label == 0])
+        raw_pos = pct([p.similarity >= th for p in pairs if p.label == 1])
+        mark = "  <- default" if abs(th - default) < 1e-9 else ""
+        lines.append(f"  {th:9.3f} | {pct(neg):5.1f}% {pct(pos):5.1f}% {pct(typo):5.1f}% | {worst:14s} "
+                     f"{worst_pct:5.1f}% |         {raw_neg:5.1f}% {raw_pos:5.1f}%{mark}")
+    return lines
+
+
+def kinds_table(pairs: list[Pair], thresholds: Iterable[float]) -> list[str]:
+    thresholds = list(thresholds)
+    lines = ["  kind (label)       pairs | " + " ".join(f"{t:>6.3f}" for t in thresholds)]
+    for kind in sorted({p.kind for p in pairs}, key=lambda k: (k.startswith("para"), k)):
+        members = [p for p in pairs if p.kind == kind]
+        rates = [pct([served(p, t) for p in members]) for t in thresholds]
+        label = "FH" if members[0].label == 0 else "use"
+        lines.append(f"  {kind:15s} {label:>3s} {len(members):5d} | " + " ".join(f"{r:5.1f}%" for r in rates))
+    return lines
+
+
+def quora_table(pairs: list[Pair], thresholds: Iterable[float], default: float) -> list[str]:
+    lines = ["  threshold | FH-hard  FH-neg  use-dup  use-gpt  use-all | cosine only: FH-hard  use-all"]
+    for th in thresholds:
+        hits = {id(p): served(p, th) for p in pairs}
+
+        def rate(kinds: tuple[str, ...], h: dict[int, bool] = hits) -> float:
+            return pct([h[id(p)] for p in pairs if p.kind in kinds])
+
+        raw_hard = pct([p.similarity >= th for p in pairs if p.kind == "qqp_hardneg"])
+        raw_use = pct([p.similarity >= th for p in pairs if p.label == 1])
+        mark = "  <- default" if abs(th - default) < 1e-9 else ""
         lines.append(
-            f"  {th:9.3f} | {pct(raw[hard]):6.1f}% {pct(raw[useful]):6.1f}% | "
-            f"{pct(hit[hard]):6.1f}% {pct(hit[neg]):6.1f}% {pct(hit[dup]):7.1f}% {pct(hit[gpt]):7.1f}% "
-            f"{pct(hit[useful]):7.1f}%{mark}"
+            f"  {th:9.3f} | {rate(('qqp_hardneg',)):6.1f}% {rate(('qqp_neg',)):6.1f}% {rate(('qqp_dup',)):7.1f}% "
+            f"{rate(('gpt_paraphrase',)):7.1f}% {pct([hits[id(p)] for p in pairs if p.label == 1]):7.1f}% |"
+            f"              {raw_hard:6.1f}% {raw_use:6.1f}%{mark}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs (after --split)")
-    parser.add_argument(
-        "--split",
-        choices=("all", "even", "odd", "report"),
-        default="report",
-        help="report = all pairs, then even ids (tuning half) and odd ids (held out)",
-    )
-    parser.add_argument("--provider", default="local")
-    parser.add_argument("--url", default=None)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--workers", type=int, default=2, help="embedding threads")
     parser.add_argument("--cache", type=Path, default=None, help="an .npz of saved vectors (outside the repo)")
-    parser.add_argument("--thresholds", default=",".join(f"{t:.2f}" for t in THRESHOLDS))
+    parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
+    parser.add_argument("--all", action="store_true", help="also print the tables over every pair (even ids too)")
     args = parser.parse_args(argv)
-
-    thresholds = sorted({float(t) for t in args.thresholds.split(",")} | {DEFAULT_SEMANTIC_THRESHOLD})
-    pairs = load_pairs(args.pairs, args.limit, "all" if args.split == "report" else args.split)
-    embedder = build_embedder(args.provider, url=args.url, api_key=args.api_key, model=args.model, offload=False)
-    texts = sorted({p["a"] for p in pairs} | {p["b"] for p in pairs})
+    default = verifier_model().default_threshold
+    thresholds = sorted({float(t) for t in args.thresholds.split(",")} | {default})
+    pairs = {name: load_pairs(name, path) for name, path in SETS.items()}
+    everything = [p for ps in pairs.values() for p in ps]
+    embed_pairs(everything, args.cache)
     started = time.perf_counter()
-    vectors = cached_embed(embedder, texts, args.workers, args.cache)
-    embed_s = time.perf_counter() - started
-    sims = np.array([float(vectors[p["a"]] @ vectors[p["b"]]) for p in pairs], dtype=np.float32)
-
-    started = time.perf_counter()
-    for p in pairs:
-        is_semantic_hit(1.0, p["a"], p["b"])
-    verify_us = (time.perf_counter() - started) / max(1, len(pairs)) * 1e6
-
-    print(
-        f"pairs={len(pairs)} texts={len(texts)} model={embedder.model_id} embed={embed_s:.1f}s "
-        f"verify={verify_us:.0f}us/pair default_threshold={DEFAULT_SEMANTIC_THRESHOLD}"
-    )
-    print("FH = false hits (pairs that must not be served, served); useful = paraphrase pairs served")
-    sections: list[tuple[str, Callable[[dict], bool]]] = [(args.split, lambda p: True)]
-    if args.split == "report":
-        sections = [
-            ("all", lambda p: True),
-            ("even ids (tuning half)", lambda p: p["id"] % 2 == 0),
-            ("odd ids (held out)", lambda p: p["id"] % 2 == 1),
-        ]
-    for title, keep in sections:
-        idx = [i for i, p in enumerate(pairs) if keep(p)]
-        print(table([pairs[i] for i in idx], sims[idx], thresholds, title))
+    for p in everything:
+        served(p, default)
+    decide_us = (time.perf_counter() - started) / len(everything) * 1e6
+    print(f"pairs: prompts={len(pairs['prompts'])} quora={len(pairs['quora'])}; default threshold {default}; "
+          f"static floor {verifier_model().static_floor}; decision {decide_us:.0f} us/pair (first call per text)")
+    print("FH = false hits (must not be served, served); useful = paraphrases served; typo = para-typo served")
+    parts = [("held out (odd ids)", lambda p: p.held_out)] + ([("all", lambda p: True)] if args.all else [])
+    for title, keep in parts:
+        prompts = [p for p in pairs["prompts"] if keep(p)]
+        quora = [p for p in pairs["quora"] if keep(p)]
+        print(f"\n== prompt-pairs-dev, {title}: {len(prompts)} pairs")
+        print("\n".join(prompts_table(prompts, thresholds, default)))
+        print(f"-- per kind (FH for look-alikes, useful for paraphrases), {title}")
+        print("\n".join(kinds_table(prompts, sorted(set(KIND_THRESHOLDS) | {default}))))
+        print(f"\n== paraphrase-dev (Quora + GPT paraphrases), {title}: {len(quora)} pairs")
+        print("\n".join(quora_table(quora, thresholds, default)))
     return 0
 
 

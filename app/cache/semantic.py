@@ -1,31 +1,34 @@
-"""L2: vectors in Redis (little-endian float32), a numpy index per partition in each worker.
+"""L2 storage: entries in Redis, a bounded in-memory index of their static vectors in each worker.
 
 Redis layout, all keys of one partition under one hash tag (one cluster slot):
-  gw:s:{<partition>}:log        ZSET  entry id -> time written (ms); what workers sync from
-  gw:s:{<partition>}:e:<id>     HASH  v = float32 LE bytes, q = the embedded text, a = the answer JSON
-The worker syncs a partition at most every SYNC_SECONDS (one ZRANGEBYSCORE for what is new, one
-pipelined HMGET for those vectors), searches with one matrix-vector product, and confirms a hit by
-reading the answer from Redis: an expired or deleted entry is never served.
+  gw:s2:{<partition>}:log       ZSET  entry id -> time written (ms); what workers sync from
+  gw:s2:{<partition>}:e:<id>    HASH  s = static vector, t = transformer vector (once computed), both float32 LE;
+                                      q = the normalised text, x = expiry (unix s), a = the answer JSON
+A worker syncs a partition at most every SYNC_SECONDS (one ZRANGEBYSCORE for what is new, one pipelined HMGET of
+those rows), searches the static vectors with one matrix-vector product, reads the transformer vectors of the few
+candidates that survive the cheap checks, and confirms a hit by reading the answer from Redis: an expired or deleted
+entry is never served.
+
+Memory is bounded per worker at all times, across partitions: past ``max_rows`` or ``max_bytes`` the oldest rows go
+first (not whole partitions), expired rows are skipped by every search and compacted away.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import numpy as np
 
 SYNC_SECONDS = 0.5
-CANDIDATES = 3  # best-scoring candidates verified per look-up, best first
-# Up to this many rows one float32 matrix-vector product is the fastest search. Past it the matrix no longer fits
-# in the CPU caches (100k rows = 150 MB: 20-40 ms per scan, memory-bound), so a 1-bit sketch per row (the signs,
-# 48 bytes at 384 dimensions) shortlists SHORTLIST rows by Hamming distance, and only those are scored exactly.
-EXACT_ROWS = 8192
-SHORTLIST = 1024
-MAX_ROWS_PER_WORKER = 200_000  # about 300 MB at 384 dimensions; least recently used partitions go first
+CANDIDATES = 4  # best static candidates looked at per look-up, best first
 LOG_TRIM_EVERY = 64
+ROW_OVERHEAD_BYTES = 120
+#: A partition with more than 1/HOT_SHARE of the row bound evicts its own oldest rows when the bound is reached.
+HOT_SHARE = 4  # list slots, dict entry and id string of one row, beyond its vector and text
 
 FLOAT32_LE = np.dtype("<f4")
 
@@ -43,120 +46,130 @@ def decode_vector(data: bytes) -> np.ndarray:
 class Candidate:
     entry_id: str
     text: str
-    similarity: float
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    candidates: list[Candidate]
-    best: float | None  # the best similarity seen, for the similarity histogram
-
-
-def sign_sketch(vectors: np.ndarray) -> np.ndarray:
-    """Rows of sign bits packed into uint64 words (padded): Hamming distance tracks the angle."""
-    bits = np.packbits(vectors > 0, axis=-1)
-    pad = (-bits.shape[-1]) % 8
-    if pad:
-        bits = np.concatenate([bits, np.zeros((*bits.shape[:-1], pad), dtype=np.uint8)], axis=-1)
-    return np.ascontiguousarray(bits).view(np.uint64)
+    static_similarity: float
 
 
 class PartitionIndex:
-    """The vectors of one partition held by this worker: a growing float32 matrix of unit rows."""
+    """The static vectors of one partition held by this worker: a growing float32 matrix of unit rows."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._matrix = np.zeros((16, dim), dtype=np.float32)
-        # Word-major (words x rows): each word's column of rows is contiguous, so the Hamming pass is a few
-        # vectorised sweeps instead of a strided reduction.
-        self._sketch = np.zeros((sign_sketch(np.zeros((1, dim), dtype=np.float32)).shape[1], 16), dtype=np.uint64)
+        self._expires = np.zeros(16, dtype=np.float64)
+        self._alive = np.zeros(16, dtype=bool)
         self._ids: list[str] = []
         self._texts: list[str] = []
-        self._alive = np.zeros(16, dtype=bool)
         self._positions: dict[str, int] = {}
+        self.live = 0
         self.synced_at = 0.0
         self.synced_score = 0.0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self.live
 
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._positions
 
-    def add(self, entry_id: str, vector: np.ndarray, text: str) -> None:
+    def add(self, entry_id: str, vector: np.ndarray, text: str, expires_at: float) -> bool:
+        """Add a row; False when it is already here or has the wrong shape."""
         if entry_id in self._positions or vector.shape != (self.dim,):
-            return
+            return False
         row = len(self._ids)
         if row == self._matrix.shape[0]:
-            self._matrix = np.concatenate([self._matrix, np.zeros_like(self._matrix)])
-            self._sketch = np.concatenate([self._sketch, np.zeros_like(self._sketch)], axis=1)
-            self._alive = np.concatenate([self._alive, np.zeros_like(self._alive)])
+            grow = max(16, row)
+            self._matrix = np.concatenate([self._matrix, np.zeros((grow, self.dim), dtype=np.float32)])
+            self._expires = np.concatenate([self._expires, np.zeros(grow)])
+            self._alive = np.concatenate([self._alive, np.zeros(grow, dtype=bool)])
         self._matrix[row] = vector
-        self._sketch[:, row] = sign_sketch(vector[np.newaxis, :])[0]
+        self._expires[row] = expires_at
         self._alive[row] = True
         self._ids.append(entry_id)
         self._texts.append(text)
         self._positions[entry_id] = row
+        self.live += 1
+        return True
 
-    def drop(self, entry_id: str) -> None:
+    def is_live(self, entry_id: str) -> bool:
         row = self._positions.get(entry_id)
-        if row is not None:
-            self._alive[row] = False
+        return row is not None and bool(self._alive[row])
 
-    def search(self, query: np.ndarray, threshold: float, limit: int = CANDIDATES) -> SearchResult:
-        """Up to `limit` live candidates at or above `threshold`, best first, and the best similarity seen."""
-        rows, scores = self._score(query)
-        if scores.size == 0:
-            return SearchResult([], None)
-        if limit < scores.size:
-            top = np.argpartition(-scores, limit)[:limit]
-        else:
-            top = np.arange(scores.size)
-        top = top[np.argsort(-scores[top])]
-        best = float(scores[top[0]]) if scores[top[0]] > -1.0 else None
-        candidates = [
-            Candidate(self._ids[rows[i]], self._texts[rows[i]], float(scores[i]))
-            for i in top
-            if scores[i] >= threshold and scores[i] > -1.0
-        ]
-        return SearchResult(candidates, best)
+    def drop(self, entry_id: str) -> str | None:
+        """Forget a row (expired, deleted or evicted); its text, for the caller's byte count."""
+        row = self._positions.get(entry_id)
+        if row is None or not self._alive[row]:
+            return None
+        self._alive[row] = False
+        self.live -= 1
+        text = self._texts[row]
+        self._texts[row] = ""
+        if len(self._ids) >= 64 and self.live < len(self._ids) // 2:
+            self._compact()
+        return text
 
-    def _score(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row numbers, cosine) of the rows worth scoring; dropped rows score -1."""
+    def search(self, query: np.ndarray, floor: float, now: float, limit: int = CANDIDATES) -> list[Candidate]:
+        """Up to ``limit`` live, unexpired candidates whose static cosine reaches ``floor``, best first."""
         n = len(self._ids)
-        alive = self._alive[:n]
-        if n <= EXACT_ROWS:
-            scores = self._matrix[:n] @ query
-            scores[~alive] = -1.0
-            return np.arange(n), scores
-        words = np.bitwise_xor(self._sketch[:, :n], sign_sketch(query[np.newaxis, :])[0][:, np.newaxis])
-        bits = np.bitwise_count(words)
-        distance = bits[0].astype(np.uint16)
-        for word_bits in bits[1:]:
-            distance += word_bits
-        distance[~alive] = np.iinfo(distance.dtype).max
-        rows = np.argpartition(distance, SHORTLIST)[:SHORTLIST]
-        scores = self._matrix[rows] @ query
-        scores[~alive[rows]] = -1.0
-        return rows, scores
+        if n == 0 or self.live == 0:
+            return []
+        scores = self._matrix[:n] @ query
+        scores[~(self._alive[:n] & (self._expires[:n] > now))] = -1.0
+        top = np.argpartition(-scores, limit)[:limit] if limit < n else np.arange(n)
+        top = top[np.argsort(-scores[top])]
+        return [Candidate(self._ids[i], self._texts[i], float(scores[i])) for i in top if scores[i] >= floor]
+
+    def oldest(self) -> str | None:
+        """The id of the oldest live row (rows are kept in the order they were added)."""
+        live = np.flatnonzero(self._alive[: len(self._ids)])
+        return self._ids[live[0]] if live.size else None
+
+    def expired(self, now: float) -> list[str]:
+        n = len(self._ids)
+        rows = np.flatnonzero(self._alive[:n] & (self._expires[:n] <= now))
+        return [self._ids[i] for i in rows]
+
+    def _compact(self) -> None:
+        keep = np.flatnonzero(self._alive[: len(self._ids)])
+        size = max(16, len(keep) * 2)
+        matrix = np.zeros((size, self.dim), dtype=np.float32)
+        matrix[: len(keep)] = self._matrix[keep]
+        expires = np.zeros(size)
+        expires[: len(keep)] = self._expires[keep]
+        alive = np.zeros(size, dtype=bool)
+        alive[: len(keep)] = True
+        self._matrix, self._expires, self._alive = matrix, expires, alive
+        self._ids = [self._ids[i] for i in keep]
+        self._texts = [self._texts[i] for i in keep]
+        self._positions = {entry_id: row for row, entry_id in enumerate(self._ids)}
+
+
+@dataclass(frozen=True)
+class IndexBounds:
+    max_rows: int
+    max_bytes: int
 
 
 class SemanticStore:
-    """Redis side of L2 plus the worker's per-partition indexes."""
+    """Redis side of L2 plus the worker's per-partition indexes, bounded together."""
 
-    def __init__(self, redis_client: Any, dim_hint: int = 0) -> None:
+    def __init__(self, redis_client: Any, bounds: IndexBounds) -> None:
         self._redis = redis_client
+        lua = resources.files(__package__).joinpath("lua", "hset_if_exists.lua").read_text(encoding="utf-8")
+        self._hset_if_exists = redis_client.register_script(lua)
+        self.bounds = bounds
         self._indexes: OrderedDict[str, PartitionIndex] = OrderedDict()
+        self._order: deque[tuple[str, str]] = deque()  # (partition, entry id), oldest first
+        self.rows = 0
+        self.bytes = 0
+        self.evicted = 0
         self._writes = 0
-        self.dim_hint = dim_hint
 
     @staticmethod
     def _log_key(partition: str) -> str:
-        return f"gw:s:{{{partition}}}:log"
+        return f"gw:s2:{{{partition}}}:log"
 
     @staticmethod
     def _entry_key(partition: str, entry_id: str) -> str:
-        return f"gw:s:{{{partition}}}:e:{entry_id}"
+        return f"gw:s2:{{{partition}}}:e:{entry_id}"
 
     def index(self, partition: str, dim: int, now: float) -> PartitionIndex:
         """The partition's index, synced with Redis if it is older than SYNC_SECONDS."""
@@ -164,7 +177,6 @@ class SemanticStore:
         if index is None or index.dim != dim:
             index = PartitionIndex(dim)
             self._indexes[partition] = index
-            self._evict()
         self._indexes.move_to_end(partition)
         if now - index.synced_at >= SYNC_SECONDS:
             self._sync(partition, index, now)
@@ -175,6 +187,8 @@ class SemanticStore:
         since = max(0.0, index.synced_score - 5000.0)
         ids = self._redis.zrangebyscore(self._log_key(partition), since, "+inf", withscores=True)
         index.synced_at = now
+        for entry_id in index.expired(now):
+            self._forget(partition, index, entry_id)
         new = [(_text(member), score) for member, score in ids if _text(member) not in index]
         if ids:
             index.synced_score = max(score for _, score in ids)
@@ -182,10 +196,17 @@ class SemanticStore:
             return
         pipe = self._redis.pipeline(transaction=False)
         for entry_id, _ in new:
-            pipe.hmget(self._entry_key(partition, entry_id), "v", "q")
-        for (entry_id, _), (vector, text) in zip(new, pipe.execute(), strict=True):
-            if vector is not None and text is not None:
-                index.add(entry_id, decode_vector(vector), _text(text))
+            pipe.hmget(self._entry_key(partition, entry_id), "s", "q", "x")
+        for (entry_id, _), (vector, text, expires) in zip(new, pipe.execute(), strict=True):
+            if vector is not None and text is not None and expires is not None:
+                self._add(partition, index, entry_id, decode_vector(vector), _text(text), float(expires))
+
+    def transformer_vectors(self, partition: str, entry_ids: list[str]) -> list[np.ndarray | None]:
+        """The stored transformer vectors of some entries (None where not computed yet): one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.hget(self._entry_key(partition, entry_id), "t")
+        return [decode_vector(v) if v else None for v in pipe.execute()]
 
     def confirm(self, partition: str, entry_id: str) -> bytes | None:
         """The cached answer if the entry still exists in Redis (not expired, not deleted)."""
@@ -193,38 +214,91 @@ class SemanticStore:
         if content is None:
             index = self._indexes.get(partition)
             if index is not None:
-                index.drop(entry_id)
+                self._forget(partition, index, entry_id)
         return content
 
-    def put(self, partition: str, entry_id: str, vector: np.ndarray, text: str, content: bytes, ttl: int) -> None:
-        now_ms = time.time() * 1000.0
+    def put(self, partition: str, entry_id: str, static: np.ndarray, transformer: np.ndarray | None, text: str,
+            content: bytes, ttl: int) -> None:
+        now = time.time()
         entry_key = self._entry_key(partition, entry_id)
         log_key = self._log_key(partition)
+        fields: dict[str, Any] = {"s": encode_vector(static), "q": text, "a": content, "x": f"{now + ttl:.3f}"}
+        if transformer is not None:
+            fields["t"] = encode_vector(transformer)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(entry_key, mapping={"v": encode_vector(vector), "q": text, "a": content})
+        pipe.hset(entry_key, mapping=fields)
         pipe.expire(entry_key, ttl)
-        pipe.zadd(log_key, {entry_id: now_ms})
+        pipe.zadd(log_key, {entry_id: now * 1000.0})
         pipe.expire(log_key, max(ttl, 3600) * 2)
         self._writes += 1
         if self._writes % LOG_TRIM_EVERY == 0:
             # Log members older than the longest TTL in use point at expired entries.
-            pipe.zremrangebyscore(log_key, "-inf", now_ms - ttl * 1000.0 * 2)
+            pipe.zremrangebyscore(log_key, "-inf", (now - ttl * 2) * 1000.0)
         pipe.execute()
         index = self._indexes.get(partition)
         if index is not None:
-            index.add(entry_id, vector, text)
+            self._add(partition, index, entry_id, static, text, now + ttl)
+
+    def remember_transformer_vectors(self, partition: str, vectors: dict[str, np.ndarray]) -> None:
+        """Keep transformer vectors computed for candidates, so the next look-up does not compute them again."""
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id, vector in vectors.items():
+            key = self._entry_key(partition, entry_id)
+            # Only on an entry that still exists: HSET on a missing key would create one without expiry.
+            self._hset_if_exists(keys=[key], args=["t", encode_vector(vector)], client=pipe)
+        pipe.execute()
 
     def stats(self) -> dict[str, int]:
-        return {"partitions": len(self._indexes), "rows": sum(len(i) for i in self._indexes.values())}
+        return {"partitions": len(self._indexes), "rows": self.rows, "bytes": self.bytes,
+                "max_rows": self.bounds.max_rows, "max_bytes": self.bounds.max_bytes, "evicted": self.evicted}
 
     def clear(self) -> None:
         self._indexes.clear()
+        self._order.clear()
+        self.rows = self.bytes = 0
 
-    def _evict(self) -> None:
-        rows = sum(len(i) for i in self._indexes.values())
-        while rows > MAX_ROWS_PER_WORKER and len(self._indexes) > 1:
-            _, oldest = self._indexes.popitem(last=False)
-            rows -= len(oldest)
+    # -- bounds -------------------------------------------------------------------------------------------------
+
+    def _row_bytes(self, dim: int, text: str) -> int:
+        return dim * 4 + len(text) + ROW_OVERHEAD_BYTES
+
+    def _add(self, partition: str, index: PartitionIndex, entry_id: str, vector: np.ndarray, text: str,
+             expires_at: float) -> None:
+        if not index.add(entry_id, vector, text, expires_at):
+            return
+        self.rows += 1
+        self.bytes += self._row_bytes(index.dim, text)
+        self._order.append((partition, entry_id))
+        while self.rows > self.bounds.max_rows or self.bytes > self.bounds.max_bytes:
+            # A partition holding more than its share pays for its own growth with its oldest rows; otherwise the
+            # oldest rows of the worker go. Either way the other partitions keep theirs.
+            if index.live > self.bounds.max_rows // HOT_SHARE or index.live * 4 > self.rows * 3:
+                victim = index.oldest()
+                if victim is not None and self._forget(partition, index, victim):
+                    self.evicted += 1
+                    continue
+            if not self._order:
+                break
+            old_partition, old_id = self._order.popleft()
+            old_index = self._indexes.get(old_partition)
+            if old_index is not None and self._forget(old_partition, old_index, old_id):
+                self.evicted += 1
+        if len(self._order) > 2 * max(self.rows, 1024):  # ids of rows already forgotten another way
+            self._order = deque(item for item in self._order if self._live(*item))
+
+    def _forget(self, partition: str, index: PartitionIndex, entry_id: str) -> bool:
+        text = index.drop(entry_id)
+        if text is None:
+            return False
+        self.rows -= 1
+        self.bytes -= self._row_bytes(index.dim, text)
+        if index.live == 0 and partition in self._indexes and len(self._indexes) > 1:
+            index.synced_at = 0.0  # an empty index is cheap; it stays so its sync position is kept
+        return True
+
+    def _live(self, partition: str, entry_id: str) -> bool:
+        index = self._indexes.get(partition)
+        return index is not None and index.is_live(entry_id)
 
 
 def _text(value: bytes | str) -> str:

@@ -17,9 +17,11 @@ import numpy as np
 from app.breaker import Breaker
 from app.cache.exact import EMBEDDINGS_PREFIX, ENTRY_PREFIX, ExactStore, Generations
 from app.cache.keys import SemanticParts, digest, exact_key, semantic_parts
+from app.cache.lexicon import verifier_model
 from app.cache.local import LocalCache, LocalEntry
-from app.cache.semantic import SemanticStore
-from app.cache.verify import candidate_floor, is_semantic_hit
+from app.cache.semantic import Candidate, IndexBounds, SemanticStore
+from app.cache.verify import decide, normalise, repair_typos, rule_check
+from app.concurrency import BackgroundQueue
 from app.embeddings.base import Embedder, EmbeddingError
 from app.errors import BadRequest
 from app.observability import metrics
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 CACHEABLE_FINISH = frozenset({"stop", "tool_calls", "function_call"})
 MAX_TTL_SECONDS = 30 * 86400
 MISS, BYPASS = "MISS", "BYPASS"
+#: Prompts longer than this many tokens are past what the transformer reads (it truncates at 256): two prompts that
+#: differ after that point would look the same to it, so L2 is not used for them.
+SEMANTIC_MAX_TOKENS = 256
 
 
 @dataclass
@@ -43,11 +48,15 @@ class CachePlan:
     lookup: bool
     store: bool
     ttl: int
+    threshold: float = 1.0
     outcome: str = BYPASS
     key: str | None = None
     semantic: SemanticParts | None = None
     partition: str | None = None
+    static_vector: np.ndarray | None = field(default=None, repr=False)
     vector: np.ndarray | None = field(default=None, repr=False)
+    learned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # candidates' transformer vectors
+    reason: str | None = None  # the L2 decision, for the log line
 
 
 @dataclass(frozen=True)
@@ -62,33 +71,57 @@ class CacheHit:
 class CacheOptions:
     ttl_seconds: int
     semantic_enabled: bool
-    semantic_threshold: float
+    semantic_threshold: float | None  # None: the verifier's measured default
     semantic_max_temperature: float
+    index_bounds: IndexBounds = IndexBounds(max_rows=100_000, max_bytes=64 * 1024 * 1024)
+    store_queue_size: int = 1000
+
+
+@dataclass(frozen=True)
+class SemanticWrite:
+    """L2 work to do after the answer has gone (plain data for the background queue): the new entry, if any,
+    and the transformer vectors computed for candidates, kept so the next look-up does not compute them again."""
+
+    partition: str
+    learned: dict[str, np.ndarray]
+    entry_id: str | None = None
+    text: str = ""
+    static_vector: np.ndarray | None = None
+    vector: np.ndarray | None = None
+    content: bytes = b""
+    ttl: int = 0
 
 
 class CacheService:
     def __init__(self, redis_client: Any, options: CacheOptions, local: LocalCache,
-                 embedder: Embedder | None) -> None:
+                 embedder: Embedder | None, static: Embedder | None = None) -> None:
         self.options = options
         self.local = local
-        self.embedder = embedder if options.semantic_enabled else None
+        self.embedder = embedder if options.semantic_enabled and static is not None else None
+        self.static = static if self.embedder is not None else None
+        self.threshold = (options.semantic_threshold if options.semantic_threshold is not None
+                          else verifier_model().default_threshold)
         self.exact = ExactStore(redis_client)
-        self.semantic = SemanticStore(redis_client)
+        self.semantic = SemanticStore(redis_client, options.index_bounds)
         self.generations = Generations(redis_client)
         self.breaker = Breaker()
         self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
-        # Vectors of different models never share a partition, even at the same dimension.
-        self._space = digest(self.embedder.model_id)[:8] if self.embedder is not None else ""
+        self.writes = BackgroundQueue("semantic_store", self._write_semantic, options.store_queue_size,
+                                      on_drop=metrics.BACKGROUND_DROPPED.labels("semantic_store").inc)
+        # Vectors of different models never share a partition.
+        self._space = digest([self.embedder.model_id, self.static.model_id])[:8] if self.embedder is not None else ""
 
     # -- planning (no I/O) -------------------------------------------------------------------------------
 
-    def plan(self, parsed: Any, tenant: str, cache_control: str | None, ttl_header: str | None) -> CachePlan:
+    def plan(self, parsed: Any, tenant: str, cache_control: str | None, ttl_header: str | None,
+             min_similarity: str | None = None) -> CachePlan:
         directives = {d.strip().lower() for d in (cache_control or "").split(",")}
         no_store = "no-store" in directives
         plan = CachePlan(
             route=parsed.route, tenant=tenant, model=parsed.model, body=parsed.body,
             lookup=not no_store and "no-cache" not in directives, store=not no_store,
             ttl=_ttl(ttl_header, self.options.ttl_seconds),
+            threshold=max(self.threshold, _min_similarity(min_similarity)),
         )
         if no_store:
             return plan
@@ -119,7 +152,7 @@ class CacheService:
             if self.generations.refresh(now):
                 self.local.clear()
                 self.semantic.clear()
-            plan.key = self._key(plan)
+            plan.key, plan.partition = self._keys(plan)
             plan.outcome = MISS
             if not plan.lookup:
                 return None
@@ -136,12 +169,12 @@ class CacheService:
             plan.outcome = hit.layer
         return hit
 
-    def _key(self, plan: CachePlan) -> str:
+    def _keys(self, plan: CachePlan) -> tuple[str, str | None]:
+        """The exact key and, when L2 applies, the partition: both carry the scope's generation."""
         tag = self.generations.tag(plan.tenant, plan.model)
         prefix = EMBEDDINGS_PREFIX if plan.route == "embeddings" else ENTRY_PREFIX
-        if plan.semantic is not None:
-            plan.partition = f"{tag}:{self._space}:{plan.semantic.partition}"
-        return f"{prefix}{tag}:{exact_key(plan.route, plan.tenant, plan.body)}"
+        partition = f"{tag}:{self._space}:{plan.semantic.partition}" if plan.semantic is not None else None
+        return f"{prefix}{tag}:{exact_key(plan.route, plan.tenant, plan.body)}", partition
 
     def _exact(self, plan: CachePlan, now: float) -> CacheHit | None:
         assert plan.key is not None
@@ -162,40 +195,99 @@ class CacheService:
         return CacheHit("L1", content, answer)
 
     def _semantic(self, plan: CachePlan, now: float) -> CacheHit | None:
-        if plan.semantic is None or plan.partition is None or self.embedder is None:
+        """The cascade: static vectors find candidates, lexical rules drop look-alikes, the transformer decides.
+
+        Each stage runs only when the one before left something to look at, so a new prompt with no near
+        neighbour costs a table look-up, and one in an empty partition not even that.
+        """
+        if plan.semantic is None or plan.partition is None or self.static is None:
             return None
-        vector = self._embed(plan.semantic.text)
-        if vector is None:
+        text = normalise(plan.semantic.text)
+        index = self.semantic.index(plan.partition, self.static.dim, now)
+        if not len(index):
+            return self._skip(plan, "empty_partition")
+        if self.static.token_count(text) > SEMANTIC_MAX_TOKENS:
+            plan.semantic = None  # nor stored: a later prompt could never be told apart from it
+            return self._skip(plan, "too_long")
+        plan.static_vector = self.static.embed([text])[0]
+        metrics.EMBEDDINGS.labels("static").inc()
+        found = index.search(plan.static_vector, verifier_model().static_floor, now)
+        survivors: list[Candidate] = []
+        for candidate in found:
+            refused = rule_check(text, candidate.text)
+            if refused is None:
+                survivors.append(candidate)
+            else:
+                self._refused(plan, refused.rule, refused.reason)
+        if not survivors:
+            if not found:
+                self._skip(plan, "no_candidate")
+            metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
+            return None
+        return self._verify(plan, text, survivors)
+
+    def _verify(self, plan: CachePlan, text: str, survivors: list[Candidate]) -> CacheHit | None:
+        assert plan.partition is not None
+        stored = self.semantic.transformer_vectors(plan.partition, [c.entry_id for c in survivors])
+        repairs = [repair_typos(text, c.text) for c in survivors]
+        missing = [c.text for c, v in zip(survivors, stored, strict=True) if v is None]
+        extra = [r for r in repairs if r is not None]
+        vectors = self._embed([text, *extra, *missing])
+        if vectors is None:
             plan.semantic = None  # no second wait on a failing embedder to store: this answer skips L2
             return None
-        plan.vector = vector
-        index = self.semantic.index(plan.partition, vector.shape[0], now)
-        threshold = self.options.semantic_threshold
-        found = index.search(vector, candidate_floor(threshold))
-        if found.best is not None:
-            metrics.SEMANTIC_SIMILARITY.observe(max(found.best, 0.0))
-        for candidate in found.candidates:
-            verdict = is_semantic_hit(candidate.similarity, plan.semantic.text, candidate.text, threshold)
+        plan.vector = vectors[0]
+        repaired = iter(vectors[1 : 1 + len(extra)])
+        computed = iter(vectors[1 + len(extra) :])
+        best: float | None = None
+        for candidate, vector, repair in zip(survivors, stored, repairs, strict=True):
+            if vector is None:
+                vector = next(computed)
+                plan.learned[candidate.entry_id] = vector
+            similarity = float(plan.vector @ vector)
+            if repair is not None:
+                similarity = max(similarity, float(next(repaired) @ vector))
+            best = similarity if best is None else max(best, similarity)
+            verdict = decide(text, candidate.text, similarity=similarity,
+                             static_similarity=candidate.static_similarity, threshold=plan.threshold)
             if not verdict.ok:
-                log.debug("L2 candidate rejected: %s", verdict.reason)
+                self._refused(plan, verdict.rule, verdict.reason)
                 continue
             content = self.semantic.confirm(plan.partition, candidate.entry_id)
             if content is None:
                 continue
             answer = _stored_answer(content)
+            metrics.SEMANTIC_DECISIONS.labels("served").inc()
+            metrics.SEMANTIC_SIMILARITY.observe(max(similarity, 0.0))
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
-            return CacheHit("L2", content, answer, round(candidate.similarity, 4))
+            plan.reason = verdict.reason
+            if plan.learned:
+                self.writes.offer(SemanticWrite(partition=plan.partition, learned=dict(plan.learned)))
+            return CacheHit("L2", content, answer, round(similarity, 4))
+        if best is not None:
+            metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
         metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
         return None
 
-    def _embed(self, text: str) -> np.ndarray | None:
+    def _skip(self, plan: CachePlan, reason: str) -> None:
+        metrics.SEMANTIC_SKIPPED.labels(reason).inc()
+        plan.reason = reason
+        return None
+
+    def _refused(self, plan: CachePlan, rule: str, reason: str) -> None:
+        metrics.SEMANTIC_DECISIONS.labels(rule).inc()
+        if plan.reason is None:  # the best candidate's reason is the one worth a log line
+            plan.reason = reason
+        log.debug("L2 candidate refused: %s", reason)
+
+    def _embed(self, texts: list[str]) -> np.ndarray | None:
         assert self.embedder is not None
         started = time.perf_counter()
         if not self.embedding_breaker.available(time.time()):
             metrics.CACHE_LOOKUPS.labels("L2", "error").inc()
             return None
         try:
-            vector = self.embedder.embed([text])[0]
+            vectors = self.embedder.embed(texts)
         except EmbeddingError as exc:
             self.embedding_breaker.failed(time.time())
             metrics.CACHE_LOOKUPS.labels("L2", "error").inc()
@@ -203,8 +295,9 @@ class CacheService:
                         self.embedding_breaker.pause_seconds, exc)
             return None
         self.embedding_breaker.succeeded()
+        metrics.EMBEDDINGS.labels("transformer").inc(len(texts))
         metrics.EMBEDDING_DURATION.observe(time.perf_counter() - started)
-        return vector
+        return vectors
 
     # -- store -------------------------------------------------------------------------------------------
 
@@ -220,15 +313,40 @@ class CacheService:
         try:
             expires_at = self.exact.put(plan.key, content, plan.ttl)
             self.local.put(plan.key, LocalEntry(content, answer, expires_at))
-            if plan.semantic is not None and plan.partition is not None:
-                vector = plan.vector if plan.vector is not None else self._embed(plan.semantic.text)
-                if vector is not None:
-                    entry_id = plan.key.rsplit(":", 1)[-1][:32]
-                    self.semantic.put(plan.partition, entry_id, vector, plan.semantic.text, content, plan.ttl)
         except REDIS_FAILURES as exc:  # a failed store only costs a future miss
             self._redis_failed(plan, exc, now)
             return
         self.breaker.succeeded()
+        if plan.semantic is not None and plan.partition is not None:
+            # Its vectors are only for later requests: computed and written after this answer has gone.
+            self.writes.offer(SemanticWrite(
+                partition=plan.partition, entry_id=plan.key.rsplit(":", 1)[-1][:32],
+                text=normalise(plan.semantic.text), static_vector=plan.static_vector, vector=plan.vector,
+                learned=dict(plan.learned), content=content, ttl=plan.ttl,
+            ))
+
+    def _write_semantic(self, job: SemanticWrite) -> None:
+        """The background half of a store: the static vector if the look-up did not need one, then Redis."""
+        assert self.static is not None
+        if not self.breaker.available(time.time()):
+            return
+        static = job.static_vector
+        if static is None and job.entry_id is not None:
+            static = self.static.embed([job.text])[0]
+            metrics.EMBEDDINGS.labels("static").inc()
+        try:
+            if job.entry_id is not None and static is not None:
+                self.semantic.put(job.partition, job.entry_id, static, job.vector, job.text, job.content, job.ttl)
+            if job.learned:
+                self.semantic.remember_transformer_vectors(job.partition, job.learned)
+        except REDIS_FAILURES as exc:
+            self.breaker.failed(time.time())
+            metrics.REDIS_ERRORS.labels("cache").inc()
+            log.warning("L2 store failed: %s", type(exc).__name__)
+            return
+        stats = self.semantic.stats()
+        metrics.SEMANTIC_INDEX_ROWS.set(stats["rows"])
+        metrics.SEMANTIC_INDEX_BYTES.set(stats["bytes"])
 
     # -- admin -------------------------------------------------------------------------------------------
 
@@ -244,7 +362,8 @@ class CacheService:
         return {
             "l0": {"entries": len(self.local), "bytes": self.local.size_bytes, "max_entries": self.local.max_entries},
             "l2": {**self.semantic.stats(), "enabled": self.embedder is not None,
-                   "threshold": self.options.semantic_threshold},
+                   "threshold": self.threshold, "store_queue": self.writes.pending(),
+                   "store_dropped": self.writes.dropped},
             "generations": self.generations.snapshot(),
             "ttl_seconds": self.options.ttl_seconds,
         }
@@ -279,6 +398,19 @@ def _complete(route: str, answer: dict[str, Any]) -> bool:
         return False
     # Only an answer the replay can turn back into a stream: a chat choice needs its message object.
     return route != "chat" or all(isinstance(c.get("message"), dict) for c in choices)
+
+
+def _min_similarity(header: str | None) -> float:
+    """``X-Cache-Min-Similarity``: a request may raise its own L2 bar, never lower it (0 = no tightening)."""
+    if header is None or not header.strip():
+        return 0.0
+    try:
+        value = float(header)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise BadRequest("X-Cache-Min-Similarity must be a number between 0 and 1.", code="invalid_min_similarity")
+    return value
 
 
 def _ttl(header: str | None, default: int) -> int:

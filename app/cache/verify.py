@@ -1,270 +1,153 @@
 """The L2 (semantic) cache decision: may the answer cached for ``candidate`` be served for ``query``?
 
-Cosine similarity finds candidates but cannot tell "... in Atlanta?" from "... in Toronto?", 2016 from 2017, "to" from
-"from", or "is" from "is not": those pairs embed almost identically. So :func:`verify` looks at what differs
-between the two texts: hard rules reject changed numbers, negation, direction or a replaced name, and a learned
-margin (a logistic regression over a few lexical features, in cosine units) prices the remaining differences. A hit
-needs ``similarity >= threshold + margin`` (and never below ``threshold - SEARCH_SLACK``).
+Cosine similarity finds candidates but cannot tell "... in Atlanta?" from "... in Toronto?", "ascending" from
+"descending", "love" from "hate", a tweet from an essay, or a request from the same request with a condition added:
+those pairs embed almost identically. So the decision reads what changed between the two texts:
 
-:func:`verify` is deterministic, pure (no I/O after the one-time vocabulary load), costs about 0.2 ms, and explains
-itself: the verdict carries a short reason for logs and debugging. The weights come from ``tools/train_verifier.py``
-(even ids of the dev pairs); ``tools/eval_semantic.py`` measures the result, odd ids held out.
+1. hard rules reject a change that alters the answer: other numbers, a negation or negated word on one side, an
+   opposite word, a direction swapped around "to/from/than", one name replaced by another, another output format or
+   genre, another given text (quoted or after a colon);
+2. what remains is scored by a small logistic regression over pair features (cosine, words left unmatched on each
+   side, their rarity, a condition added on one side, ...), fitted by ``tools/train_verifier.py``;
+3. the cosine must reach the threshold, whatever the score: raising ``SEMANTIC_CACHE_THRESHOLD`` never serves more.
+
+Paraphrases are tolerated: typing errors (a word within a small edit distance of the other side's), case,
+punctuation, chat abbreviations, politeness and filler, context sentences around an unchanged request.
+
+Everything here is pure and deterministic (no I/O after the one-time load of ``data/``); a pair costs ~0.1 ms and
+the verdict names its reason, for the log line and the rejection metric.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
-from app.config import DEFAULT_SEMANTIC_THRESHOLD  # noqa: E402 - the measured default lives with the settings
+from app.cache.lexicon import lexicon, verifier_model, vocabulary_ranks
 
-__all__ = [
-    "DEFAULT_SEMANTIC_THRESHOLD",
-    "SEARCH_SLACK",
-    "Verdict",
-    "candidate_floor",
-    "features",
-    "is_semantic_hit",
-    "verify",
-]
+__all__ = ["Verdict", "decide", "features", "normalise", "repair_typos", "rule_check"]
 
-#: The learned margin, in cosine units: the similarity a pair needs is ``threshold + margin`` with
-#: ``margin = MARGIN_BIAS + sum(MARGIN_WEIGHTS[f] * value_f)`` over the lexical features of :func:`features`.
-#: A logistic regression (cosine + these features) fitted by ``tools/train_verifier.py`` on the even ids of the
-#: paraphrase set, divided by its cosine weight; the bias makes ``margin == 0`` for two texts with the same content
-#: words, so the threshold keeps its old meaning for them. Re-run that tool and paste its output to re-tune.
-MARGIN_WEIGHTS: dict[str, float] = {
-    "one_side_name": 0.1176,  # a name-like word (capitalised, acronym, rare) on one side only
-    "overlap": 0.1057,  # Jaccard of content words: at equal cosine, more shared words means a bigger real change
-    "words_differ": -0.1448,  # content words on one side only, capped at 3: rewording spreads over several words
-    "rarest_diff": 0.3297,  # rarity (0..1.15, from the tokenizer's frequency-ordered vocabulary) of the rarest one
-    "length_ratio": 0.2074,  # shorter/longer word count: same length and high cosine smells of a swapped word
-}
-MARGIN_BIAS = -0.3131
-#: How far below ``threshold`` a candidate may be and still pass on a negative margin (many reworded, common
-#: words and nothing rare or name-like changed). The cache searches from ``candidate_floor(threshold)``.
-SEARCH_SLACK = 0.268
-#: Cap of the ``words_differ`` feature.
-WORDS_DIFFER_CAP = 3
-
-
-def candidate_floor(threshold: float) -> float:
-    """The lowest cosine :func:`is_semantic_hit` can accept at ``threshold``: where the index search starts."""
-    return threshold - SEARCH_SLACK
+_TOKEN = re.compile(r"\d+(?:[.,:/]\d+)*|[A-Za-z][A-Za-z0-9_]*(?:'[A-Za-z]+)?|[0-9]+[A-Za-z_][A-Za-z0-9_]*")
+_SENTENCE_END = frozenset('.?!:;"(*-')
+_BOTH_WAYS = re.compile(r" or (?:\w+ )?(?:not|without|no) ")
+_QUOTED = re.compile(r'"([^"]{2,})"|\u201c([^\u201d]{2,})\u201d|`([^`]{2,})`')
+_ABBREVIATION = re.compile(r"(?<![\w/])(w/o|w/|b/c|[A-Za-z]+)(?![\w/])")
+#: Number words read as their digits ("one" is left out: "one-dimensional", "one of").
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zero - two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+    if word != "-"
+} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
+     "hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000", "dozen": "12"}
+_LOG_VOCAB = math.log(30522)
+_RARITY_UNKNOWN = 1.15  # a word WordPiece splits: rarer than any whole word
+_CAP = 4.0
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """Whether a cached answer may be served, and why (the reason is meant for logs)."""
+    """Whether a cached answer may be served, and why. ``rule`` names the check that decided (for metrics)."""
 
     ok: bool
     reason: str
-    #: Similarity above the caller's threshold this pair needs (0 when the texts differ only in phrasing).
-    margin: float = 0.0
+    rule: str
+    score: float = 0.0
 
     def __bool__(self) -> bool:
         return self.ok
 
 
-def is_semantic_hit(
-    similarity: float, query: str, candidate: str, threshold: float = DEFAULT_SEMANTIC_THRESHOLD
-) -> Verdict:
-    """The whole L2 rule: the hard checks of :func:`verify` pass and cosine reaches ``threshold + margin``.
-
-    The margin is learned (see :data:`MARGIN_WEIGHTS`) and may be negative, down to ``-SEARCH_SLACK``.
-    """
-    floor = candidate_floor(threshold)
-    if similarity < floor:
-        return Verdict(False, f"similarity {similarity:.3f} < {floor:.3f}")
-    verdict = verify(query, candidate)
-    if not verdict.ok:
-        return verdict
-    needed = threshold + verdict.margin
-    if similarity < needed:
-        return Verdict(False, f"{verdict.reason}: similarity {similarity:.3f} < {needed:.3f}", verdict.margin)
-    return Verdict(True, f"{verdict.reason}: similarity {similarity:.3f} >= {max(needed, floor):.3f}", verdict.margin)
+# -- text analysis -------------------------------------------------------------------------------------------------
 
 
-# -- lexicon -------------------------------------------------------------------------------------------------------
+def normalise(text: str) -> str:
+    """Expand chat abbreviations ("pls", "w/o", "thx") and fold white space: the text that is embedded and compared."""
+    table = lexicon().abbreviations
 
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z0-9_]+(?:'[A-Za-z]+)?")
+    def expand(match: re.Match[str]) -> str:
+        word = match.group(0)
+        return table.get(word.lower(), word) if word.lower() in table else word
 
-_SENTENCE_END = frozenset('.?!:;"(*-')
-_QUESTION_WORDS = frozenset("what why how when where who whom whose which".split())
-
-_BOTH_WAYS = re.compile(r" or (?:\w+ )?(?:not|without|no) ")
-
-_NEGATIONS = frozenset(
-    "not no never none nobody nothing nowhere neither nor without cannot cant dont doesnt didnt isnt arent wasnt "
-    "werent wont wouldnt shouldnt couldnt hasnt havent hadnt mustnt neednt aint".split()
-)
-
-#: Words whose order carries direction: "convert A to B", "A vs B", "better than".
-_DIRECTION_MARKERS = frozenset("to into from vs versus than over towards toward onto".split())
-
-_NUMBER_WORDS = {
-    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "twenty": "20", "hundred": "100",
-    "thousand": "1000",
-}  # fmt: skip
-
-#: Function words and question scaffolding: they carry phrasing, not the entity or fact being asked about.
-_STOP = frozenset(
-    """
-    a an the and or but if then so of in on at by for with about as is are was were be been being am do does did
-    doing done have has had having i me my mine myself we us our ours you your yours he him his she her hers it its
-    they them their theirs this that these those there here what which who whom whose when where why how whats
-    hows whos wheres whys can could would should will shall may might must also just only very really too more most
-    much many some any all each every other another such own same than any anyone someone something anything
-    one ones s t ll re ve d m get gets getting got make makes making made go going goes went way ways thing things
-    best good better great top possible good really ever kind sort type types like want wanted know tell let
-    please use using used need should someone people person quora question questions answer answers example
-    examples actually still even within among through it's i'm i've don't
-    """.split()
-)
-
-#: Paraphrase pairs treated as the same word after stemming (both directions).
-_SYNONYMS: dict[str, str] = {}
-for _group in (
-    "big large huge",
-    "small little tiny",
-    "fast quick rapid quickly",
-    "begin start commence",
-    "end finish",
-    "buy purchase",
-    "job career work",
-    "learn study",
-    "earn make",
-    "money cash income",
-    "movie film",
-    "car vehicle automobile",
-    "phone mobile cellphone smartphone",
-    "doctor physician",
-    "help assist",
-    "create build construct generate form",
-    "show display",
-    "find locate discover",
-    "choose select pick",
-    "method approach way technique",
-    "use utilize employ",
-    "need require",
-    "get obtain acquire receive",
-    "purpose goal aim objective",
-    "give provide furnish supply",
-    "important significant",
-    "difference differ",
-    "improve enhance",
-    "happen occur",
-    "possible able",
-    "idea concept",
-    "website site",
-    "women woman female",
-    "men man male",
-    "kid child children",
-    "usa us america american",
-    "uk britain british england",
-    "india indian",
-    "china chinese",
-    "tv television",
-    "pc computer laptop",
-    "app application",
-    "mean meaning definition define",
-    "lose reduce",
-    "weight fat",
-    "good great nice excellent",
-    "bad poor",
-    "rich wealthy",
-    "smart intelligent clever",
-    "easy simple",
-    "hard difficult",
-    "happy glad",
-    "sad unhappy",
-    "answer reply respond",
-    "ask inquire",
-    "stop quit prevent avoid",
-    "live reside",
-    "world global",
-):
-    _words = _group.split()
-    for _w in _words:
-        _SYNONYMS.setdefault(_w, _words[0])
-
-
-@lru_cache(maxsize=1)
-def _vocab_ids() -> dict[str, int]:
-    """The model's WordPiece vocabulary, word -> id; loaded once (the verifier's only I/O)."""
-    text = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
-    return dict(json.loads(text)["model"]["vocab"])
-
-
-@lru_cache(maxsize=1)
-def _common_words() -> frozenset[str]:
-    """Whole words of the model's WordPiece vocabulary: a word outside it is rare, hence likely a name."""
-    return frozenset(w for w in _vocab_ids() if w.isalpha() and w.islower() and len(w) > 1)
+    return " ".join(_ABBREVIATION.sub(expand, text).split())
 
 
 def _stem(word: str) -> str:
     """Cheap suffix folding so "impacted"/"impact" and "countries"/"country" compare equal."""
-    if len(word) <= 3 or word in _NUMBER_WORDS:
+    if len(word) <= 3:
         return word
     for suffix, repl in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("ly", "")):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             word = word[: -len(suffix)] + repl
             break
-    if len(word) > 4 and word[-1] == word[-2] and word[-1] not in "aeiouls":  # "stopp" -> "stop"
+    if len(word) > 4 and word[-1] == word[-2] and word[-1] not in "aeiouls":
         word = word[:-1]
     return word.rstrip("e") if len(word) > 4 else word
+
+
+def _key(word: str) -> str:
+    synonyms = lexicon().synonyms
+    stem = _stem(word)
+    return synonyms.get(word) or synonyms.get(stem) or stem
 
 
 @dataclass(frozen=True, slots=True)
 class _Text:
     words: tuple[str, ...]  # lower-cased tokens in order
-    content: tuple[str, ...]  # normalised content keys in order (stop words dropped)
-    strong: frozenset[str]  # content keys that look like names: capitalised mid-sentence, acronyms, rare
+    content: tuple[tuple[str, str, int], ...]  # (key, surface, sentence number) of content words, in order
+    strong: frozenset[str]  # keys that look like names: capitalised mid-sentence, acronyms, rare
     numbers: frozenset[str]
-    negated: bool
-    question_words: frozenset[str]
-    surface: dict[str, str]  # content key -> first surface form, for reasons
+    negated: bool  # in the request (the last sentence); a negated context sentence is only a feature
+    negated_context: bool
+    formats: frozenset[str]  # output forms named in the request (the last sentence)
+    markers: frozenset[str]
+    given: tuple[str, ...]  # quoted or colon-introduced text, normalised
+    symbols: str  # the operators in the given text, in order ("3x - 7" is not "3x + 7")
+    sentences: int
 
 
-def _key(word: str) -> str:
-    stem = _stem(word)
-    return _SYNONYMS.get(word) or _SYNONYMS.get(stem) or stem
-
-
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=8192)
 def _analyse(text: str) -> _Text:
+    lex = lexicon()
     common = _common_words()
-    raw: list[tuple[str, bool]] = []
-    prev_end = 0
+    raw: list[tuple[str, bool, int]] = []
+    prev_end, sentence = 0, 0
     for m in _TOKEN.finditer(text):
         gap = text[prev_end : m.start()].strip()
-        raw.append((m.group(), prev_end == 0 or (gap != "" and gap[-1] in _SENTENCE_END)))
+        at_start = prev_end == 0 or (gap != "" and gap[-1] in _SENTENCE_END)
+        if prev_end and gap and gap[-1] in ".?!":
+            sentence += 1
+        raw.append((m.group(), at_start, sentence))
         prev_end = m.end()
-    # "why or why not", "with or without": the negation offers both options and asserts neither
-    text_l = " " + " ".join(w.lower() for w, _ in raw) + " "
-    both_ways = _BOTH_WAYS.search(text_l) is not None
+    lowered = " " + " ".join(w.lower() for w, _, _ in raw) + " "
+    both_ways = _BOTH_WAYS.search(lowered) is not None
     words: list[str] = []
-    content: list[str] = []
+    content: list[tuple[str, str, int]] = []
     strong: set[str] = set()
     numbers: set[str] = set()
-    surface: dict[str, str] = {}
-    negated = False
-    for match, at_start in raw:
+    negated = negated_context = False
+    formats: set[str] = set()
+    for match, at_start, sent in raw:
         lower = match.lower()
+        negation = lower in lex.negations or lower.endswith("n't")
         if lower.endswith("n't"):
-            negated = not both_ways
             lower = lower[:-3]
         elif "'" in lower:
             lower = lower.split("'", 1)[0]
         words.append(lower)
-        if lower in _NEGATIONS:
-            negated = negated or not both_ways
+        if negation and not both_ways:
+            if sent == sentence:
+                negated = True
+            else:
+                negated_context = True
+        if lower in lex.negations:
             continue
+        if sent == sentence and lower in lex.formats:
+            formats.add(lower[:-1] if lower.endswith("s") and lower[:-1] in lex.formats else lower)
         if any(c.isdigit() for c in lower) or lower in _NUMBER_WORDS:
             value = _NUMBER_WORDS.get(lower, lower.replace(",", ""))
             if value.isdigit():
@@ -272,20 +155,50 @@ def _analyse(text: str) -> _Text:
             numbers.add(value)
             continue
         capitalised = match[0].isupper() and not at_start and match != "I"
-        if lower in _STOP and not capitalised:  # "Go", "Swift", "Make": a capitalised stop word is a name
+        if (lower in lex.stop or lower in lex.filler) and not capitalised:
             continue
         key = _key(lower)
-        content.append(key)
-        surface.setdefault(key, match)
+        content.append((key, match, sent))
         acronym = len(match) >= 2 and match.isupper()
-        rare = lower not in common and not _is_inflection_of_common(lower, common)
+        rare = lower not in common and not _inflection_of(lower, common)
         if acronym or (capitalised and (rare or not at_start)) or "_" in lower:
             strong.add(key)
-    questions = frozenset(w for w in words if w in _QUESTION_WORDS)
-    return _Text(tuple(words), tuple(content), frozenset(strong), frozenset(numbers), negated, questions, surface)
+    return _Text(
+        words=tuple(words),
+        content=tuple(content),
+        strong=frozenset(strong),
+        numbers=frozenset(numbers),
+        negated=negated,
+        negated_context=negated_context,
+        formats=frozenset(formats),
+        markers=frozenset(words) & lex.constraint_markers,
+        given=(given := _given_text(text)),
+        symbols="".join(_given_symbols(text)) if given else "",
+        sentences=sentence + 1,
+    )
 
 
-def _is_inflection_of_common(word: str, common: frozenset[str]) -> bool:
+def _given_text(text: str) -> tuple[str, ...]:
+    """Text the request works on: quoted segments, or what follows a colon when it is not a question."""
+    found = ["".join(g) for g in _QUOTED.findall(text)]
+    if not found and ":" in text:
+        head, _, tail = text.partition(":")
+        if tail.strip() and "?" not in tail and len(tail.split()) >= 2 and len(head.split()) >= 2:
+            found.append(tail)
+    return tuple(" ".join(m.group().lower() for m in _TOKEN.finditer(g)) for g in found)
+
+
+def _given_symbols(text: str) -> list[str]:
+    return [c for c in text.partition(":")[2] or text if c in "+-*/=<>%&|^!~"]
+
+
+@lru_cache(maxsize=1)
+def _common_words() -> frozenset[str]:
+    """Whole words of the model's WordPiece vocabulary: a word outside it is rare, hence likely a name."""
+    return frozenset(w for w in vocabulary_ranks() if w.isalpha() and w.islower() and len(w) > 1)
+
+
+def _inflection_of(word: str, common: frozenset[str]) -> bool:
     for suffix in ("s", "es", "ed", "d", "ing", "ly", "er", "ers", "ies", "ied"):
         if word.endswith(suffix):
             base = word[: -len(suffix)]
@@ -294,131 +207,350 @@ def _is_inflection_of_common(word: str, common: frozenset[str]) -> bool:
     return False
 
 
-def _fuzzy_in(key: str, others: frozenset[str]) -> bool:
-    """Same key, or one is a long prefix of the other ("biolog"/"biological")."""
-    if key in others:
+def _rarity(word: str) -> float:
+    """0..1 for whole words, by rank in the WordPiece vocabulary (ordered roughly by frequency after id ~2000)."""
+    rank = vocabulary_ranks().get(word.lower())
+    if rank is None or rank < 1000:
+        return _RARITY_UNKNOWN
+    return math.log(rank) / _LOG_VOCAB
+
+
+# -- alignment -----------------------------------------------------------------------------------------------------
+
+
+def _within_typo(a: str, b: str) -> bool:
+    """Two words a fast typist could confuse: same first letter, edit distance 1 (2 for words of 7+ letters), and
+    at least one of them not a word of the vocabulary ("Austria" / "Australia" are two names, not a typo)."""
+    if a[0] != b[0] or min(len(a), len(b)) < 4:
+        return False
+    common = _common_words()
+    if (a in common or _inflection_of(a, common)) and (b in common or _inflection_of(b, common)):
+        return False
+    limit = 2 if min(len(a), len(b)) >= 7 else 1
+    return abs(len(a) - len(b)) <= limit and _edit_distance(a, b, limit) <= limit
+
+
+def _edit_distance(a: str, b: str, limit: int) -> int:
+    """Optimal string alignment distance (adjacent swaps count once), stopping early past ``limit``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > limit:
+            return limit + 1
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def _prefix_match(key: str, others: frozenset[str]) -> bool:
+    """One key a long prefix of another ("biolog"/"biological")."""
+    if len(key) < 5:
+        return False
+    return any(len(o) >= 5 and o[:5] == key[:5] and (key.startswith(o) or o.startswith(key)) for o in others)
+
+
+@dataclass(frozen=True, slots=True)
+class _Alignment:
+    only_a: tuple[tuple[str, str, int], ...]  # content words of a with no counterpart in b
+    only_b: tuple[tuple[str, str, int], ...]
+    typos: tuple[tuple[str, str], ...]  # (surface in a, surface in b) matched as typing errors
+    shared: int
+
+
+def _align(a: _Text, b: _Text) -> _Alignment:
+    keys_a = frozenset(k for k, _, _ in a.content)
+    keys_b = frozenset(k for k, _, _ in b.content)
+    rest_a = [c for c in a.content if c[0] not in keys_b]
+    rest_b = [c for c in b.content if c[0] not in keys_a]
+    typos: list[tuple[str, str]] = []
+    for ca in list(rest_a):
+        wa = ca[1].lower()
+        for cb in rest_b:
+            if _within_typo(wa, cb[1].lower()):
+                typos.append((ca[1], cb[1]))
+                rest_a.remove(ca)
+                rest_b.remove(cb)
+                break
+    only_a = [c for c in rest_a if not _prefix_match(c[0], keys_b)]
+    only_b = [c for c in rest_b if not _prefix_match(c[0], keys_a)]
+    return _Alignment(tuple(_dedupe(only_a)), tuple(_dedupe(only_b)), tuple(typos), len(keys_a & keys_b))
+
+
+def _dedupe(items: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if item[0] not in seen:
+            seen.add(item[0])
+            out.append(item)
+    return out
+
+
+# -- hard rules ----------------------------------------------------------------------------------------------------
+
+
+def rule_check(query: str, candidate: str) -> Verdict | None:
+    """The rejection a hard rule makes for this pair, or None when no rule objects (cheap: no embedding needed)."""
+    a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
+    return _rules(a, b, _align(a, b))
+
+
+def _rules(a: _Text, b: _Text, al: _Alignment) -> Verdict | None:
+    if a.numbers != b.numbers:
+        only_a = sorted(a.numbers - b.numbers) or ["-"]
+        only_b = sorted(b.numbers - a.numbers) or ["-"]
+        return Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}", "number")
+    if a.negated != b.negated:
+        return Verdict(False, "negation on one side only", "negation")
+    keys_a = frozenset(k for k, _, _ in a.content)
+    keys_b = frozenset(k for k, _, _ in b.content)
+    for x, y in _opposed(al, keys_a, keys_b, a.words, b.words):
+        return Verdict(False, f"opposite words: {x} / {y}", "opposite")
+    swapped = _direction_swapped(a, b, keys_a & keys_b) or _transposed(a.words, b.words)
+    if swapped:
+        return Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}", "direction")
+    if a.formats and b.formats and a.formats != b.formats:
+        shown = "/".join(sorted(a.formats - b.formats) or ["-"])
+        shown += " vs " + "/".join(sorted(b.formats - a.formats) or ["-"])
+        return Verdict(False, f"output format differs: {shown}", "format")
+    names_a = sorted(s for k, s, _ in al.only_a if k in a.strong and not _spelled_out(s, b))
+    names_b = sorted(s for k, s, _ in al.only_b if k in b.strong and not _spelled_out(s, a))
+    if names_a and names_b:
+        return Verdict(False, f"different entity: {','.join(names_a)} vs {','.join(names_b)}", "entity")
+    if not _same_given(a, b):
+        return Verdict(False, "the given text differs", "given_text")
+    added = _added_condition(a, b, al) or _added_condition(b, a, al, swapped=True)
+    if added:
+        return Verdict(False, f"a condition on one side only: {added}", "condition")
+    return None
+
+
+def _added_condition(a: _Text, b: _Text, al: _Alignment, swapped: bool = False) -> str | None:
+    """``a`` is the one-sentence request ``b`` plus a clause opened by a condition word ("... without recursion",
+    "... excluding the highest values"): an answer to one is not an answer to the other."""
+    more, fewer = (al.only_b, al.only_a) if swapped else (al.only_a, al.only_b)
+    if fewer or len(more) < 2 or b.sentences != 1:
+        return None
+    in_request = [surface for _, surface, sent in more if sent == a.sentences - 1]
+    markers = (a.markers - b.markers) - lexicon().negations
+    if len(in_request) < 2 or not markers:
+        return None
+    return f"{min(markers)} {' '.join(in_request[:3])}"
+
+
+def _spelled_out(acronym: str, other: _Text) -> bool:
+    """An acronym whose letters start consecutive words of the other text: "US" / "United States"."""
+    if not (2 <= len(acronym) <= 5 and acronym.isupper()):
+        return False
+    letters = acronym.lower()
+    initials = "".join(w[0] for w in other.words if w)
+    return letters in initials and len(letters) > 1
+
+
+def _opposed(
+    al: _Alignment, keys_a: frozenset[str], keys_b: frozenset[str], a_words: tuple[str, ...], b_words: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """Pairs (x in a only, y in b only) that are opposites, or where one is the other with a negating prefix."""
+    lex = lexicon()
+    found = []
+    words_b = [s.lower() for _, s, _ in al.only_b]
+    for _, surface_a, _ in al.only_a:
+        wa = surface_a.lower()
+        opposite = lex.opposites.get(wa, frozenset())
+        for wb in words_b:
+            if wb in opposite or _stem(wb) in {_stem(o) for o in opposite}:
+                found.append((surface_a, wb))
+            elif _negated_form(wa, wb, keys_a) or _negated_form(wb, wa, keys_b):
+                found.append((surface_a, wb))
+    # Opposite function words ("zoom in" / "zoom out", "from most to least" / "from least to most" is a swap).
+    diff_a = set(a_words) - set(b_words)
+    diff_b = set(b_words) - set(a_words)
+    for wa in sorted(diff_a):
+        for wb in sorted(lex.opposites.get(wa, frozenset()) & diff_b):
+            found.append((wa, wb))
+    # A prefixed word facing its base word that the other side shares: "healthy" vs "unhealthy".
+    for _, surface, _ in al.only_a:
+        base = _strip_negating_prefix(surface.lower())
+        if base and _key(base) in keys_b and _key(base) not in keys_a:
+            found.append((surface, base))
+    for _, surface, _ in al.only_b:
+        base = _strip_negating_prefix(surface.lower())
+        if base and _key(base) in keys_a and _key(base) not in keys_b:
+            found.append((base, surface))
+    return found
+
+
+def _strip_negating_prefix(word: str) -> str | None:
+    for prefix in lexicon().negating_prefixes:
+        rest = word[len(prefix) :].lstrip("-")
+        if word.startswith(prefix) and len(rest) >= 4 and rest in _common_words():
+            return rest
+    return None
+
+
+def _negated_form(word: str, other: str, own_keys: frozenset[str]) -> bool:
+    base = _strip_negating_prefix(word)
+    return base is not None and _key(base) == _key(other) and _key(other) not in own_keys
+
+
+def _same_given(a: _Text, b: _Text) -> bool:
+    """The text each side works on appears in the other (words in any order, typos aside; operators exactly)."""
+    if not (a.given or b.given):
         return True
-    if len(key) >= 5:
-        for other in others:
-            if len(other) >= 5 and (other.startswith(key[:5]) and (key.startswith(other) or other.startswith(key))):
-                return True
-    return False
+    if a.given and b.given and a.symbols != b.symbols:
+        return False
+    return _given_in(a.given, b) and _given_in(b.given, a)
+
+
+def _given_in(given: tuple[str, ...], other: _Text) -> bool:
+    words = set(" ".join(given).split())
+    if not words:
+        return True
+    others = set(other.words)
+    found = sum(1 for w in words if w in others or any(_within_typo(w, o) for o in others if len(o) >= 4))
+    return found / len(words) >= 0.8
 
 
 def _direction_swapped(a: _Text, b: _Text, shared: frozenset[str]) -> tuple[str, str] | None:
-    """Find shared words x, y with "x <marker> y" in one text and "y <marker> x" in the other."""
+    """Shared words x, y with "x <marker> y" in one text and "y <marker> x" in the other."""
     sides_a = _around_markers(a.words, shared)
     if not sides_a:
         return None
-    sides_b = _around_markers(b.words, shared)
-    for left_a, right_a in sides_a:
-        for left_b, right_b in sides_b:
+    for marker_a, left_a, right_a in sides_a:
+        for marker_b, left_b, right_b in _around_markers(b.words, shared):
+            if marker_a != marker_b:
+                continue
             xs, ys = left_a & right_b, right_a & left_b
             if xs and ys and xs != ys:
                 return min(xs), min(ys)
     return None
 
 
-def _around_markers(words: tuple[str, ...], shared: frozenset[str]) -> list[tuple[frozenset[str], frozenset[str]]]:
-    """For each direction marker, the shared words just before it and just after it (4-word windows)."""
+def _transposed(words_a: tuple[str, ...], words_b: tuple[str, ...]) -> tuple[str, str] | None:
+    """The same words with a short run in the middle reordered: "pounds is 50 kilograms" / "kilograms is 50 pounds".
+
+    A paraphrase reorders whole clauses; a swap of two terms inside an otherwise identical request reverses it.
+    """
+    if len(words_a) != len(words_b) or words_a == words_b:
+        return None
+    start = 0
+    while words_a[start] == words_b[start]:
+        start += 1
+    end = len(words_a)
+    while words_a[end - 1] == words_b[end - 1]:
+        end -= 1
+    middle_a, middle_b = words_a[start:end], words_b[start:end]
+    if len(middle_a) > 6 or len(middle_a) >= len(words_a) or sorted(middle_a) != sorted(middle_b):
+        return None
+    return middle_a[0], middle_b[0]
+
+
+def _around_markers(
+    words: tuple[str, ...], shared: frozenset[str]
+) -> list[tuple[str, frozenset[str], frozenset[str]]]:
+    """For each direction marker, the shared words just before and just after it (3-word windows)."""
+    markers = lexicon().direction
     found = []
     for i, w in enumerate(words):
-        if w not in _DIRECTION_MARKERS:
+        if w not in markers:
             continue
-        left = frozenset(k for x in words[max(0, i - 4) : i] if (k := _key(x)) in shared)
-        right = frozenset(k for x in words[i + 1 : i + 5] if (k := _key(x)) in shared)
+        left = frozenset(k for x in words[max(0, i - 3) : i] if (k := _key(x)) in shared)
+        right = frozenset(k for x in words[i + 1 : i + 4] if (k := _key(x)) in shared)
         if left and right:
-            found.append((left, right))
+            found.append((w, left, right))
     return found
 
 
-_LOG_VOCAB = math.log(30522)
-#: Rarity of a word the vocabulary does not hold whole (WordPiece splits it): rarer than any whole word.
-_RARITY_UNKNOWN = 1.15
+# -- features and the decision -------------------------------------------------------------------------------------
 
 
-def _rarity(word: str) -> float:
-    """0..1 for whole words, by rank in the WordPiece vocabulary (ordered roughly by frequency after id ~2000)."""
-    rank = _vocab_ids().get(word.lower())
-    if rank is None or rank < 1000:  # ids below ~1000 are [unused] slots and single characters
-        return _RARITY_UNKNOWN
-    return math.log(rank) / _LOG_VOCAB
+def features(query: str, candidate: str, similarity: float, static_similarity: float) -> dict[str, float] | None:
+    """The pair features the learned score weighs, or None when a hard rule rejects the pair (for tuning)."""
+    a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
+    al = _align(a, b)
+    if _rules(a, b, al) is not None:
+        return None
+    return _features(similarity, static_similarity, a, b, al)
 
 
-@dataclass(frozen=True, slots=True)
-class _Comparison:
-    rejected: Verdict | None
-    features: dict[str, float]
-    notes: tuple[str, ...]
-
-
-def _compare(query: str, candidate: str) -> _Comparison:
-    a, b = _analyse(query), _analyse(candidate)
-    if a.numbers != b.numbers:
-        only_a = sorted(a.numbers - b.numbers) or ["-"]
-        only_b = sorted(b.numbers - a.numbers) or ["-"]
-        return _Comparison(Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}"), {}, ())
-    if a.negated != b.negated:
-        return _Comparison(Verdict(False, "negation on one side only"), {}, ())
-    keys_a, keys_b = frozenset(a.content), frozenset(b.content)
-    shared = keys_a & keys_b
-    swapped = _direction_swapped(a, b, shared)
-    if swapped:
-        return _Comparison(Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}"), {}, ())
-    only_a = sorted(k for k in keys_a - keys_b if not _fuzzy_in(k, keys_b))
-    only_b = sorted(k for k in keys_b - keys_a if not _fuzzy_in(k, keys_a))
-    names_a = sorted(a.surface[k] for k in only_a if k in a.strong)
-    names_b = sorted(b.surface[k] for k in only_b if k in b.strong)
-    if names_a and names_b:  # one name replaced by another: "in Atlanta" / "in Toronto"
-        return _Comparison(Verdict(False, f"different entity: {','.join(names_a)} vs {','.join(names_b)}"), {}, ())
-    union = len(keys_a | keys_b)
-    differing = [a.surface[k] for k in only_a] + [b.surface[k] for k in only_b]
-    rarities = [_rarity(w) for w in differing]
-    longer = max(len(a.words), len(b.words), 1)
-    features = {
-        "one_side_name": 1.0 if names_a or names_b else 0.0,
-        "overlap": len(shared) / union if union else 1.0,
-        "words_differ": float(min(len(differing), WORDS_DIFFER_CAP)),
-        "rarest_diff": max(rarities, default=0.0),
-        "length_ratio": min(len(a.words), len(b.words)) / longer,
+def _features(similarity: float, static_similarity: float, a: _Text, b: _Text, al: _Alignment) -> dict[str, float]:
+    lex = lexicon()
+    more, fewer = (al.only_a, al.only_b) if len(al.only_a) >= len(al.only_b) else (al.only_b, al.only_a)
+    longer_text = a if more is al.only_a else b
+    rarities = [_rarity(s) for _, s, _ in (*al.only_a, *al.only_b)]
+    union = al.shared + len(al.only_a) + len(al.only_b) + len(al.typos)
+    last = longer_text.sentences - 1
+    in_request = sum(1 for _, _, sent in more if sent == last) if more else 0
+    markers_one_side = bool((a.markers ^ b.markers) - lex.negations)
+    names = [s for k, s, _ in al.only_a if k in a.strong] + [s for k, s, _ in al.only_b if k in b.strong]
+    return {
+        "cosine": similarity,
+        "static_cosine": static_similarity,
+        "unmatched_more": min(float(len(more)), _CAP),
+        "unmatched_fewer": min(float(len(fewer)), _CAP),
+        "one_sided": 1.0 if more and not fewer else 0.0,
+        "substitution": 1.0 if len(more) == 1 and len(fewer) == 1 else 0.0,
+        "rarest": max(rarities, default=0.0),
+        "in_request": min(float(in_request), _CAP),
+        "marker_one_side": 1.0 if markers_one_side and more else 0.0,
+        "overlap": (al.shared + len(al.typos)) / union if union else 1.0,
+        "name_one_side": 1.0 if names else 0.0,
+        "negated_context": 1.0 if a.negated_context != b.negated_context else 0.0,
+        "added_clause": 1.0 if not fewer and in_request >= 2 else 0.0,
+        "length_ratio": min(len(a.words), len(b.words)) / max(len(a.words), len(b.words), 1),
     }
-    notes = []
-    if names_a or names_b:
-        notes.append("name on one side: " + ",".join(names_a or names_b))
-    if differing:
-        rarest = differing[rarities.index(max(rarities))]
-        notes.append(f"{len(differing)} words differ ({','.join(differing[:4])}; rarest {rarest})")
-    return _Comparison(None, features, tuple(notes))
 
 
-def features(query: str, candidate: str) -> dict[str, float] | None:
-    """The lexical features the learned margin weighs, or None when a hard rule rejects the pair (for tuning)."""
-    return _compare(query, candidate).features or None
+def repair_typos(query: str, candidate: str) -> str | None:
+    """The query with each word that looks like a typing error of a candidate word replaced by that word.
 
-
-def margin_of(values: dict[str, float]) -> float:
-    """Extra cosine (negative: less) a pair with these feature values needs above the threshold."""
-    return MARGIN_BIAS + sum(MARGIN_WEIGHTS[name] * values[name] for name in MARGIN_WEIGHTS)
-
-
-def verify(query: str, candidate: str) -> Verdict:
-    """Reject a cosine-similar candidate whose text differs in a way that changes the answer; else price the rest.
-
-    Hard rules, in order: numbers and versions must match exactly; negation must be on both sides or neither;
-    shared words must not swap sides around "to/from/vs/than"; a name-like word (capitalised, acronym, outside the
-    model's vocabulary) must not be replaced by another. What remains is priced by a learned margin
-    (:data:`MARGIN_WEIGHTS`): a rare or name-like word on one side only asks for more similarity, rewording spread
-    over several common words for less.
+    None when there is nothing to repair. The cache embeds the repaired text again, so "how to conver a list to a
+    set in pyton" is compared with its candidate as the typist meant it.
     """
-    if query.strip().lower() == candidate.strip().lower():
-        return Verdict(True, "same text")
-    compared = _compare(query, candidate)
-    if compared.rejected is not None:
-        return compared.rejected
-    margin = round(margin_of(compared.features), 4)
-    reason = (
-        "; ".join((*compared.notes, f"margin {margin:+.3f}"))
-        if compared.notes
-        else f"same content words; margin {margin:+.3f}"
-    )
-    return Verdict(True, reason, margin)
+    a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
+    typos = _align(a, b).typos
+    if not typos:
+        return None
+    repaired = normalise(query)
+    for wrong, right in typos:
+        repaired = re.sub(rf"\b{re.escape(wrong)}\b", right, repaired)
+    return repaired
+
+
+def decide(query: str, candidate: str, *, similarity: float, static_similarity: float, threshold: float) -> Verdict:
+    """The whole L2 rule: cosine >= ``threshold``, no hard rule objects, and the learned score reaches its cut.
+
+    ``similarity`` is the transformer's cosine (of the typo-repaired query, when there was one), ``static_similarity``
+    the first stage's. ``threshold`` is a floor on cosine and nothing else, so raising it can only serve less.
+    """
+    if similarity < threshold:
+        return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}", "similarity")
+    a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
+    al = _align(a, b)
+    rejected = _rules(a, b, al)
+    if rejected is not None:
+        return rejected
+    if a.words == b.words:
+        return Verdict(True, f"same words; similarity {similarity:.3f}", "same_text", math.inf)
+    model = verifier_model()
+    score = model.score(_features(similarity, static_similarity, a, b, al))
+    what = _describe(al)
+    if score < model.cut:
+        return Verdict(False, f"{what}; score {score:.2f} < {model.cut:.2f}", "score", score)
+    return Verdict(True, f"{what}; score {score:.2f} >= {model.cut:.2f}; similarity {similarity:.3f}", "score", score)
+
+
+def _describe(al: _Alignment) -> str:
+    parts = []
+    if al.only_a or al.only_b:
+        shown = ",".join(s for _, s, _ in al.only_a[:3]) or "-"
+        shown += " / " + (",".join(s for _, s, _ in al.only_b[:3]) or "-")
+        parts.append(f"unmatched {shown}")
+    if al.typos:
+        parts.append("typos " + ",".join(f"{x}~{y}" for x, y in al.typos[:3]))
+    return "; ".join(parts) or "same content words"

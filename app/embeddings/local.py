@@ -67,6 +67,8 @@ class LocalEmbedder:
         self._tokenizer: Any = None
         self._input_names: frozenset[str] = frozenset()
         self._model_id = "all-MiniLM-L6-v2-onnx-int8"
+        self._sha256 = ""
+        self.calls = 0  # inferences run by this worker: the cascade's tests and metrics read it
 
     @property
     def dim(self) -> int:
@@ -75,6 +77,20 @@ class LocalEmbedder:
     @property
     def model_id(self) -> str:
         return self._model_id
+
+    @property
+    def model_sha256(self) -> str:
+        """SHA-256 of the loaded model file ("" before :meth:`load`)."""
+        return self._sha256
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def session_for_distillation(self) -> tuple[Any, frozenset[str]]:
+        """The ONNX session and its input names, for tools/distill_static.py (after :meth:`load`)."""
+        self.load()
+        return self._session, self._input_names
 
     def load(self) -> None:
         """Load the tokenizer and ONNX session now (idempotent); call it to warm a worker up."""
@@ -91,6 +107,7 @@ class LocalEmbedder:
         if not all(isinstance(t, str) for t in texts):
             raise EmbeddingError("embed() takes a list of strings")
         self.load()
+        self.calls += 1
         return self._run(self._infer, list(texts))
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -137,6 +154,7 @@ class LocalEmbedder:
             raise EmbeddingError(f"the ONNX model lacks inputs {sorted(missing)}")
         self._tokenizer = tokenizer
         self._model_id = model_id
+        self._sha256 = digest
         self._session = session  # last: a non-None session means everything above is ready
 
     def _locate_model(self) -> tuple[Path, str | None, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -34,6 +34,25 @@ SEMANTIC_SIMILARITY = Histogram(
 EMBEDDING_DURATION = Histogram(
     "gateway_embedding_duration_seconds", "Time to embed one query.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+EMBEDDINGS = Counter(
+    "gateway_embeddings_total", "Texts embedded for L2, by stage: static (a table look-up) or transformer.", ["stage"]
+)
+SEMANTIC_DECISIONS = Counter(
+    "gateway_semantic_decisions_total",
+    "L2 candidates looked at, by outcome: served, or the rule that refused them (number, negation, score, ...).",
+    ["outcome"],
+)
+SEMANTIC_SKIPPED = Counter(
+    "gateway_semantic_skipped_total", "L2 look-ups not made, by reason (empty partition, prompt too long, ...).",
+    ["reason"],
+)
+SEMANTIC_INDEX_ROWS = Gauge("gateway_semantic_index_rows", "Rows in the L2 indexes of the workers.",
+                            multiprocess_mode="livesum")
+SEMANTIC_INDEX_BYTES = Gauge("gateway_semantic_index_bytes", "Bytes held by the L2 indexes of the workers.",
+                             multiprocess_mode="livesum")
+BACKGROUND_DROPPED = Counter(
+    "gateway_background_dropped_total", "Background jobs dropped because their queue was full.", ["queue"]
 )
 TOKENS = Counter("gateway_tokens_total", "Tokens paid to the upstream.", ["kind"])
 TOKENS_SAVED = Counter("gateway_tokens_saved_total", "Tokens a cache hit did not pay for.")

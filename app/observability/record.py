@@ -24,6 +24,7 @@ class RequestRecord:
     upstream_ms: float | None = None
     cache: str = "BYPASS"
     similarity: float | None = None
+    semantic: str | None = None  # why L2 served or refused (the verifier's reason), or why it was skipped
     retries: int = 0
     upstream_key_id: str | None = None
     backend: str | None = None

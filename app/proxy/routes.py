@@ -118,9 +118,10 @@ def _forward(route: str) -> Response:
     plan = None
     if gw.cache is not None:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
-                             request.headers.get("X-Cache-TTL"))
+                             request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"))
         hit = gw.cache.lookup(plan)
         rec.cache = plan.outcome
+        rec.semantic = plan.reason
         if hit is not None:
             return _from_cache(parsed, hit)
 

@@ -1,7 +1,8 @@
 """L2, the semantic cache, through real gunicorn processes with the local model (and the remote API client).
 
 Every test puts its `unique` word in the system prompt, so its L2 partition is its own on the shared Redis.
-Paraphrases are clear ones the verifier accepts at the default threshold ("How do I" / "How can I").
+Paraphrases are clear ones the verifier accepts at the default threshold ("How do I" / "How can I"). An answer's L2
+entry is written after the answer has gone and other workers sync every 0.5 s: tests give it STORED seconds.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 import pytest
 import requests
 
-from app.config import DEFAULT_SEMANTIC_THRESHOLD
+from app.cache.lexicon import verifier_model
 from tests.support import Gateway, MockUpstream, base_env, free_port, gateway_pair
 
 QUESTION = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"
 ANSWER = f"Mock answer to: {QUESTION}"
+STORED = 1.0  # the acceptance bound: a stored entry is findable by a paraphrase this long after its answer
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +62,23 @@ def similarity(response: requests.Response) -> float:
     return float(response.headers["X-Cache-Similarity"])
 
 
-def test_paraphrase_is_an_l2_hit(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
-    """A paraphrase of a cached question gets its answer from L2, with the similarity in a header."""
+def counter(gw: Gateway, name: str, **labels: str) -> float:
+    """A counter's value summed over the workers (0 when it has no sample yet)."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for row in requests.get(gw.url + "/metrics", timeout=10).text.splitlines():
+        if row.startswith(name + "{") and all(w in row for w in wanted):
+            total += float(row.rsplit(" ", 1)[1])
+    return total
+
+
+def test_paraphrase_is_an_l2_hit_within_a_second(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
+    """A paraphrase of a cached question gets its answer from L2 a second later, with the similarity in a header."""
     assert cache_of(post(gw, chat(unique, QUESTION))) == "MISS"
+    time.sleep(STORED)
     hit = post(gw, chat(unique, PARAPHRASE))
     assert cache_of(hit) == "HIT/L2"
-    assert DEFAULT_SEMANTIC_THRESHOLD <= similarity(hit) < 1.0
+    assert verifier_model().default_threshold <= similarity(hit) < 1.0
     assert hit.json()["choices"][0]["message"]["content"] == ANSWER
     assert chat_calls(upstream) == 1
 
@@ -80,6 +93,7 @@ def test_paraphrase_in_another_context_misses(gw: Gateway, upstream: MockUpstrea
                                               change: dict[str, Any]) -> None:
     """The same paraphrase with another system prompt, model, temperature or history is not served from L2."""
     assert cache_of(post(gw, chat(unique, QUESTION))) == "MISS"
+    time.sleep(STORED)
     other = post(gw, chat(unique, PARAPHRASE, **change))
     assert cache_of(other) == "MISS"
     assert "X-Cache-Similarity" not in other.headers
@@ -89,10 +103,61 @@ def test_paraphrase_in_another_context_misses(gw: Gateway, upstream: MockUpstrea
 def test_entity_swap_misses(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
     """"... in Atlanta?" never answers "... in Toronto?"."""
     atlanta = post(gw, chat(unique, "What is the weather like in Atlanta?"))
+    time.sleep(STORED)
     toronto = post(gw, chat(unique, "What is the weather like in Toronto?"))
     assert (cache_of(atlanta), cache_of(toronto)) == ("MISS", "MISS")
     assert toronto.json()["choices"][0]["message"]["content"] == "Mock answer to: What is the weather like in Toronto?"
     assert chat_calls(upstream) == 2
+
+
+def test_a_new_prompt_in_an_empty_partition_runs_no_transformer(gw: Gateway, upstream: MockUpstream,
+                                                                unique: str) -> None:
+    """New prompts with no near neighbour cost no model run: only a table look-up, and nothing in an empty partition."""
+    before = counter(gw, "gateway_embeddings_total", stage="transformer")
+    request_id = f"empty-{unique}"
+    response = requests.post(gw.url + "/v1/chat/completions", json=chat(unique, QUESTION),
+                             headers={"X-Request-ID": request_id}, timeout=60)
+    assert cache_of(response) == "MISS"
+    time.sleep(STORED)
+    for i, prompt in enumerate(["Write a haiku about autumn leaves.", "What is the boiling point of ethanol?",
+                                "Translate 'good night' into German."]):
+        assert cache_of(post(gw, chat(unique, prompt))) == "MISS", i
+    assert counter(gw, "gateway_embeddings_total", stage="transformer") == before
+    assert counter(gw, "gateway_semantic_skipped_total", reason="empty_partition") >= 1
+    time.sleep(0.2)
+    (line,) = [row for row in gw.request_lines() if row.get("request_id") == request_id]
+    assert line["semantic"] == "empty_partition"
+
+
+def test_min_similarity_header_only_tightens(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
+    """X-Cache-Min-Similarity raises the bar for one request; a value below the default changes nothing."""
+    assert cache_of(post(gw, chat(unique, QUESTION))) == "MISS"
+    time.sleep(STORED)
+    strict = requests.post(gw.url + "/v1/chat/completions", json=chat(unique, PARAPHRASE),
+                           headers={"X-Cache-Min-Similarity": "0.9999"}, timeout=60)
+    assert cache_of(strict) == "MISS"
+    loose = requests.post(gw.url + "/v1/chat/completions", json=chat(unique, "How could I reset my password?"),
+                          headers={"X-Cache-Min-Similarity": "0.1"}, timeout=60)
+    assert cache_of(loose) == "HIT/L2" and similarity(loose) >= verifier_model().default_threshold
+    bad = requests.post(gw.url + "/v1/chat/completions", json=chat(unique, PARAPHRASE),
+                        headers={"X-Cache-Min-Similarity": "high"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_min_similarity"
+
+
+def test_refusals_are_counted_by_rule_and_logged(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
+    """A look-alike refused by a rule shows in the rule's counter and in the log line's reason."""
+    before = counter(gw, "gateway_semantic_decisions_total", outcome="number")
+    assert cache_of(post(gw, chat(unique, "How do I install Python 3.11 on Ubuntu?"))) == "MISS"
+    time.sleep(STORED)
+    request_id = f"refused-{unique}"
+    response = requests.post(gw.url + "/v1/chat/completions",
+                             json=chat(unique, "How do I install Python 3.12 on Ubuntu?"),
+                             headers={"X-Request-ID": request_id}, timeout=60)
+    assert cache_of(response) == "MISS"
+    assert counter(gw, "gateway_semantic_decisions_total", outcome="number") == before + 1
+    time.sleep(0.2)
+    (line,) = [row for row in gw.request_lines() if row.get("request_id") == request_id]
+    assert line["semantic"].startswith("numbers differ")
 
 
 def test_no_l2_above_the_max_temperature(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
@@ -147,6 +212,7 @@ def remote_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
 def test_remote_embeddings_serve_l2(remote_gateway: Gateway, upstream: MockUpstream, unique: str) -> None:
     """With EMBEDDING_PROVIDER=openai the last user turn is embedded by the API and L2 hits work."""
     assert cache_of(post(remote_gateway, chat(unique, QUESTION))) == "MISS"
+    time.sleep(STORED)
     # Another exact key (case, punctuation), the same words: the mock's word-hash vectors are equal.
     hit = post(remote_gateway, chat(unique, "how do i reset my password"))
     assert cache_of(hit) == "HIT/L2"
@@ -155,8 +221,14 @@ def test_remote_embeddings_serve_l2(remote_gateway: Gateway, upstream: MockUpstr
     embedded = [r for r in upstream.requests() if r["path"].endswith("/embeddings")]
     assert embedded and all(r["body"]["model"] == "text-embedding-3-small" for r in embedded)
     assert embedded[0]["headers"]["authorization"] == "Bearer sk-embedding-test"
-    assert {tuple(r["body"]["input"]) for r in embedded} == {(QUESTION,), ("how do i reset my password",)}
+    # One call, for the new prompt and the stored candidate (whose vector was not needed until now).
+    assert [r["body"]["input"] for r in embedded] == [["how do i reset my password", QUESTION]]
     assert chat_calls(upstream) == 1
+    # The candidate's vector was kept: a third phrasing embeds only itself.
+    time.sleep(STORED)
+    assert cache_of(post(remote_gateway, chat(unique, "How do I reset my password"))) == "HIT/L2"
+    embedded = [r for r in upstream.requests() if r["path"].endswith("/embeddings")]
+    assert embedded[-1]["body"]["input"] == ["How do I reset my password"]
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +244,8 @@ def test_embedding_failure_still_serves_the_request(broken_embedding_gateway: Ga
                                                     unique: str) -> None:
     """An unreachable embedding API costs L2 only: 200 MISS, then exact hits; the error is logged and counted."""
     gw = broken_embedding_gateway
+    assert cache_of(post(gw, chat(unique, PARAPHRASE))) == "MISS"  # stored with its static vector: no API call
+    time.sleep(STORED)
     request_id = f"l2-down-{unique}"
     started = time.monotonic()
     response = requests.post(gw.url + "/v1/chat/completions", json=chat(unique, QUESTION),
@@ -194,6 +268,9 @@ def test_embedding_failure_still_serves_the_request(broken_embedding_gateway: Ga
 def test_failed_embedding_is_not_tried_again_to_store(remote_gateway: Gateway, upstream: MockUpstream,
                                                       unique: str) -> None:
     """An embedding API refusing every call is asked once per request: the store does not wait on it again."""
+    assert cache_of(post(remote_gateway, chat(unique, PARAPHRASE))) == "MISS"
+    time.sleep(STORED)
+    upstream.reset()
     upstream.faults({"status": 400, "times": -1, "paths": ["/v1/embeddings"]})  # a 400 is never retried
     response = post(remote_gateway, chat(unique, QUESTION))
     assert cache_of(response) == "MISS"

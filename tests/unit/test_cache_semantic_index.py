@@ -1,11 +1,11 @@
-"""L2's vector codec and the per-partition index: ordering, threshold, dropped rows, growth."""
+"""L2's vector codec and the per-partition index: ordering, floor, dropped and expired rows, growth."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app.cache.semantic import CANDIDATES, EXACT_ROWS, PartitionIndex, decode_vector, encode_vector
+from app.cache.semantic import CANDIDATES, PartitionIndex, decode_vector, encode_vector
 
 DIM = 8
 
@@ -40,107 +40,75 @@ def test_codec_converts_float64_input() -> None:
     assert len(encode_vector(np.ones(5, dtype=np.float64))) == 20
 
 
-def test_search_returns_best_first_above_threshold() -> None:
-    """Candidates come best first, and only those at or above the threshold."""
+NOW = 1_000_000.0
+LATER = NOW + 3600
+
+
+def test_search_returns_best_first_above_the_floor() -> None:
+    """Candidates come best first, and only those at or above the floor."""
     index = PartitionIndex(DIM)
-    index.add("far", unit(0, 1), "far")
-    index.add("near", unit(1, 0.2), "near")
-    index.add("exact", unit(1), "exact")
-    index.add("mid", unit(1, 0.6), "mid")
-    found = index.search(unit(1), threshold=0.5).candidates
+    index.add("far", unit(0, 1), "far", LATER)
+    index.add("near", unit(1, 0.2), "near", LATER)
+    index.add("exact", unit(1), "exact", LATER)
+    index.add("mid", unit(1, 0.6), "mid", LATER)
+    found = index.search(unit(1), 0.5, NOW)
     assert [c.entry_id for c in found] == ["exact", "near", "mid"]
-    assert found[0].similarity == pytest.approx(1.0, abs=1e-6)
+    assert found[0].static_similarity == pytest.approx(1.0, abs=1e-6)
     assert found[0].text == "exact"
-    assert all(a.similarity >= b.similarity for a, b in zip(found, found[1:], strict=False))
 
 
-def test_threshold_is_inclusive_and_excludes_below() -> None:
-    """A candidate exactly at the threshold counts; just below it does not."""
+def test_floor_is_inclusive() -> None:
     index = PartitionIndex(DIM)
-    index.add("a", unit(1, 1), "a")
-    score = float(unit(1, 1) @ unit(1))
-    assert [c.entry_id for c in index.search(unit(1), threshold=score).candidates] == ["a"]
-    assert index.search(unit(1), threshold=score + 1e-4).candidates == []
+    index.add("a", unit(1, 1), "a", LATER)
+    similarity = float(unit(1, 1) @ unit(1))
+    assert [c.entry_id for c in index.search(unit(1), similarity, NOW)] == ["a"]
+    assert index.search(unit(1), similarity + 1e-4, NOW) == []
 
 
 def test_search_limits_to_the_best_candidates() -> None:
-    """With many rows above the threshold only the CANDIDATES best come back, in order."""
     index = PartitionIndex(DIM)
-    for i in range(10):
-        index.add(f"e{i}", unit(1, i * 0.1), f"t{i}")
-    found = index.search(unit(1), threshold=0.0).candidates
+    for i in range(20):
+        index.add(f"e{i}", unit(1, i / 20), f"t{i}", LATER)
+    found = index.search(unit(1), 0.0, NOW)
+    assert len(found) == CANDIDATES
     assert [c.entry_id for c in found] == [f"e{i}" for i in range(CANDIDATES)]
 
 
-def test_dropped_rows_are_never_returned() -> None:
-    """A row dropped (expired or deleted in Redis) is not a candidate, even at the lowest threshold."""
+def test_dropped_and_expired_rows_are_never_returned() -> None:
+    """A deleted entry and one past its expiry are not candidates, whatever their similarity."""
     index = PartitionIndex(DIM)
-    index.add("gone", unit(1), "gone")
-    index.add("kept", unit(1, 0.5), "kept")
-    index.drop("gone")
-    assert [c.entry_id for c in index.search(unit(1), threshold=0.0).candidates] == ["kept"]
-    assert [c.entry_id for c in index.search(unit(1), threshold=-1.0).candidates] == ["kept"]
-    assert index.search(unit(1), threshold=0.0).best == pytest.approx(float(unit(1, 0.5) @ unit(1)))
+    index.add("gone", unit(1), "gone", LATER)
+    index.add("old", unit(1, 0.01), "old", NOW - 1)
+    index.add("kept", unit(1, 0.5), "kept", LATER)
+    assert index.drop("gone") == "gone"
+    assert index.drop("gone") is None
+    assert [c.entry_id for c in index.search(unit(1), 0.0, NOW)] == ["kept"]
+    assert index.expired(NOW) == ["old"]
+    assert len(index) == 2
 
 
-def test_only_dropped_rows_means_no_candidates() -> None:
-    """An index whose rows were all dropped finds nothing."""
+def test_index_grows_and_compacts_keeping_live_rows() -> None:
+    """Past its capacity it grows; once most rows are dropped it compacts, and what is left is still found."""
     index = PartitionIndex(DIM)
-    index.add("gone", unit(1), "gone")
-    index.drop("gone")
-    assert index.search(unit(1), threshold=0.0).candidates == []
-
-
-def test_index_grows_past_its_initial_capacity() -> None:
-    """Hundreds of rows fit; early and late rows are all still found."""
-    index = PartitionIndex(DIM)
-    rng = np.random.default_rng(7)
-    vectors = [(v / np.linalg.norm(v)).astype(np.float32) for v in rng.standard_normal((300, DIM))]
-    for i, v in enumerate(vectors):
-        index.add(f"e{i}", v, f"t{i}")
-    assert len(index) == 300
-    for i in (0, 15, 16, 17, 150, 299):
-        found = index.search(vectors[i], threshold=0.999).candidates
-        assert found and found[0].entry_id == f"e{i}"
+    for i in range(200):
+        index.add(f"e{i}", unit(1, i / 200, 0.3), f"t{i}", LATER)
+    for i in range(150):
+        index.drop(f"e{i}")
+    assert len(index) == 50
+    found = index.search(unit(1, 199 / 200, 0.3), 0.99, NOW)
+    assert found and found[0].entry_id == "e199" and found[0].text == "t199"
+    assert "e10" not in index and index.is_live("e160")
 
 
 def test_adding_an_id_twice_keeps_one_row() -> None:
-    """A resync never duplicates a row; a vector of the wrong size is ignored."""
     index = PartitionIndex(DIM)
-    index.add("a", unit(1), "a")
-    index.add("a", unit(0, 1), "a again")
-    index.add("b", np.ones(DIM + 1, dtype=np.float32), "wrong size")
-    assert len(index) == 1 and "a" in index and "b" not in index
-    assert [c.text for c in index.search(unit(1), threshold=0.9).candidates] == ["a"]
+    assert index.add("x", unit(1), "first", LATER)
+    assert not index.add("x", unit(0, 1), "second", LATER)
+    assert len(index) == 1
+    assert index.search(unit(1), 0.9, NOW)[0].text == "first"
 
 
-def test_empty_index_finds_nothing() -> None:
-    """A fresh partition has no candidates and no best score."""
+def test_wrong_dimension_is_refused_and_empty_index_finds_nothing() -> None:
     index = PartitionIndex(DIM)
-    assert index.search(unit(1), threshold=0.0).candidates == []
-    assert index.search(unit(1), threshold=0.0).best is None
-
-
-def test_empty_index_has_no_best_score() -> None:
-    """With nothing stored there is no similarity to report."""
-    assert PartitionIndex(DIM).search(unit(1), threshold=0.0).best is None
-
-
-def test_large_partition_shortlist_finds_near_duplicates() -> None:
-    """Past EXACT_ROWS the sign-sketch shortlist still finds every planted near-duplicate, and skips dropped rows."""
-    rng = np.random.default_rng(11)
-    dim = 384
-    n = EXACT_ROWS + 4000
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    index = PartitionIndex(dim)
-    for i in range(n):
-        index.add(f"e{i}", vectors[i], f"t{i}")
-    for i in rng.choice(n, 25, replace=False):
-        noise = rng.standard_normal(dim).astype(np.float32) * 0.015  # cosine about 0.96
-        query = vectors[i] + noise
-        query /= np.linalg.norm(query)
-        found = index.search(query, threshold=0.9)
-        assert found.candidates and found.candidates[0].entry_id == f"e{i}"
-    index.drop("e0")
-    assert all(c.entry_id != "e0" for c in index.search(vectors[0], threshold=0.0).candidates)
+    assert not index.add("x", np.ones(DIM + 1, dtype=np.float32), "x", LATER)
+    assert index.search(unit(1), -1.0, NOW) == []

@@ -1,0 +1,63 @@
+"""A static embedding: one row per WordPiece token, a text's vector is the sum of its tokens' rows.
+
+Distilled once from the packaged MiniLM by ``tools/distill_static.py`` (model2vec's recipe) and shipped as
+``data/static-minilm.npy``. Embedding a prompt costs a tokenisation and a gather-and-sum (tens of microseconds, no
+model run), which is what lets the semantic cache decide whether a new prompt has any near neighbour before it pays
+for the transformer. The table is memory-mapped read-only, so the workers of one machine share its pages.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from app.embeddings.base import EmbeddingError, l2_normalise
+
+TABLE_DIM = 256
+#: Tokens read per text: far beyond what a paraphrase check needs, and bounds the cost of a giant prompt.
+MAX_TOKENS = 512
+DEFAULT_TABLE = Path(str(resources.files("app.embeddings").joinpath("data/static-minilm.npy")))
+
+
+class StaticEmbedder:
+    """Sum-of-token-rows sentence vectors over the transformer's own tokenizer; unit rows, float32."""
+
+    def __init__(self, table_path: Path = DEFAULT_TABLE, expected_model_sha256: str | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            meta = json.loads(table_path.with_suffix(".json").read_text("utf-8"))
+            self._table = np.load(table_path, mmap_mode="r")
+            tok_json = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
+        except (OSError, ValueError) as exc:
+            raise EmbeddingError(f"cannot load the static embedding table {table_path}: {exc}") from exc
+        if expected_model_sha256 and meta.get("model_sha256") != expected_model_sha256:
+            raise EmbeddingError(
+                f"{table_path} was distilled from another model file; run tools/distill_static.py again"
+            )
+        self.model_sha256 = str(meta.get("model_sha256", ""))
+        self._tokenizer = Tokenizer.from_str(tok_json)
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=MAX_TOKENS)
+
+    @property
+    def dim(self) -> int:
+        return int(self._table.shape[1])
+
+    @property
+    def model_id(self) -> str:
+        return f"static-minilm-{self.model_sha256[:12]}"
+
+    def token_count(self, text: str) -> int:
+        """WordPiece tokens of ``text`` (capped at MAX_TOKENS): how much of it the transformer would read."""
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+            if encoding.ids:
+                out[row] = self._table[encoding.ids].sum(axis=0, dtype=np.float32)
+        return l2_normalise(out)

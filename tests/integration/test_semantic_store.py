@@ -1,0 +1,66 @@
+"""The L2 store against a real Redis: bounded indexes per worker, expiry, and what a sync brings back."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import redis
+
+from app.cache.semantic import IndexBounds, SemanticStore
+
+DIM = 16
+
+
+def vectors(n: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def fill(store: SemanticStore, partition: str, n: int, seed: int, ttl: int = 60) -> np.ndarray:
+    rows = vectors(n, seed)
+    store.index(partition, DIM, time.time())
+    for i, row in enumerate(rows):
+        store.put(partition, f"{partition}-{i}", row, None, f"text {i} of {partition}", b"{}", ttl)
+    return rows
+
+
+def test_one_busy_partition_stays_within_the_bound_and_others_keep_their_rows(redis_conn: redis.Redis,
+                                                                               unique: str) -> None:
+    """Filling one partition past the row bound evicts its own oldest rows; a quiet partition loses nothing."""
+    store = SemanticStore(redis_conn, IndexBounds(max_rows=120, max_bytes=10_000_000))
+    quiet, busy = f"quiet-{unique}", f"busy-{unique}"
+    quiet_rows = fill(store, quiet, 20, seed=1)
+    busy_rows = fill(store, busy, 300, seed=2)
+    assert store.rows <= 120 and store.evicted >= 200
+    now = time.time()
+    assert len(store.index(quiet, DIM, now)) == 20
+    found = store.index(quiet, DIM, now).search(quiet_rows[3], 0.99, now)
+    assert found and found[0].entry_id == f"{quiet}-3"
+    newest = store.index(busy, DIM, now).search(busy_rows[-1], 0.99, now)
+    assert newest and newest[0].entry_id == f"{busy}-299"
+    assert not store.index(busy, DIM, now).search(busy_rows[0], 0.99, now)  # the oldest went first
+
+
+def test_byte_bound_holds_with_long_texts(redis_conn: redis.Redis, unique: str) -> None:
+    store = SemanticStore(redis_conn, IndexBounds(max_rows=10_000, max_bytes=60_000))
+    partition = f"bytes-{unique}"
+    store.index(partition, DIM, time.time())
+    for i, row in enumerate(vectors(100, seed=3)):
+        store.put(partition, f"e{i}", row, None, "x" * 2000, b"{}", 60)
+        assert store.bytes <= 60_000
+    assert 0 < store.rows < 100
+
+
+def test_sync_brings_entries_written_elsewhere_and_skips_expired(redis_conn: redis.Redis, unique: str) -> None:
+    """A second worker's index picks up the first's entries on its next sync; an expired row is never a candidate."""
+    writer = SemanticStore(redis_conn, IndexBounds(1000, 10_000_000))
+    reader = SemanticStore(redis_conn, IndexBounds(1000, 10_000_000))
+    partition = f"sync-{unique}"
+    assert len(reader.index(partition, DIM, time.time())) == 0
+    rows = fill(writer, partition, 5, seed=5, ttl=1)
+    later = time.time() + 0.6
+    index = reader.index(partition, DIM, later)
+    assert len(index) == 5
+    assert index.search(rows[2], 0.99, later)[0].text == f"text 2 of {partition}"
+    assert index.search(rows[2], 0.99, time.time() + 5) == []

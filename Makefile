@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv dev-venv redis bench bench-cache eval clean
+.PHONY: run test lint venv dev-venv redis bench bench-cache bench-new eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: dev-venv redis
 
 bench-cache: dev-venv redis
 	$(BIN)/python tools/bench.py cache
+
+bench-new: dev-venv redis
+	$(BIN)/python tools/bench.py new-prompts
 
 eval: dev-venv
 	$(BIN)/python tools/eval_semantic.py

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench.py proxy     # proxy overhead: direct vs through the gateway, c = 1, 32, 128
     .venv/bin/python tools/bench.py cache     # cache layers: miss, L0, L1, L2 hits; L1 throughput; L2 search
+    .venv/bin/python tools/bench.py new-prompts   # defaults (L2 on), every prompt new: vs direct and cache off
 
 The machine is small and shared, so only what is measured side by side in one run means anything: targets are
 measured in alternating short rounds and reported with ratios. The load comes from tools/bench_client.py in its own
@@ -417,26 +418,28 @@ def cache_mode(args: argparse.Namespace) -> None:
 
 def search_bench(args: argparse.Namespace) -> list[tuple[int, np.ndarray]]:
     """PartitionIndex.search() as the look-up calls it (from the candidate floor), over random unit vectors."""
+    from app.cache.lexicon import verifier_model
     from app.cache.semantic import PartitionIndex
-    from app.cache.verify import DEFAULT_SEMANTIC_THRESHOLD, candidate_floor
+    from app.embeddings.static import TABLE_DIM
 
-    floor = candidate_floor(DEFAULT_SEMANTIC_THRESHOLD)
+    floor = verifier_model().static_floor
     rng = np.random.default_rng(7)
     rows = []
     for size in args.search_sizes:
-        vectors = rng.standard_normal((size, 384), dtype=np.float32)
+        vectors = rng.standard_normal((size, TABLE_DIM), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        index = PartitionIndex(384)
+        index = PartitionIndex(TABLE_DIM)
         for i in range(size):
-            index.add(f"e{i}", vectors[i], "")
-        queries = rng.standard_normal((args.queries, 384), dtype=np.float32)
+            index.add(f"e{i}", vectors[i], "", 2e9)
+        queries = rng.standard_normal((args.queries, TABLE_DIM), dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        now = time.time()
         for q in queries[:10]:
-            index.search(q, floor)
+            index.search(q, floor, now)
         search_times = []
         for q in queries:
             t0 = time.perf_counter()
-            index.search(q, floor)
+            index.search(q, floor, now)
             search_times.append(time.perf_counter() - t0)
         rows.append((size, np.array(search_times)))
         log(f"  {size} entries: search p50 {pct_ms(search_times, 50):.3f} ms")
@@ -485,10 +488,11 @@ def print_cache_table(args: argparse.Namespace, s: dict[str, Sample],
               f"{fmt(pct_ms(sample.latencies, 50))} | {fmt(pct_ms(sample.latencies, 99))} | "
               f"{fmt(sample.cpu_ms, 3)} | {target} |")
     print()
-    print("| L2 index, one partition (in-process, dim 384) | search() p50 ms | search() p99 ms | target |")
+    print("| L2 index, one partition (in-process, static vectors, dim 256) | search() p50 ms | search() p99 ms "
+          "| target |")
     print("|---:|---:|---:|---|")
     for size, times in search_rows:
-        target = f"<= 5 ms: {mark(pct_ms(times, 50) <= 5.0)}" if size >= 100_000 else ""
+        target = f"<= 5 ms: {mark(pct_ms(times, 50) <= 5.0)}" if size >= 50_000 else ""
         print(f"| {size:,} entries | {fmt(pct_ms(times, 50), 3)} | {fmt(pct_ms(times, 99), 3)} | {target} |")
     total = s["L2"].count
     print(f"\nL2 hit rate: {len(l2)}/{total} paraphrases answered from L2 ({100.0 * len(l2) / max(total, 1):.0f}%), "
@@ -517,9 +521,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cache.add_argument("--hit-count", type=int, default=300, help="repeated requests per round and layer")
     cache.add_argument("--pair-sets", type=int, default=8, help="numbers per paraphrase pair per round")
     cache.add_argument("--seconds", type=float, default=3.0, help="length of one throughput round")
-    cache.add_argument("--search-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    cache.add_argument("--search-sizes", type=int, nargs="+", default=[1_000, 10_000, 50_000])
     cache.add_argument("--queries", type=int, default=300, help="random queries per index size")
-    for sub_parser in (proxy, cache):
+    fresh = sub.add_parser("new-prompts", help="defaults (L2 on) with every prompt new, vs direct and cache off")
+    fresh.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    fresh.add_argument("--rounds", type=int, default=3)
+    fresh.add_argument("--seconds", type=float, default=3.0)
+    fresh.add_argument("--warmup-seconds", type=float, default=1.0)
+    for sub_parser in (proxy, cache, fresh):
         sub_parser.add_argument("--latency", type=float, default=0.05, help="mock upstream latency (seconds)")
         sub_parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per gateway")
     return parser.parse_args(argv)
@@ -530,6 +539,10 @@ def main(argv: list[str] | None = None) -> None:
     started_at = time.monotonic()
     if args.mode == "proxy":
         proxy_mode(args)
+    elif args.mode == "new-prompts":
+        from tools.bench_new_prompts import new_prompts_mode
+
+        new_prompts_mode(args)
     else:
         cache_mode(args)
     log(f"done in {time.monotonic() - started_at:.0f}s")

@@ -15,7 +15,6 @@ first (not whole partitions), expired rows are skipped by every search and compa
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from importlib import resources
@@ -24,8 +23,7 @@ from typing import Any
 import numpy as np
 
 SYNC_SECONDS = 0.5
-CANDIDATES = 4  # best static candidates looked at per look-up, best first
-LOG_TRIM_EVERY = 64
+CANDIDATES = 3  # best static candidates looked at per look-up, best first
 ROW_OVERHEAD_BYTES = 120
 #: A partition with more than 1/HOT_SHARE of the row bound evicts its own oldest rows when the bound is reached.
 HOT_SHARE = 4  # list slots, dict entry and id string of one row, beyond its vector and text
@@ -153,15 +151,14 @@ class SemanticStore:
 
     def __init__(self, redis_client: Any, bounds: IndexBounds) -> None:
         self._redis = redis_client
-        lua = resources.files(__package__).joinpath("lua", "hset_if_exists.lua").read_text(encoding="utf-8")
-        self._hset_if_exists = redis_client.register_script(lua)
+        self._hset_if_exists = redis_client.register_script(_lua("hset_if_exists.lua"))
+        self._put = redis_client.register_script(_lua("l2_put.lua"))
         self.bounds = bounds
         self._indexes: OrderedDict[str, PartitionIndex] = OrderedDict()
         self._order: deque[tuple[str, str]] = deque()  # (partition, entry id), oldest first
         self.rows = 0
         self.bytes = 0
         self.evicted = 0
-        self._writes = 0
 
     @staticmethod
     def _log_key(partition: str) -> str:
@@ -183,9 +180,9 @@ class SemanticStore:
         return index
 
     def _sync(self, partition: str, index: PartitionIndex, now: float) -> None:
-        # Entries written since the last sync, with a margin for clock skew between writers.
-        since = max(0.0, index.synced_score - 5000.0)
-        ids = self._redis.zrangebyscore(self._log_key(partition), since, "+inf", withscores=True)
+        # Entries logged since the newest one seen (inclusive: several may share a millisecond). Scores are the
+        # Redis server's clock (l2_put.lua), so no margin for skew between writers is needed.
+        ids = self._redis.zrangebyscore(self._log_key(partition), index.synced_score, "+inf", withscores=True)
         index.synced_at = now
         for entry_id in index.expired(now):
             self._forget(partition, index, entry_id)
@@ -219,34 +216,24 @@ class SemanticStore:
 
     def put(self, partition: str, entry_id: str, static: np.ndarray, transformer: np.ndarray | None, text: str,
             content: bytes, ttl: int) -> None:
-        now = time.time()
-        entry_key = self._entry_key(partition, entry_id)
-        log_key = self._log_key(partition)
-        fields: dict[str, Any] = {"s": encode_vector(static), "q": text, "a": content, "x": f"{now + ttl:.3f}"}
+        """Write the entry and log it (one EVALSHA); this worker's index has it at once, others at their sync."""
+        fields: list[Any] = ["s", encode_vector(static), "q", text, "a", content]
         if transformer is not None:
-            fields["t"] = encode_vector(transformer)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(entry_key, mapping=fields)
-        pipe.expire(entry_key, ttl)
-        pipe.zadd(log_key, {entry_id: now * 1000.0})
-        pipe.expire(log_key, max(ttl, 3600) * 2)
-        self._writes += 1
-        if self._writes % LOG_TRIM_EVERY == 0:
-            # Log members older than the longest TTL in use point at expired entries.
-            pipe.zremrangebyscore(log_key, "-inf", (now - ttl * 2) * 1000.0)
-        pipe.execute()
+            fields += ["t", encode_vector(transformer)]
+        logged_ms = self._put(keys=[self._entry_key(partition, entry_id), self._log_key(partition)],
+                              args=[entry_id, ttl, *fields])
         index = self._indexes.get(partition)
         if index is not None:
-            self._add(partition, index, entry_id, static, text, now + ttl)
+            self._add(partition, index, entry_id, static, text, int(logged_ms) / 1000.0 + ttl)
 
     def remember_transformer_vectors(self, partition: str, vectors: dict[str, np.ndarray]) -> None:
-        """Keep transformer vectors computed for candidates, so the next look-up does not compute them again."""
-        pipe = self._redis.pipeline(transaction=False)
+        """Keep transformer vectors computed for candidates, so the next look-up does not compute them again.
+
+        One script call per entry (a few, in the background): Redis Cluster pipelines refuse EVALSHA.
+        """
         for entry_id, vector in vectors.items():
-            key = self._entry_key(partition, entry_id)
             # Only on an entry that still exists: HSET on a missing key would create one without expiry.
-            self._hset_if_exists(keys=[key], args=["t", encode_vector(vector)], client=pipe)
-        pipe.execute()
+            self._hset_if_exists(keys=[self._entry_key(partition, entry_id)], args=["t", encode_vector(vector)])
 
     def stats(self) -> dict[str, int]:
         return {"partitions": len(self._indexes), "rows": self.rows, "bytes": self.bytes,
@@ -299,6 +286,10 @@ class SemanticStore:
     def _live(self, partition: str, entry_id: str) -> bool:
         index = self._indexes.get(partition)
         return index is not None and index.is_live(entry_id)
+
+
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
 
 
 def _text(value: bytes | str) -> str:

@@ -132,15 +132,8 @@ def test_semantic_cache(gw: Gateway, upstream: MockUpstream) -> None:
                 "messages": [system, {"role": "user", "content": "How do I reset my password?"}]}
     paraphrase = {**question, "messages": [system, {"role": "user", "content": "How can I reset my password?"}]}
     assert layer(post(gw, "cache", question)) == "MISS"
-    deadline = time.monotonic() + 30
-    while True:  # the local model loads in the background after start
-        hit = post(gw, "cache", paraphrase)
-        if layer(hit) == "L2" or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-        assert layer(post(gw, "cache", {**question, "messages": [system, {"role": "user", "content":
-                                                                            "How do I reset my password?"}]})) in (
-            "MISS", "L0", "L1")
+    time.sleep(1.0)  # its L2 entry is written after the answer, and workers sync every 0.5 s
+    hit = post(gw, "cache", paraphrase)
     assert layer(hit) == "L2"
     assert float(hit.headers["X-Cache-Similarity"]) < 1.0
 

@@ -1,0 +1,170 @@
+"""`tools/bench.py new-prompts`: the gateway at its defaults (L2 on) when every prompt is new.
+
+The normal case for an application: temperature 0, most prompts never seen before. Side by side in alternating
+rounds: the mock upstream directly, the gateway with the cache off, and the gateway at its defaults (exact + semantic
+cache, local embeddings). Every request carries a prompt no earlier request had (LLM-style templates, each made
+unique by a number), so nothing is ever a hit and L2 pays its whole cost on every request. Memory is the resident
+set of the master and its workers after the run; start-up is the time from launch to a worker answering /readyz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import ExitStack
+
+import requests
+
+from tools.bench import (
+    UPSTREAM_KEY,
+    MockUpstream,
+    Sample,
+    Target,
+    chat_body,
+    check,
+    fmt,
+    log,
+    mark,
+    pct_ms,
+    run,
+    start_gateway,
+    worker_pids,
+)
+
+# LLM-style requests an application sends from templates; {n} makes each one new.
+TEMPLATES = (
+    "Summarise support ticket {n} in one line for the on-call engineer.",
+    "Write a friendly reminder email to customer {n} about their unpaid invoice.",
+    "Explain error code E{n} to a user who is not technical.",
+    "Translate order note {n} into French, keeping product names unchanged.",
+    "Classify the sentiment of review {n} as positive, negative or neutral.",
+    "Draft a product description for catalogue item {n}, under 50 words.",
+    "List three follow-up questions to ask applicant {n} after the interview.",
+    "Write a SQL query that returns the orders of customer {n} from last month.",
+    "Suggest a subject line for newsletter issue {n} about our spring sale.",
+    "Extract the shipping address from message {n} as JSON.",
+    "What are the next steps for incident {n} after the database failover?",
+    "Rewrite paragraph {n} of the onboarding guide in plain English.",
+)
+
+
+def bodies(run_id: str) -> list[str]:
+    system = f"You are the assistant of the G-AIGateway benchmark app {run_id}."
+    return [chat_body(t, system=system, temperature=0) for t in TEMPLATES]
+
+
+def rss_mb(master: int) -> float:
+    """Resident memory of the master and its workers, in MB."""
+    total = 0
+    for pid in [master, *worker_pids(master)]:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024.0
+
+
+def startup_seconds(env: dict[str, str], workers: int) -> tuple[float, object]:
+    """Launch a gateway and time it until /readyz answers 200."""
+    from tests.support import Gateway
+
+    started = time.monotonic()
+    gateway = Gateway(env, workers=workers, timeout=120)
+    while requests.get(gateway.url + "/readyz", timeout=5).status_code != 200:
+        time.sleep(0.02)
+    return time.monotonic() - started, gateway
+
+
+def new_prompts_mode(args: argparse.Namespace) -> None:
+    run_id = f"{time.time_ns() % 10**9}"
+    templates = bodies(run_id)
+    notes: list[str] = []
+    with ExitStack() as stack:
+        log("starting the mock upstream and two gateways (cache off; defaults with L2 on) ...")
+        mock = MockUpstream("--latency", str(args.latency))
+        stack.callback(mock.stop)
+        common = {"TARGET_URL": mock.url, "UPSTREAM_API_KEYS": UPSTREAM_KEY, "AUTH_DISABLED": "true"}
+        off_start, _ = startup_seconds({**common, "CACHE_ENABLED": "false"}, args.workers)
+        _.stop()
+        default_start, probe = startup_seconds(common, args.workers)
+        probe.stop()
+        gw_off, off_pids = start_gateway({**common, "CACHE_ENABLED": "false"}, args.workers)
+        stack.callback(gw_off.stop)
+        gw_default, default_pids = start_gateway(common, args.workers)
+        stack.callback(gw_default.stop)
+        from tools.bench_client import LoadGenerator
+
+        load = LoadGenerator()
+        stack.callback(load.close)
+        targets = [
+            Target("direct", mock.url, {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
+            Target("gateway, cache off", gw_off.url, {}, off_pids),
+            Target("gateway, defaults (L2 on)", gw_default.url, {}, default_pids),
+        ]
+        start = 10_000_000
+        rows: list[tuple[int, list[Sample]]] = []
+        for concurrency in args.concurrency:
+            for target in targets:  # warm-up: connections, first embeddings, the partition's first entries
+                run(load, target, templates, concurrency=concurrency, seconds=args.warmup_seconds, start=start,
+                    cpu=False)
+                start += 1_000_000
+            samples = [Sample() for _ in targets]
+            for round_no in range(args.rounds):
+                order = list(range(len(targets)))
+                order = order[round_no % len(order):] + order[: round_no % len(order)]
+                for i in order:
+                    samples[i].add(run(load, targets[i], templates, concurrency=concurrency,
+                                       seconds=args.seconds, start=start))
+                    start += 1_000_000
+            for target, sample in zip(targets, samples, strict=True):
+                check(sample, f"c={concurrency} {target.name}", notes)
+            rows.append((concurrency, samples))
+            log(f"  c={concurrency}: " + ", ".join(f"{t.name} {s.rps:.0f}/s" for t, s in zip(targets, samples,
+                                                                                             strict=True)))
+        memory = {"gateway, cache off": rss_mb(gw_off.process.pid),
+                  "gateway, defaults (L2 on)": rss_mb(gw_default.process.pid)}
+        stats = requests.get(gw_default.url + "/metrics", timeout=10).text
+    starts = {"gateway, cache off": off_start, "gateway, defaults (L2 on)": default_start}
+    print_table(args, targets, rows, memory, starts, notes, stats)
+
+
+def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tuple[int, list[Sample]]],
+                memory: dict[str, float], starts: dict[str, float], notes: list[str], metrics: str) -> None:
+    print(f"\n### Every prompt new (mock upstream latency {args.latency * 1000:.0f} ms, {args.workers} gevent "
+          f"workers, {args.rounds} alternating rounds x {args.seconds:g} s per cell)\n")
+    print("| c | path | p50 ms | p99 ms | req/s | overhead p50 ms | overhead p99 ms | req/s % of direct "
+          "| gateway CPU ms/req | RSS master+workers MB | start to ready s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    checks: list[str] = []
+    for concurrency, samples in rows:
+        direct = samples[0]
+        d50, d99 = pct_ms(direct.latencies, 50), pct_ms(direct.latencies, 99)
+        for target, sample in zip(targets, samples, strict=True):
+            p50, p99 = pct_ms(sample.latencies, 50), pct_ms(sample.latencies, 99)
+            if target is targets[0]:
+                print(f"| {concurrency} | {target.name} | {fmt(p50)} | {fmt(p99)} | {sample.rps:.0f} | | | | | | |")
+                continue
+            share = 100.0 * sample.rps / direct.rps if direct.rps else float("nan")
+            print(f"| {concurrency} | {target.name} | {fmt(p50)} | {fmt(p99)} | {sample.rps:.0f} | {fmt(p50 - d50)} "
+                  f"| {fmt(p99 - d99)} | {fmt(share, 0)}% | {fmt(sample.cpu_ms, 3)} | {memory[target.name]:.0f} "
+                  f"| {starts[target.name]:.2f} |")
+            if target is targets[2]:
+                if concurrency == 1:
+                    checks.append(f"c=1 overhead p50 {fmt(p50 - d50)} ms (target <= 3 ms: {mark(p50 - d50 <= 3)})")
+                if concurrency == 32:
+                    checks.append(f"c=32 {fmt(share, 0)}% of direct (target >= 85%: {mark(share >= 85)})")
+                checks.append(f"CPU per new prompt at c={concurrency}: {fmt(sample.cpu_ms, 3)} ms "
+                              f"(target <= 2 ms: {mark(sample.cpu_ms <= 2)})")
+    default = targets[2].name
+    checks.append(f"memory, master + {args.workers} workers: {memory[default]:.0f} MB (target <= 300 MB: "
+                  f"{mark(memory[default] <= 300)})")
+    checks.append(f"start-up to ready: {starts[default]:.2f} s (target <= 3 s: {mark(starts[default] <= 3)})")
+    print("\nTargets (defaults, L2 on):\n")
+    for line in checks:
+        print(f"- {line}")
+    counted = [row for row in metrics.splitlines()
+               if row.startswith(("gateway_embeddings_total{", "gateway_semantic_skipped_total{"))]
+    print("\nL2 work in the defaults gateway (its /metrics): " + "; ".join(counted))
+    for note in notes:
+        print(f"- note: {note}")

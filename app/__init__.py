@@ -83,8 +83,7 @@ def _build_cache(settings: Settings, redis: object) -> object:
                                   # requests for long before they go upstream anyway.
                                   connect_timeout=min(settings.upstream_connect_timeout, 2.0),
                                   read_timeout=EMBEDDING_READ_TIMEOUT, max_retries=1)
-        # The first stage: a memory-mapped table shared by the workers. The transformer loads on first need
-        # (a candidate surviving the cheap checks), so a worker that never meets a near-duplicate never pays for it.
+        # The first stage: a memory-mapped table shared by the workers; the transformer loads in the background.
         static = StaticEmbedder()
     options = CacheOptions(
         ttl_seconds=settings.cache_ttl_seconds, semantic_enabled=settings.semantic_cache_enabled,
@@ -93,8 +92,10 @@ def _build_cache(settings: Settings, redis: object) -> object:
         index_bounds=IndexBounds(settings.semantic_index_max_rows, settings.semantic_index_max_bytes),
         store_queue_size=settings.semantic_store_queue_size,
     )
-    return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                        embedder, static)
+    cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
+                         embedder, static)
+    cache.warm_up()
+    return cache
 
 
 def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> object | None:

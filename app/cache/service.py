@@ -23,6 +23,7 @@ from app.cache.semantic import Candidate, IndexBounds, SemanticStore
 from app.cache.verify import decide, normalise, repair_typos, rule_check
 from app.concurrency import BackgroundQueue
 from app.embeddings.base import Embedder, EmbeddingError
+from app.embeddings.static import StaticEmbedder
 from app.errors import BadRequest
 from app.observability import metrics
 from app.redis_client import REDIS_FAILURES
@@ -94,7 +95,7 @@ class SemanticWrite:
 
 class CacheService:
     def __init__(self, redis_client: Any, options: CacheOptions, local: LocalCache,
-                 embedder: Embedder | None, static: Embedder | None = None) -> None:
+                 embedder: Embedder | None, static: StaticEmbedder | None = None) -> None:
         self.options = options
         self.local = local
         self.embedder = embedder if options.semantic_enabled and static is not None else None
@@ -108,6 +109,8 @@ class CacheService:
         self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
         self.writes = BackgroundQueue("semantic_store", self._write_semantic, options.store_queue_size,
                                       on_drop=metrics.BACKGROUND_DROPPED.labels("semantic_store").inc)
+        self.load_jobs = BackgroundQueue("model_load", self._load_transformer, 1)
+        self._loading = False
         # Vectors of different models never share a partition.
         self._space = digest([self.embedder.model_id, self.static.model_id])[:8] if self.embedder is not None else ""
 
@@ -206,11 +209,12 @@ class CacheService:
         index = self.semantic.index(plan.partition, self.static.dim, now)
         if not len(index):
             return self._skip(plan, "empty_partition")
-        if self.static.token_count(text) > SEMANTIC_MAX_TOKENS:
+        vectors, (tokens,) = self.static.embed_counted([text])
+        metrics.EMBEDDINGS.labels("static").inc()
+        if tokens > SEMANTIC_MAX_TOKENS:
             plan.semantic = None  # nor stored: a later prompt could never be told apart from it
             return self._skip(plan, "too_long")
-        plan.static_vector = self.static.embed([text])[0]
-        metrics.EMBEDDINGS.labels("static").inc()
+        plan.static_vector = vectors[0]
         found = index.search(plan.static_vector, verifier_model().static_floor, now)
         survivors: list[Candidate] = []
         for candidate in found:
@@ -228,6 +232,8 @@ class CacheService:
 
     def _verify(self, plan: CachePlan, text: str, survivors: list[Candidate]) -> CacheHit | None:
         assert plan.partition is not None
+        if not self._transformer_ready():
+            return self._skip(plan, "model_loading")
         stored = self.semantic.transformer_vectors(plan.partition, [c.entry_id for c in survivors])
         repairs = [repair_typos(text, c.text) for c in survivors]
         missing = [c.text for c, v in zip(survivors, stored, strict=True) if v is None]
@@ -268,6 +274,29 @@ class CacheService:
             metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
         metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
         return None
+
+    def warm_up(self) -> None:
+        """Start loading a local transformer in the background (the worker serves meanwhile)."""
+        if self.embedder is not None and not getattr(self.embedder, "loaded", True) and not self._loading:
+            self._loading = True
+            self.load_jobs.offer(None)
+
+    def _transformer_ready(self) -> bool:
+        """Whether the transformer can run now. Until the worker's background load is done, a request whose
+        candidates need it is a plain miss rather than a wait of a second or more."""
+        if getattr(self.embedder, "loaded", True):
+            return True
+        self.warm_up()
+        return bool(getattr(self.embedder, "loaded", True))
+
+    def _load_transformer(self, _: None) -> None:
+        try:
+            self.embedder.load()  # type: ignore[union-attr]
+        except EmbeddingError as exc:
+            self.embedding_breaker.failed(time.time())
+            log.warning("the local embedding model could not be loaded: %s", exc)
+        finally:
+            self._loading = False
 
     def _skip(self, plan: CachePlan, reason: str) -> None:
         metrics.SEMANTIC_SKIPPED.labels(reason).inc()

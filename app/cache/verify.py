@@ -33,6 +33,7 @@ _TOKEN = re.compile(r"\d+(?:[.,:/]\d+)*|[A-Za-z][A-Za-z0-9_]*(?:'[A-Za-z]+)?|[0-
 _SENTENCE_END = frozenset('.?!:;"(*-')
 _BOTH_WAYS = re.compile(r" or (?:\w+ )?(?:not|without|no) ")
 _QUOTED = re.compile(r'"([^"]{2,})"|\u201c([^\u201d]{2,})\u201d|`([^`]{2,})`')
+_FRAMING = frozenset({"as", "into", "in", "style"})  # words that ask for an output form just before it
 _ABBREVIATION = re.compile(r"(?<![\w/])(w/o|w/|b/c|[A-Za-z]+)(?![\w/])")
 #: Number words read as their digits ("one" is left out: "one-dimensional", "one of").
 _NUMBER_WORDS = {
@@ -65,6 +66,7 @@ class Verdict:
 # -- text analysis -------------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=8192)
 def normalise(text: str) -> str:
     """Expand chat abbreviations ("pls", "w/o", "thx") and fold white space: the text that is embedded and compared."""
     table = lexicon().abbreviations
@@ -104,9 +106,12 @@ class _Text:
     negated: bool  # in the request (the last sentence); a negated context sentence is only a feature
     negated_context: bool
     formats: frozenset[str]  # output forms named in the request (the last sentence)
+    framed: bool  # one of them asked for as a form: "as a tweet", "into a table", "in JSON", "in the style of"
+    modifiers: frozenset[str]  # the word just before each form: "multiple-choice quiz", "true/false quiz"
     markers: frozenset[str]
     given: tuple[str, ...]  # quoted or colon-introduced text, normalised
     symbols: str  # the operators in the given text, in order ("3x - 7" is not "3x + 7")
+    quoted: tuple[str, ...]  # quoted or backticked text as written, white space folded (code must match exactly)
     sentences: int
 
 
@@ -129,8 +134,9 @@ def _analyse(text: str) -> _Text:
     content: list[tuple[str, str, int]] = []
     strong: set[str] = set()
     numbers: set[str] = set()
-    negated = negated_context = False
+    negated = negated_context = framed = False
     formats: set[str] = set()
+    modifiers: set[str] = set()
     for match, at_start, sent in raw:
         lower = match.lower()
         negation = lower in lex.negations or lower.endswith("n't")
@@ -148,6 +154,9 @@ def _analyse(text: str) -> _Text:
             continue
         if sent == sentence and lower in lex.formats:
             formats.add(lower[:-1] if lower.endswith("s") and lower[:-1] in lex.formats else lower)
+            framed = framed or bool(_FRAMING & set(words[-6:-1]))
+            if len(words) > 1 and words[-2] not in lex.stop:
+                modifiers.add(words[-2])
         if any(c.isdigit() for c in lower) or lower in _NUMBER_WORDS:
             value = _NUMBER_WORDS.get(lower, lower.replace(",", ""))
             if value.isdigit():
@@ -171,9 +180,12 @@ def _analyse(text: str) -> _Text:
         negated=negated,
         negated_context=negated_context,
         formats=frozenset(formats),
+        framed=framed,
+        modifiers=frozenset(modifiers),
         markers=frozenset(words) & lex.constraint_markers,
         given=(given := _given_text(text)),
         symbols="".join(_given_symbols(text)) if given else "",
+        quoted=tuple(" ".join("".join(g).lower().split()) for g in _QUOTED.findall(text)),
         sentences=sentence + 1,
     )
 
@@ -260,6 +272,8 @@ class _Alignment:
     only_b: tuple[tuple[str, str, int], ...]
     typos: tuple[tuple[str, str], ...]  # (surface in a, surface in b) matched as typing errors
     shared: int
+    only_a_request: bool  # a has unmatched content words in its request (last) sentence
+    only_b_request: bool
 
 
 def _align(a: _Text, b: _Text) -> _Alignment:
@@ -278,7 +292,9 @@ def _align(a: _Text, b: _Text) -> _Alignment:
                 break
     only_a = [c for c in rest_a if not _prefix_match(c[0], keys_b)]
     only_b = [c for c in rest_b if not _prefix_match(c[0], keys_a)]
-    return _Alignment(tuple(_dedupe(only_a)), tuple(_dedupe(only_b)), tuple(typos), len(keys_a & keys_b))
+    return _Alignment(tuple(_dedupe(only_a)), tuple(_dedupe(only_b)), tuple(typos), len(keys_a & keys_b),
+                      any(sent == a.sentences - 1 for _, _, sent in only_a),
+                      any(sent == b.sentences - 1 for _, _, sent in only_b))
 
 
 def _dedupe(items: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
@@ -314,7 +330,11 @@ def _rules(a: _Text, b: _Text, al: _Alignment) -> Verdict | None:
     swapped = _direction_swapped(a, b, keys_a & keys_b) or _transposed(a.words, b.words)
     if swapped:
         return Verdict(False, f"direction swapped: {swapped[0]} / {swapped[1]}", "direction")
-    if a.formats and b.formats and a.formats != b.formats:
+    # A form asked for on one side ("... as a limerick") facing other words in the other's request.
+    one_sided = (a.framed and not b.formats and al.only_b_request) or (b.framed and not a.formats and al.only_a_request)
+    other_kind = (a.formats & b.formats and a.modifiers and b.modifiers and not a.modifiers & b.modifiers
+                  and al.only_a and al.only_b)
+    if (a.formats and b.formats and a.formats != b.formats) or one_sided or other_kind:
         shown = "/".join(sorted(a.formats - b.formats) or ["-"])
         shown += " vs " + "/".join(sorted(b.formats - a.formats) or ["-"])
         return Verdict(False, f"output format differs: {shown}", "format")
@@ -404,6 +424,8 @@ def _same_given(a: _Text, b: _Text) -> bool:
         return True
     if a.given and b.given and a.symbols != b.symbols:
         return False
+    if a.quoted and b.quoted and a.quoted != b.quoted and not (set(a.quoted) & set(b.quoted)):
+        return False
     return _given_in(a.given, b) and _given_in(b.given, a)
 
 
@@ -445,7 +467,7 @@ def _transposed(words_a: tuple[str, ...], words_b: tuple[str, ...]) -> tuple[str
     while words_a[end - 1] == words_b[end - 1]:
         end -= 1
     middle_a, middle_b = words_a[start:end], words_b[start:end]
-    if len(middle_a) > 6 or len(middle_a) >= len(words_a) or sorted(middle_a) != sorted(middle_b):
+    if len(middle_a) > 8 or len(middle_a) >= len(words_a) or sorted(middle_a) != sorted(middle_b):
         return None
     return middle_a[0], middle_b[0]
 

@@ -51,13 +51,16 @@ class StaticEmbedder:
     def model_id(self) -> str:
         return f"static-minilm-{self.model_sha256[:12]}"
 
-    def token_count(self, text: str) -> int:
-        """WordPiece tokens of ``text`` (capped at MAX_TOKENS): how much of it the transformer would read."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
-
     def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """The vectors, and each text's WordPiece token count (capped at MAX_TOKENS): how much of it a transformer
+        reading ``n`` tokens would see. One tokenisation serves both."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        counts = []
         for row, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+            counts.append(len(encoding.ids))
             if encoding.ids:
                 out[row] = self._table[encoding.ids].sum(axis=0, dtype=np.float32)
-        return l2_normalise(out)
+        return l2_normalise(out), counts

@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -158,8 +159,34 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
     server.log.info("prometheus multiprocess directory: %s", directory)
 
 
+def _may_hold_slots() -> bool:
+    """Whether any tenant can have a concurrency limit (the default one, or one from the keys file)."""
+    return _environ.get("RATE_LIMIT_CONCURRENCY", "").strip() not in ("", "0") or bool(
+        _environ.get("GATEWAY_KEYS_FILE", "").strip())
+
+
 def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
-    """prometheus_client's `multiprocess.mark_process_dead(worker.pid)`, done with the standard library.
+    """A worker is gone: release the concurrency slots it held, and mark it dead for the metrics."""
+    if _may_hold_slots():
+        _release_slots(server, worker.pid)
+    _mark_process_dead(worker.pid)
+
+
+def _release_slots(server, pid: int) -> None:  # noqa: ANN001 - gunicorn's arbiter
+    """Release a dead worker's concurrency slots now, not after their lease (`app/ratelimit/reap.py`).
+
+    In a process of its own: redis-py would import `ssl` into the master (see `_mark_process_dead`). The master
+    does not wait for it; its SIGCHLD handling reaps it like any other child.
+    """
+    try:
+        subprocess.Popen([sys.executable, "-m", "app.ratelimit.reap", str(pid)],
+                         cwd=Path(__file__).resolve().parent, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        server.log.error("could not start the release of worker %s's concurrency slots: %s", pid, exc)
+
+
+def _mark_process_dead(pid: int) -> None:
+    """prometheus_client's `multiprocess.mark_process_dead(pid)`, done with the standard library.
 
     Importing prometheus_client here would import `ssl` into the master, and every worker forked after
     a crash would inherit it unpatched; the library function only removes the dead worker's live-gauge
@@ -169,7 +196,7 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signat
     if not directory:
         return
     for mode in ("liveall", "livesum", "livemax", "livemin", "livemostrecent"):
-        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{worker.pid}.db")):
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{pid}.db")):
             os.remove(path)
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
+from app.breaker import Breaker
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -44,8 +45,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                               read_timeout=settings.upstream_read_timeout,
                               on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
 
-    cache = _build_cache(settings, redis) if settings.cache_enabled else None
-    limiter = _build_admission(settings, redis, auth)
+    # One breaker for Redis: the cache and the limiter skip it together, and one probe finds it back for both.
+    redis_breaker = Breaker(close_after=REDIS_PROBES_TO_CLOSE)
+    cache = _build_cache(settings, redis, redis_breaker) if settings.cache_enabled else None
+    limiter = _build_admission(settings, redis, auth, redis_breaker)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -65,9 +68,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 EMBEDDING_READ_TIMEOUT = 3.0
+# Probes in a row a Redis that failed must answer before every request uses it again: a Redis busy with long
+# commands answers in short gaps, and one answer in a gap must not send every request back to wait.
+REDIS_PROBES_TO_CLOSE = 3
 
 
-def _build_cache(settings: Settings, redis: object) -> object:
+def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
     from app.cache.local import LocalCache
     from app.cache.semantic import IndexBounds
     from app.cache.service import CacheOptions, CacheService
@@ -94,10 +100,10 @@ def _build_cache(settings: Settings, redis: object) -> object:
         store_queue_size=settings.semantic_store_queue_size,
     )
     return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                        embedder, static)
+                        embedder, static, breaker)
 
 
-def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> object | None:
+def _build_admission(settings: Settings, redis: object, auth: Authenticator, breaker: Breaker) -> object | None:
     """A limiter only when some tenant has a limit: otherwise admission costs nothing at all."""
     from app.ratelimit.admission import Admission
     from app.ratelimit.limiter import RateLimiter, RateLimiterUnavailable
@@ -110,4 +116,5 @@ def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> 
     except RateLimiterUnavailable:
         pass  # Redis down at start: the first call loads the script
     return Admission(limiter, fail_closed=settings.rate_limit_fail_closed,
-                     window_seconds=settings.rate_limit_window_seconds)
+                     window_seconds=settings.rate_limit_window_seconds, burst=settings.rate_limit_burst,
+                     workers=settings.web_concurrency, breaker=breaker)

@@ -6,6 +6,9 @@ opening an unbounded number; pods x workers x REDIS_MAX_CONNECTIONS must stay un
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import redis
@@ -22,17 +25,19 @@ CONNECT_TIMEOUT_SECONDS = 0.5
 HEALTH_CHECK_SECONDS = 30
 
 
+def gevent_patched() -> bool:
+    """Whether gevent has patched the sockets (gunicorn's gevent worker): greenlets run, and timeouts cut calls."""
+    from gevent import monkey
+
+    return monkey.is_module_patched("socket")
+
+
 def _queue_class() -> type:
     """gevent's LIFO queue when gevent is patched in, so waiting greenlets yield instead of blocking."""
-    try:
-        from gevent import monkey
+    if gevent_patched():
+        from gevent.queue import LifoQueue
 
-        if monkey.is_module_patched("socket"):
-            from gevent.queue import LifoQueue
-
-            return LifoQueue
-    except ImportError:  # gevent is always installed; stdlib is the fallback for scripts
-        pass
+        return LifoQueue
     from queue import LifoQueue
 
     return LifoQueue
@@ -57,3 +62,58 @@ def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout
         **common,
     )
     return redis.Redis(connection_pool=pool)
+
+
+class RedisBudget:
+    """The time one request may spend waiting on Redis, across every call it makes (limiter, cache, settle).
+
+    A slow Redis then costs a request at most this once: a call is cut when the budget runs out (a
+    `redis.TimeoutError`, which opens the caller's breaker), and a request whose budget is spent skips Redis
+    for the rest of its life. The cut needs gevent's patched sockets (the gunicorn worker); elsewhere only
+    the socket timeout bounds a call, and the time is still counted.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Run one Redis call within what is left of the budget."""
+        if self.left <= 0:
+            raise redis.TimeoutError("this request's Redis time budget is spent")
+        started = time.monotonic()
+        timeout = _gevent_timeout(self.left)
+        try:
+            if timeout is None:
+                yield
+                return
+            try:
+                with timeout:
+                    yield
+            except BaseException as exc:
+                if exc is not timeout:
+                    raise
+                # redis-py has closed the connection the cut call was using (it does on any BaseException).
+                raise redis.TimeoutError("Redis did not answer within this request's time budget") from None
+        finally:
+            self.left -= time.monotonic() - started
+
+
+def bounded(budget: RedisBudget | None) -> AbstractContextManager[None]:
+    """`budget.bound()`, or no bound for a caller without a request budget (background work, tools)."""
+    return nullcontext() if budget is None else budget.bound()
+
+
+def _gevent_timeout(seconds: float) -> Any:
+    """A gevent.Timeout when gevent has patched the sockets (the only place it can interrupt a call), else None."""
+    if not gevent_patched():
+        return None
+    from gevent import Timeout
+
+    return Timeout(seconds)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import Flask
-
 from app.breaker import Breaker
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from app.auth import Authenticator
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build every service once for this worker (after gunicorn's fork) and wire the blueprints."""
+    """Build every service once for this worker (after gunicorn's fork) and wire the blueprints.
+
+    Flask is imported here, not at the top: tools that only need a part of the package (the master's
+    `app.ratelimit.reap`, which must start fast) do not pay for it.
+    """
+    from flask import Flask
+
     from app.auth import TenantLimits, build_authenticator
     from app.gateway import Gateway
     from app.observability import metrics

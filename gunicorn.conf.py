@@ -172,17 +172,37 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signat
     _mark_process_dead(worker.pid)
 
 
-def _release_slots(server, pid: int) -> None:  # noqa: ANN001 - gunicorn's arbiter
-    """Release a dead worker's concurrency slots now, not after their lease (`app/ratelimit/reap.py`).
+_releaser: "subprocess.Popen[str] | None" = None
 
-    In a process of its own: redis-py would import `ssl` into the master (see `_mark_process_dead`). The master
-    does not wait for it; its SIGCHLD handling reaps it like any other child.
+
+def _start_releaser(server) -> None:  # noqa: ANN001 - gunicorn's arbiter
+    """Start the process that releases dead workers' slots (`app/ratelimit/reap.py --serve`), if not running.
+
+    A process of its own: redis-py would import `ssl` into the master (see `_mark_process_dead`). It is
+    started ahead, so a worker's death costs no interpreter start; it ends when the master does (its stdin
+    closes), and the master's SIGCHLD handling reaps it like any other child if it ends before.
     """
+    global _releaser
+    if _releaser is not None and _releaser.poll() is None:
+        return
     try:
-        subprocess.Popen([sys.executable, "-m", "app.ratelimit.reap", str(pid)],
-                         cwd=Path(__file__).resolve().parent, stdin=subprocess.DEVNULL)
+        _releaser = subprocess.Popen([sys.executable, "-m", "app.ratelimit.reap", "--serve"],
+                                     cwd=Path(__file__).resolve().parent, stdin=subprocess.PIPE, text=True)
     except OSError as exc:
-        server.log.error("could not start the release of worker %s's concurrency slots: %s", pid, exc)
+        _releaser = None
+        server.log.error("could not start the release of dead workers' concurrency slots: %s", exc)
+
+
+def _release_slots(server, pid: int) -> None:  # noqa: ANN001 - gunicorn's arbiter
+    """Release a dead worker's concurrency slots now, not after their lease: hand its pid to the releaser."""
+    _start_releaser(server)
+    if _releaser is None or _releaser.stdin is None:
+        return
+    try:
+        _releaser.stdin.write(f"{pid}\n")
+        _releaser.stdin.flush()
+    except OSError as exc:  # it died since: the slots wait for their lease
+        server.log.error("could not hand worker %s's concurrency slots to the releaser: %s", pid, exc)
 
 
 def _mark_process_dead(pid: int) -> None:
@@ -213,4 +233,6 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signatur
 
 
 def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    if _may_hold_slots():
+        _start_releaser(server)
     server.log.info("G-AIGateway listening on %s with %d gevent workers", server.address, server.num_workers)

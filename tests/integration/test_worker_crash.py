@@ -26,8 +26,9 @@ def chat(content: str) -> dict:
 
 
 def worker_pids(gw: Gateway) -> list[int]:
-    """The gunicorn master's children: its workers (before any helper process is started)."""
-    out = subprocess.run(["pgrep", "-P", str(gw.process.pid)], capture_output=True, text=True, check=True).stdout
+    """The gunicorn master's workers (its other child is the slot releaser, `python -m app.ratelimit.reap`)."""
+    out = subprocess.run(["pgrep", "-P", str(gw.process.pid), "-f", "gunicorn"], capture_output=True, text=True,
+                         check=True).stdout
     return [int(pid) for pid in out.split()]
 
 

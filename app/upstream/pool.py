@@ -185,6 +185,7 @@ class KeyHealth:
 
     REDIS_KEY = "gw:upstream:cooldown"
     REFRESH_SECONDS = 1.0
+    REFRESH_WAIT = 0.05  # how long a request waits for the refresh it started (a healthy Redis takes ~1 ms)
 
     def __init__(self, redis_client: Any | None) -> None:
         self._redis = redis_client
@@ -260,12 +261,12 @@ class KeyHealth:
         if self._refreshing:
             return
         if gevent_patched():
-            # In a greenlet of its own: a slow Redis must not hold the request that happens to come due (the
-            # view is a second old anyway; this request uses it as it is).
+            # In a greenlet of its own, waited for only briefly: a slow Redis must not hold the request that
+            # happens to come due (it goes on with the view it has, a second old at most).
             import gevent
 
             self._refreshing = True
-            gevent.spawn(self._refresh, now)
+            gevent.spawn(self._refresh, now).join(timeout=self.REFRESH_WAIT)
             return
         self._refresh(now)
 

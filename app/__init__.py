@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.observability import metrics
     from app.observability.logging import configure_logging
     from app.proxy import admin, context, errors, routes, system
-    from app.redis_client import build_redis
+    from app.redis_client import background_ping, build_redis, gevent_patched
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
     from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings
@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                               on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
 
     # One breaker for Redis: the cache and the limiter skip it together, and one probe finds it back for both.
-    redis_breaker = Breaker(close_after=REDIS_PROBES_TO_CLOSE)
+    # Its probes are PINGs of its own (in the gevent worker), so no request waits on a Redis that may still be slow.
+    redis_breaker = Breaker(close_after=REDIS_PROBES_TO_CLOSE, prober=background_ping(
+        redis, settings.redis_request_budget) if gevent_patched() else None)
     cache = _build_cache(settings, redis, redis_breaker) if settings.cache_enabled else None
     limiter = _build_admission(settings, redis, auth, redis_breaker)
 

@@ -10,6 +10,8 @@ with a long command, answering only in short gaps): one lucky answer in a gap mu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class Breaker:
     """Remembers that a dependency (Redis, the embedding API) just failed, so the requests of the next pause
@@ -18,13 +20,18 @@ class Breaker:
     Callers ask `available(now)` before a call and report `succeeded(started)` or `failed(now)` after it.
     A probe that never reports (its greenlet was killed, it hit an unrelated error) is given up on after
     `probe_timeout` seconds, and the next caller probes instead.
+
+    `prober`: when given, probes are not callers' calls: `prober(breaker)` starts a probe of its own in the
+    background (which reports back the same way) and the caller that found it due skips like the others, so
+    no request waits on a dependency that may still be slow.
     """
 
     def __init__(self, pause_seconds: float = 1.0, *, probe_timeout: float | None = None,
-                 close_after: int = 1) -> None:
+                 close_after: int = 1, prober: Callable[[Breaker], None] | None = None) -> None:
         self.pause_seconds = pause_seconds
         self.probe_timeout = pause_seconds if probe_timeout is None else probe_timeout
         self.close_after = close_after
+        self.prober = prober
         self._probes_ok = 0  # probes in a row that succeeded since the breaker last opened
         self._open_until = 0.0  # 0: closed
         self._failed_at = 0.0  # the last failure: only a call begun after it may close the breaker
@@ -44,6 +51,9 @@ class Breaker:
         if now < self._open_until or now < self._probe_until:
             return False
         self._probe_until = now + self.probe_timeout
+        if self.prober is not None:
+            self.prober(self)
+            return False
         return True
 
     def failed(self, now: float) -> None:

@@ -7,7 +7,7 @@ opening an unbounded number; pods x workers x REDIS_MAX_CONNECTIONS must stay un
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -117,3 +117,27 @@ def _gevent_timeout(seconds: float) -> Any:
     from gevent import Timeout
 
     return Timeout(seconds)
+
+
+def background_ping(client: Any, timeout: float) -> Callable[[Any], None]:
+    """A breaker prober for Redis: a PING in a greenlet of its own, cut after `timeout`, reported to the breaker.
+
+    Only where gevent runs greenlets (the gunicorn worker); elsewhere give the breaker no prober.
+    """
+
+    def probe(breaker: Any) -> None:
+        import gevent
+
+        def ping() -> None:
+            started = time.time()
+            try:
+                with gevent.Timeout(timeout, redis.TimeoutError("Redis probe timed out")):
+                    client.ping()
+            except REDIS_FAILURES:
+                breaker.failed(time.time())
+            else:
+                breaker.succeeded(started)
+
+        gevent.spawn(ping)
+
+    return probe

@@ -68,3 +68,19 @@ def test_one_lucky_answer_does_not_close_a_breaker_that_wants_several() -> None:
         assert breaker.available(t)
         breaker.succeeded(t)
     assert breaker.closed
+
+
+def test_with_a_prober_no_caller_is_the_probe() -> None:
+    """A breaker with a prober starts its own probe when one is due; every caller keeps skipping meanwhile."""
+    started: list[Breaker] = []
+    breaker = Breaker(pause_seconds=1.0, close_after=2, prober=started.append)
+    breaker.failed(100.0)
+    assert not breaker.available(101.0)
+    assert started == [breaker]
+    assert not breaker.available(101.1)
+    assert len(started) == 1  # one probe at a time
+    breaker.succeeded(101.0)  # the probe reports back
+    assert not breaker.available(101.2)
+    assert len(started) == 2  # the second of the two probes, at once
+    breaker.succeeded(101.2)
+    assert breaker.available(101.3)

@@ -130,7 +130,8 @@ def slow_redis(*, seconds: float = 6.0, rounds: int = 2, concurrency: int = 32, 
                 time.sleep(0.2)  # the first sleep has begun
                 result.slow.add(load.run(**spec, start=start))
             start += 10**6
-            time.sleep(BREAKER_PAUSE * 1.5)  # the breakers close again before the next phase
+            # The last sleep has run out; the breakers close again (a pause, then three PINGs) before the next phase.
+            time.sleep(BREAKER_PAUSE * 3)
     return result
 
 

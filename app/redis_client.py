@@ -64,18 +64,34 @@ def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout
     return redis.Redis(connection_pool=pool)
 
 
+class BudgetSpent(redis.TimeoutError):
+    """A call cut because its request had spent most of its Redis budget on earlier calls.
+
+    The request skips Redis from here on, but this says little about Redis: on a worker short of CPU a few
+    quick calls add up (the clock runs while a greenlet waits for its turn), so it must not open the breaker
+    for every request (`opens_breaker`).
+    """
+
+
+def opens_breaker(exc: BaseException) -> bool:
+    """Whether a Redis failure says Redis is down or slow for everyone (not only that one request's budget ran out)."""
+    return not isinstance(exc, BudgetSpent)
+
+
 class RedisBudget:
     """The time one request may spend waiting on Redis, across every call it makes (limiter, cache, settle).
 
-    A slow Redis then costs a request at most this once: a call is cut when the budget runs out (a
-    `redis.TimeoutError`, which opens the caller's breaker), and a request whose budget is spent skips Redis
-    for the rest of its life. The cut needs gevent's patched sockets (the gunicorn worker); elsewhere only
-    the socket timeout bounds a call, and the time is still counted.
+    A slow Redis then costs a request at most this once: a call is cut when the budget runs out, and a request
+    whose budget is spent skips Redis for the rest of its life. A call that had at least half the budget and
+    still did not answer raises `redis.TimeoutError`, which opens the caller's breaker; a call cut with less
+    left raises `BudgetSpent`, which does not. The cut needs gevent's patched sockets (the gunicorn worker);
+    elsewhere only the socket timeout bounds a call, and the time is still counted.
     """
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "seconds")
 
     def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self.left = seconds
 
     @property
@@ -86,9 +102,10 @@ class RedisBudget:
     def bound(self) -> Iterator[None]:
         """Run one Redis call within what is left of the budget."""
         if self.left <= 0:
-            raise redis.TimeoutError("this request's Redis time budget is spent")
+            raise BudgetSpent("this request's Redis time budget is spent")
         started = time.monotonic()
-        timeout = _gevent_timeout(self.left)
+        allowed = self.left
+        timeout = _gevent_timeout(allowed)
         try:
             if timeout is None:
                 yield
@@ -100,6 +117,8 @@ class RedisBudget:
                 if exc is not timeout:
                     raise
                 # redis-py has closed the connection the cut call was using (it does on any BaseException).
+                if allowed < self.seconds / 2:
+                    raise BudgetSpent("this request's Redis time budget ran out") from None
                 raise redis.TimeoutError("Redis did not answer within this request's time budget") from None
         finally:
             self.left -= time.monotonic() - started

@@ -25,7 +25,7 @@ from app.concurrency import BackgroundQueue
 from app.embeddings.base import Embedder, EmbeddingError
 from app.errors import BadRequest
 from app.observability import metrics
-from app.redis_client import REDIS_FAILURES, RedisBudget, bounded
+from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +375,9 @@ class CacheService:
         }
 
     def _redis_failed(self, plan: CachePlan, exc: Exception, now: float) -> None:
-        first = self.breaker.closed
-        self.breaker.failed(time.time())
+        first = self.breaker.closed and opens_breaker(exc)
+        if opens_breaker(exc):  # not when only this request's Redis budget ran out
+            self.breaker.failed(time.time())
         plan.outcome = BYPASS
         metrics.REDIS_ERRORS.labels("cache").inc()
         if first:

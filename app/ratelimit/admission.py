@@ -38,7 +38,7 @@ from app.ratelimit.limiter import (
     worker_owner,
 )
 from app.ratelimit.local import LocalHold, LocalLimits
-from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, gevent_patched
+from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, gevent_patched, opens_breaker
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class Admission:
                     request_id=f"{self.owner}/{_slot_id(request_id)}",
                 )
         except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
-            self.breaker.failed(time.time())
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
             return self._unavailable(tenant, scopes, estimated_tokens, exc)
         except RateLimiterCallFailed as exc:
             # Redis is up and answered; this call was wrong. Opening the breaker would drop every tenant's
@@ -167,9 +168,10 @@ class Admission:
             with bounded(budget):
                 self.limiter.finish(reservation, actual_tokens)
         except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
-            self.breaker.failed(time.time())
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
-            log.warning("rate-limit settlement deferred (%s)", type(exc.__cause__ or exc).__name__)
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
+                log.warning("rate-limit settlement deferred (%s)", type(exc.__cause__ or exc).__name__)
             self._owe(reservation, actual_tokens)
             return
         except RateLimiterCallFailed as exc:
@@ -222,7 +224,8 @@ class Admission:
             with bounded(budget):
                 self.limiter.index_slots(self.owner, new, SLOT_INDEX_TTL)
         except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
-            self.breaker.failed(time.time())
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
             log.warning("concurrency slots not indexed for release on a crash: %s", type(exc.__cause__ or exc).__name__)
             return
         except RateLimiterCallFailed as exc:

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 import app.redis_client
-from app.redis_client import RedisBudget, bounded
+from app.redis_client import BudgetSpent, RedisBudget, bounded, opens_breaker
 
 
 class Clock:
@@ -33,8 +33,11 @@ def test_time_in_calls_adds_up_until_the_budget_is_spent(clock: Clock) -> None:
     with budget.bound():
         clock.now += 0.03
     assert budget.spent
-    with pytest.raises(redis.TimeoutError), budget.bound():
+    with pytest.raises(BudgetSpent) as refused, budget.bound():
         raise AssertionError("a call with no budget left must not run")
+    # Skipping Redis for this one request says nothing about Redis: the breaker stays as it is.
+    assert isinstance(refused.value, redis.TimeoutError) and not opens_breaker(refused.value)
+    assert opens_breaker(redis.TimeoutError("Redis did not answer"))
 
 
 def test_time_outside_calls_is_not_counted(clock: Clock) -> None:

@@ -90,8 +90,12 @@ class SlowRedisResult:
 
 
 def slow_redis(*, seconds: float = 6.0, rounds: int = 2, concurrency: int = 32, workers: int = 2,
-               sleep: float = 2.0, budget: float = 0.5, latency: float = 0.0) -> SlowRedisResult:
-    """Alternate `rounds` x (Redis well, Redis slow) phases of `seconds` each under `concurrency` clients."""
+               sleep: float = 2.0, budget: float = 0.5, latency: float = 0.0,
+               extra_env: dict[str, str] | None = None) -> SlowRedisResult:
+    """Alternate `rounds` x (Redis well, Redis slow) phases of `seconds` each under `concurrency` clients.
+
+    `extra_env`: more settings for the gateway (GEVENT_MONITOR_THREAD_ENABLE=true to find a blocked hub).
+    """
     result = SlowRedisResult(budget=budget, sleep=sleep, concurrency=concurrency, workers=workers)
     client_key = "sk-chaos-" + uuid.uuid4().hex
     with ExitStack() as stack:
@@ -104,7 +108,7 @@ def slow_redis(*, seconds: float = 6.0, rounds: int = 2, concurrency: int = 32, 
             "GATEWAY_API_KEYS": f"chaos:{client_key}", "SEMANTIC_CACHE_ENABLED": "false",
             # Limits far above the load: every request still costs an EVALSHA, a slot, and a settlement.
             "RATE_LIMIT_RPM": "100000000", "RATE_LIMIT_TPM": "1000000000", "RATE_LIMIT_CONCURRENCY": "100000",
-            "REDIS_REQUEST_BUDGET": str(budget),
+            "REDIS_REQUEST_BUDGET": str(budget), **(extra_env or {}),
         }
         gateway, pids = start_gateway(env, workers)
         stack.callback(gateway.stop)

@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -158,8 +159,54 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
     server.log.info("prometheus multiprocess directory: %s", directory)
 
 
+def _may_hold_slots() -> bool:
+    """Whether any tenant can have a concurrency limit (the default one, or one from the keys file)."""
+    return _environ.get("RATE_LIMIT_CONCURRENCY", "").strip() not in ("", "0") or bool(
+        _environ.get("GATEWAY_KEYS_FILE", "").strip())
+
+
 def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
-    """prometheus_client's `multiprocess.mark_process_dead(worker.pid)`, done with the standard library.
+    """A worker is gone: release the concurrency slots it held, and mark it dead for the metrics."""
+    if _may_hold_slots():
+        _release_slots(server, worker.pid)
+    _mark_process_dead(worker.pid)
+
+
+_releaser: "subprocess.Popen[str] | None" = None
+
+
+def _start_releaser(server) -> None:  # noqa: ANN001 - gunicorn's arbiter
+    """Start the process that releases dead workers' slots (`app/ratelimit/reap.py --serve`), if not running.
+
+    A process of its own: redis-py would import `ssl` into the master (see `_mark_process_dead`). It is
+    started ahead, so a worker's death costs no interpreter start; it ends when the master does (its stdin
+    closes), and the master's SIGCHLD handling reaps it like any other child if it ends before.
+    """
+    global _releaser
+    if _releaser is not None and _releaser.poll() is None:
+        return
+    try:
+        _releaser = subprocess.Popen([sys.executable, "-m", "app.ratelimit.reap", "--serve"],
+                                     cwd=Path(__file__).resolve().parent, stdin=subprocess.PIPE, text=True)
+    except OSError as exc:
+        _releaser = None
+        server.log.error("could not start the release of dead workers' concurrency slots: %s", exc)
+
+
+def _release_slots(server, pid: int) -> None:  # noqa: ANN001 - gunicorn's arbiter
+    """Release a dead worker's concurrency slots now, not after their lease: hand its pid to the releaser."""
+    _start_releaser(server)
+    if _releaser is None or _releaser.stdin is None:
+        return
+    try:
+        _releaser.stdin.write(f"{pid}\n")
+        _releaser.stdin.flush()
+    except OSError as exc:  # it died since: the slots wait for their lease
+        server.log.error("could not hand worker %s's concurrency slots to the releaser: %s", pid, exc)
+
+
+def _mark_process_dead(pid: int) -> None:
+    """prometheus_client's `multiprocess.mark_process_dead(pid)`, done with the standard library.
 
     Importing prometheus_client here would import `ssl` into the master, and every worker forked after
     a crash would inherit it unpatched; the library function only removes the dead worker's live-gauge
@@ -169,7 +216,7 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signat
     if not directory:
         return
     for mode in ("liveall", "livesum", "livemax", "livemin", "livemostrecent"):
-        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{worker.pid}.db")):
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{pid}.db")):
             os.remove(path)
 
 
@@ -186,4 +233,6 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signatur
 
 
 def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    if _may_hold_slots():
+        _start_releaser(server)
     server.log.info("G-AIGateway listening on %s with %d gevent workers", server.address, server.num_workers)

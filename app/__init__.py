@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import Flask
-
+from app.breaker import Breaker
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from app.auth import Authenticator
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build every service once for this worker (after gunicorn's fork) and wire the blueprints."""
+    """Build every service once for this worker (after gunicorn's fork) and wire the blueprints.
+
+    Flask is imported here, not at the top: tools that only need a part of the package (the master's
+    `app.ratelimit.reap`, which must start fast) do not pay for it.
+    """
+    from flask import Flask
+
     from app.auth import TenantLimits, build_authenticator
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
     from app.proxy import admin, context, errors, routes, system
-    from app.redis_client import build_redis
+    from app.redis_client import background_ping, build_redis, gevent_patched
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
     from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings
@@ -44,8 +51,12 @@ def create_app(settings: Settings | None = None) -> Flask:
                               read_timeout=settings.upstream_read_timeout,
                               on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
 
-    cache = _build_cache(settings, redis) if settings.cache_enabled else None
-    limiter = _build_admission(settings, redis, auth)
+    # One breaker for Redis: the cache and the limiter skip it together, and one probe finds it back for both.
+    # Its probes are PINGs of its own (in the gevent worker), so no request waits on a Redis that may still be slow.
+    redis_breaker = Breaker(close_after=REDIS_PROBES_TO_CLOSE, prober=background_ping(
+        redis, settings.redis_request_budget) if gevent_patched() else None)
+    cache = _build_cache(settings, redis, redis_breaker) if settings.cache_enabled else None
+    limiter = _build_admission(settings, redis, auth, redis_breaker)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -65,9 +76,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 EMBEDDING_READ_TIMEOUT = 3.0
+# Probes in a row a Redis that failed must answer before every request uses it again: a Redis busy with long
+# commands answers in short gaps, and one answer in a gap must not send every request back to wait.
+REDIS_PROBES_TO_CLOSE = 3
 
 
-def _build_cache(settings: Settings, redis: object) -> object:
+def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
     from app.cache.local import LocalCache
     from app.cache.semantic import IndexBounds
     from app.cache.service import CacheOptions, CacheService
@@ -93,12 +107,12 @@ def _build_cache(settings: Settings, redis: object) -> object:
         store_queue_size=settings.semantic_store_queue_size,
     )
     cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                         embedder, static)
+                         embedder, static, breaker)
     cache.warm_up()
     return cache
 
 
-def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> object | None:
+def _build_admission(settings: Settings, redis: object, auth: Authenticator, breaker: Breaker) -> object | None:
     """A limiter only when some tenant has a limit: otherwise admission costs nothing at all."""
     from app.ratelimit.admission import Admission
     from app.ratelimit.limiter import RateLimiter, RateLimiterUnavailable
@@ -111,4 +125,5 @@ def _build_admission(settings: Settings, redis: object, auth: Authenticator) -> 
     except RateLimiterUnavailable:
         pass  # Redis down at start: the first call loads the script
     return Admission(limiter, fail_closed=settings.rate_limit_fail_closed,
-                     window_seconds=settings.rate_limit_window_seconds)
+                     window_seconds=settings.rate_limit_window_seconds, burst=settings.rate_limit_burst,
+                     workers=settings.web_concurrency, breaker=breaker)

@@ -61,6 +61,7 @@ class Settings:
     redis_cluster: bool = False
     redis_max_connections: int = 200
     redis_socket_timeout: float = 0.5
+    redis_request_budget: float = 0.5
 
     gateway_api_keys: tuple[str, ...] = ()
     gateway_keys_file: str | None = None
@@ -72,6 +73,7 @@ class Settings:
     rate_limit_concurrency: int = 0
     rate_limit_fail_closed: bool = False
     rate_limit_window_seconds: float = 60.0
+    rate_limit_burst: float = 0.1
 
     embedding_provider: str = "local"
     embedding_url: str | None = None
@@ -296,6 +298,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         redis_cluster=r.get("REDIS_CLUSTER", _bool, d.redis_cluster),
         redis_max_connections=r.get("REDIS_MAX_CONNECTIONS", _int, d.redis_max_connections, positive),
         redis_socket_timeout=r.get("REDIS_SOCKET_TIMEOUT", _float, d.redis_socket_timeout, _at_least(0.01)),
+        redis_request_budget=r.get("REDIS_REQUEST_BUDGET", _float, d.redis_request_budget, _between(0.01, 60.0)),
         gateway_api_keys=r.get("GATEWAY_API_KEYS", _csv, ()),
         gateway_keys_file=r.get("GATEWAY_KEYS_FILE", _existing_file, None),
         auth_disabled=r.get("AUTH_DISABLED", _bool, d.auth_disabled),
@@ -307,6 +310,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         rate_limit_window_seconds=r.get(
             "RATE_LIMIT_WINDOW_SECONDS", _float, d.rate_limit_window_seconds, _between(1.0, 86400.0)
         ),
+        rate_limit_burst=r.get("RATE_LIMIT_BURST", _float, d.rate_limit_burst, _between(0.001, 1.0)),
         embedding_provider=r.get("EMBEDDING_PROVIDER", _one_of("local", "openai"), d.embedding_provider),
         embedding_url=r.get("EMBEDDING_URL", http_base_url, None),
         embedding_api_key=r.raw("EMBEDDING_API_KEY"),
@@ -359,6 +363,7 @@ ENV_VARS: tuple[str, ...] = (
     "REDIS_CLUSTER",
     "REDIS_MAX_CONNECTIONS",
     "REDIS_SOCKET_TIMEOUT",
+    "REDIS_REQUEST_BUDGET",
     "GATEWAY_API_KEYS",
     "GATEWAY_KEYS_FILE",
     "AUTH_DISABLED",
@@ -368,6 +373,7 @@ ENV_VARS: tuple[str, ...] = (
     "RATE_LIMIT_CONCURRENCY",
     "RATE_LIMIT_FAIL_CLOSED",
     "RATE_LIMIT_WINDOW_SECONDS",
+    "RATE_LIMIT_BURST",
     "EMBEDDING_PROVIDER",
     "EMBEDDING_URL",
     "EMBEDDING_API_KEY",

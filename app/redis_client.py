@@ -6,6 +6,9 @@ opening an unbounded number; pods x workers x REDIS_MAX_CONNECTIONS must stay un
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import redis
@@ -22,17 +25,19 @@ CONNECT_TIMEOUT_SECONDS = 0.5
 HEALTH_CHECK_SECONDS = 30
 
 
+def gevent_patched() -> bool:
+    """Whether gevent has patched the sockets (gunicorn's gevent worker): greenlets run, and timeouts cut calls."""
+    from gevent import monkey
+
+    return monkey.is_module_patched("socket")
+
+
 def _queue_class() -> type:
     """gevent's LIFO queue when gevent is patched in, so waiting greenlets yield instead of blocking."""
-    try:
-        from gevent import monkey
+    if gevent_patched():
+        from gevent.queue import LifoQueue
 
-        if monkey.is_module_patched("socket"):
-            from gevent.queue import LifoQueue
-
-            return LifoQueue
-    except ImportError:  # gevent is always installed; stdlib is the fallback for scripts
-        pass
+        return LifoQueue
     from queue import LifoQueue
 
     return LifoQueue
@@ -57,3 +62,101 @@ def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout
         **common,
     )
     return redis.Redis(connection_pool=pool)
+
+
+class BudgetSpent(redis.TimeoutError):
+    """A call cut because its request had spent most of its Redis budget on earlier calls.
+
+    The request skips Redis from here on, but this says little about Redis: on a worker short of CPU a few
+    quick calls add up (the clock runs while a greenlet waits for its turn), so it must not open the breaker
+    for every request (`opens_breaker`).
+    """
+
+
+def opens_breaker(exc: BaseException) -> bool:
+    """Whether a Redis failure says Redis is down or slow for everyone (not only that one request's budget ran out)."""
+    return not isinstance(exc, BudgetSpent)
+
+
+class RedisBudget:
+    """The time one request may spend waiting on Redis, across every call it makes (limiter, cache, settle).
+
+    A slow Redis then costs a request at most this once: a call is cut when the budget runs out, and a request
+    whose budget is spent skips Redis for the rest of its life. A call that had at least half the budget and
+    still did not answer raises `redis.TimeoutError`, which opens the caller's breaker; a call cut with less
+    left raises `BudgetSpent`, which does not. The cut needs gevent's patched sockets (the gunicorn worker);
+    elsewhere only the socket timeout bounds a call, and the time is still counted.
+    """
+
+    __slots__ = ("left", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.left = seconds
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Run one Redis call within what is left of the budget."""
+        if self.left <= 0:
+            raise BudgetSpent("this request's Redis time budget is spent")
+        started = time.monotonic()
+        allowed = self.left
+        timeout = _gevent_timeout(allowed)
+        try:
+            if timeout is None:
+                yield
+                return
+            try:
+                with timeout:
+                    yield
+            except BaseException as exc:
+                if exc is not timeout:
+                    raise
+                # redis-py has closed the connection the cut call was using (it does on any BaseException).
+                if allowed < self.seconds / 2:
+                    raise BudgetSpent("this request's Redis time budget ran out") from None
+                raise redis.TimeoutError("Redis did not answer within this request's time budget") from None
+        finally:
+            self.left -= time.monotonic() - started
+
+
+def bounded(budget: RedisBudget | None) -> AbstractContextManager[None]:
+    """`budget.bound()`, or no bound for a caller without a request budget (background work, tools)."""
+    return nullcontext() if budget is None else budget.bound()
+
+
+def _gevent_timeout(seconds: float) -> Any:
+    """A gevent.Timeout when gevent has patched the sockets (the only place it can interrupt a call), else None."""
+    if not gevent_patched():
+        return None
+    from gevent import Timeout
+
+    return Timeout(seconds)
+
+
+def background_ping(client: Any, timeout: float) -> Callable[[Any], None]:
+    """A breaker prober for Redis: a PING in a greenlet of its own, cut after `timeout`, reported to the breaker.
+
+    Only where gevent runs greenlets (the gunicorn worker); elsewhere give the breaker no prober.
+    """
+
+    def probe(breaker: Any) -> None:
+        import gevent
+
+        def ping() -> None:
+            started = time.time()
+            try:
+                with gevent.Timeout(timeout, redis.TimeoutError("Redis probe timed out")):
+                    client.ping()
+            except REDIS_FAILURES:
+                breaker.failed(time.time())
+            else:
+                breaker.succeeded(started)
+
+        gevent.spawn(ping)
+
+    return probe

@@ -203,17 +203,19 @@ def openai_error(response: requests.Response, status: int | None = None) -> dict
 class RedisServer:
     """A memory-only redis-server of a test's own on a loopback port: one it may wipe, kill and start again."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, debug: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.debug = debug  # allow DEBUG SLEEP (a slow Redis) from loopback clients
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        options = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--daemonize", "no"]
+        if self.debug and _redis_major() >= 7:  # Redis 7 refuses DEBUG unless enabled; older ones lack the option
+            options += ["--enable-debug-command", "local"]
+        self.process = subprocess.Popen(["redis-server", *options], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
         wait_until(self._answers, 10, f"redis-server on port {self.port}")
         return self
 
@@ -230,6 +232,12 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def _redis_major() -> int:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    version = out.split("v=", 1)[1].split()[0] if "v=" in out else "0"
+    return int(version.split(".")[0])
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from app.embeddings.base import Embedder, EmbeddingError
 from app.embeddings.static import StaticEmbedder
 from app.errors import BadRequest
 from app.observability import metrics
-from app.redis_client import REDIS_FAILURES
+from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class CachePlan:
     vector: np.ndarray | None = field(default=None, repr=False)
     learned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # candidates' transformer vectors
     reason: str | None = None  # the L2 decision, for the log line
+    redis_budget: RedisBudget | None = field(default=None, repr=False)  # the request's Redis time
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class SemanticWrite:
 
 class CacheService:
     def __init__(self, redis_client: Any, options: CacheOptions, local: LocalCache,
-                 embedder: Embedder | None, static: StaticEmbedder | None = None) -> None:
+                 embedder: Embedder | None, static: StaticEmbedder | None = None,
+                 breaker: Breaker | None = None) -> None:
         self.options = options
         self.local = local
         self.embedder = embedder if options.semantic_enabled and static is not None else None
@@ -105,7 +107,7 @@ class CacheService:
         self.exact = ExactStore(redis_client)
         self.semantic = SemanticStore(redis_client, options.index_bounds)
         self.generations = Generations(redis_client)
-        self.breaker = Breaker()
+        self.breaker = breaker or Breaker()  # the worker's Redis breaker, shared with the limiter
         self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
         self.writes = BackgroundQueue("semantic_store", self._write_semantic, options.store_queue_size,
                                       on_drop=metrics.BACKGROUND_DROPPED.labels("semantic_store").inc)
@@ -149,17 +151,20 @@ class CacheService:
         if not plan.store and not plan.lookup:
             return None
         now = time.time()
-        if not self.breaker.available(now):
+        if _spent(plan.redis_budget) or not self.breaker.available(now):
             return None
         try:
-            if self.generations.refresh(now):
-                self.local.clear()
-                self.semantic.clear()
-            plan.key, plan.partition = self._keys(plan)
-            plan.outcome = MISS
-            if not plan.lookup:
-                return None
-            hit = self._exact(plan, now) or self._semantic(plan, now)
+            with bounded(plan.redis_budget):
+                if self.generations.refresh(now):
+                    self.local.clear()
+                    self.semantic.clear()
+                plan.key, plan.partition = self._keys(plan)
+                plan.outcome = MISS
+                if not plan.lookup:
+                    self.breaker.succeeded(now)
+                    return None
+                hit = self._exact(plan, now)
+            hit = hit or self._semantic(plan, now)
         except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
             return None
@@ -167,7 +172,7 @@ class CacheService:
             log.warning("unreadable cache entry ignored: %s", type(exc).__name__)
             plan.outcome = MISS
             return None
-        self.breaker.succeeded()
+        self.breaker.succeeded(now)
         if hit is not None:
             plan.outcome = hit.layer
         return hit
@@ -335,17 +340,18 @@ class CacheService:
         if not plan.store or plan.key is None or not _complete(plan.route, answer):
             return
         now = time.time()
-        if not self.breaker.available(now):
+        if _spent(plan.redis_budget) or not self.breaker.available(now):
             return
         if content is None:
             content = json.dumps(answer, separators=(",", ":")).encode()
         try:
-            expires_at = self.exact.put(plan.key, content, plan.ttl)
+            with bounded(plan.redis_budget):
+                expires_at = self.exact.put(plan.key, content, plan.ttl)
             self.local.put(plan.key, LocalEntry(content, answer, expires_at))
         except REDIS_FAILURES as exc:  # a failed store only costs a future miss
             self._redis_failed(plan, exc, now)
             return
-        self.breaker.succeeded()
+        self.breaker.succeeded(now)
         if plan.semantic is not None and plan.partition is not None:
             # Its vectors are only for later requests: computed and written after this answer has gone.
             self.writes.offer(SemanticWrite(
@@ -361,8 +367,10 @@ class CacheService:
             return
         static = job.static_vector
         if static is None and job.entry_id is not None:
-            static = self.static.embed([job.text])[0]
+            vectors, (tokens,) = self.static.embed_counted([job.text])
             metrics.EMBEDDINGS.labels("static").inc()
+            if tokens <= SEMANTIC_MAX_TOKENS:  # past what the transformer reads, nothing could be told apart
+                static = vectors[0]
         try:
             if job.entry_id is not None and static is not None:
                 self.semantic.put(job.partition, job.entry_id, static, job.vector, job.text, job.content, job.ttl)
@@ -398,13 +406,18 @@ class CacheService:
         }
 
     def _redis_failed(self, plan: CachePlan, exc: Exception, now: float) -> None:
-        first = self.breaker.available(now)
-        self.breaker.failed(now)
+        first = self.breaker.closed and opens_breaker(exc)
+        if opens_breaker(exc):  # not when only this request's Redis budget ran out
+            self.breaker.failed(time.time())
         plan.outcome = BYPASS
         metrics.REDIS_ERRORS.labels("cache").inc()
         if first:
             log.warning("Redis unavailable, cache bypassed for %.0fs: %s", self.breaker.pause_seconds,
                         type(exc).__name__)
+
+
+def _spent(budget: RedisBudget | None) -> bool:
+    return budget is not None and budget.spent
 
 
 def _stored_answer(content: bytes) -> dict[str, Any]:

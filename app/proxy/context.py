@@ -17,6 +17,7 @@ from flask import Response, current_app, g, request
 from app.gateway import Gateway
 from app.observability import metrics
 from app.observability.record import RequestRecord
+from app.redis_client import RedisBudget
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ def services() -> Gateway:
 
 def record() -> RequestRecord:
     return g.gw_record
+
+
+def redis_budget() -> RedisBudget:
+    """The request's one budget of Redis time (REDIS_REQUEST_BUDGET), shared by the limiter and the cache."""
+    budget = g.get("gw_redis_budget")
+    if budget is None:
+        budget = g.gw_redis_budget = RedisBudget(services().settings.redis_request_budget)
+    return budget
 
 
 def start_request() -> None:

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, g, request
 
 from app.errors import GatewayError, UpstreamBadResponse
 from app.observability.record import RequestRecord
-from app.proxy.context import on_close, record, services
+from app.proxy.context import on_close, record, redis_budget, services
 from app.proxy.sse import StreamTap, replay, sse_error
 from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 from app.ratelimit.admission import estimate_tokens
@@ -50,7 +50,7 @@ def admit() -> None:
     if admission.needs_model(tenant):
         parsed = _parsed(route)
         model, max_tokens = parsed.model, parsed.body.get("max_tokens")
-    ticket = admission.admit(tenant, request_id=rec.request_id, model=model,
+    ticket = admission.admit(tenant, request_id=rec.request_id, model=model, budget=redis_budget(),
                              estimated_tokens=estimate_tokens(request.content_length or 0, max_tokens))
     g.gw_limit_headers = ticket.headers
     on_close(lambda: admission.finish(ticket, _tokens_paid(rec)))
@@ -119,6 +119,7 @@ def _forward(route: str) -> Response:
     if gw.cache is not None:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
                              request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"))
+        plan.redis_budget = redis_budget()
         hit = gw.cache.lookup(plan)
         rec.cache = plan.outcome
         rec.semantic = plan.reason

@@ -4,9 +4,13 @@ A refused request raises `RateLimited` carrying OpenAI's headers and `Retry-Afte
 `Ticket` that is finished when the answer ends (real token usage settled, concurrency slot released). While it
 runs, a greenlet renews its concurrency leases, so a stream of any length keeps its slot.
 
-When the limiter cannot decide, the request is admitted (fail open) or refused with a 503 (fail closed). Only
-Redis being down opens the breaker (the next second's requests skip Redis); an error answer to one call (a
-script bug, an argument out of range) fails that request alone.
+When the limiter cannot decide, the request is refused with a 503 (fail closed) or judged by this worker alone
+(fail open): `LocalLimits` admits the worker's share of each limit (limit / WEB_CONCURRENCY), so an outage
+loosens the limits instead of lifting them. Only Redis being down or slow opens the breaker (the next second's
+requests skip Redis, then one probe finds out whether it is back); an error answer to one call (a script bug,
+an argument out of range) fails that request alone. Every Redis call of a request, the settlement at its end
+included, runs within the request's `RedisBudget` and behind the same breaker; a settlement Redis could not
+take is owed and paid by a background greenlet once Redis answers again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +28,17 @@ from app.breaker import Breaker
 from app.errors import RateLimited, ServiceUnavailable
 from app.observability import metrics
 from app.ratelimit.limiter import (
+    DEFAULT_BURST,
     Limits,
     RateLimiter,
     RateLimiterCallFailed,
-    RateLimiterError,
     RateLimiterUnavailable,
     Reservation,
+    rate_limit_headers,
+    worker_owner,
 )
+from app.ratelimit.local import LocalHold, LocalLimits
+from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, gevent_patched, opens_breaker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,12 @@ log = logging.getLogger(__name__)
 # completion tokens (or the request's own max_tokens when it was read). Settled to the real usage later.
 DEFAULT_COMPLETION_ESTIMATE = 256
 BYTES_PER_TOKEN = 4
+# Settlements owed to Redis while it could not be asked; beyond this many the oldest are dropped (their slots
+# then wait for their lease, their token estimates stand).
+OWED_MAX = 10_000
+# How long the note of which concurrency sets a worker holds slots in lasts, and how often it is renewed.
+SLOT_INDEX_TTL = 7200
+SLOT_INDEX_REFRESH = 3600
 
 
 @dataclass
@@ -44,6 +59,8 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     reservation: Reservation | None = None
     renewer: Any = None  # the greenlet renewing the reservation's concurrency leases, if any
+    local: LocalHold | None = None  # what the worker's own limits hold, when Redis could not be asked
+    budget: RedisBudget | None = None  # the request's Redis time, which the settlement at its end shares
 
 
 def estimate_tokens(body_bytes: int, max_tokens: object = None) -> int:
@@ -59,109 +76,213 @@ def estimate_tokens(body_bytes: int, max_tokens: object = None) -> int:
     return max(0, body_bytes) // BYTES_PER_TOKEN + completion
 
 
-def _gevent_patched() -> bool:
-    from gevent import monkey
-
-    return monkey.is_module_patched("socket")
-
-
 class Admission:
     """One tenant's request against its limits, and the one place that decides what a limiter failure means.
 
-    ``renew_leases``: renew admitted requests' concurrency leases in a greenlet; None (the default) does
-    whenever gevent has patched the process (gunicorn's gevent worker), where such a greenlet runs.
+    ``renew_leases``: run the background work in greenlets (renewing admitted requests' concurrency leases,
+    paying owed settlements); None (the default) does whenever gevent has patched the process (gunicorn's
+    gevent worker), where such greenlets run. ``workers``: how many workers share the limits (the local
+    share while Redis is out is limit / workers). ``owner``: the name this worker's slots carry
+    (`worker_owner()`), for the master to release them if the worker dies.
     """
 
     def __init__(self, limiter: RateLimiter, *, fail_closed: bool, window_seconds: float = 60.0,
-                 renew_leases: bool | None = None) -> None:
+                 burst: float = DEFAULT_BURST, workers: int = 1, renew_leases: bool | None = None,
+                 owner: str | None = None, breaker: Breaker | None = None) -> None:
         self.limiter = limiter
         self.fail_closed = fail_closed
         self.window_seconds = window_seconds
-        self.breaker = Breaker()
-        self.renew_leases = _gevent_patched() if renew_leases is None else renew_leases
+        self.burst = burst
+        self.breaker = breaker or Breaker()  # the worker's Redis breaker, shared with the cache
+        self.local = LocalLimits(workers=workers, burst=burst)
+        self.renew_leases = gevent_patched() if renew_leases is None else renew_leases
+        self.owner = worker_owner() if owner is None else owner
+        self._indexed: dict[str, float] = {}  # concurrency set -> when this worker last noted holding slots there
+        self._owed: deque[tuple[Reservation, int | None]] = deque(maxlen=OWED_MAX)
+        self._payer: Any = None
 
     def needs_model(self, tenant: Tenant) -> bool:
         """Per-model limits are the only reason to read the body before admitting."""
         return bool(tenant.model_limits)
 
-    def admit(self, tenant: Tenant, *, request_id: str, estimated_tokens: int, model: str | None = None) -> Ticket:
+    def admit(self, tenant: Tenant, *, request_id: str, estimated_tokens: int, model: str | None = None,
+              budget: RedisBudget | None = None) -> Ticket:
         limits = self._limits(tenant.limits)
         model_limits = tenant.model_limits.get(model) if model is not None else None
-        if not limits.enabled and (model_limits is None or not model_limits.any):
+        scoped = self._limits(model_limits) if model_limits is not None else None
+        if not limits.enabled and (scoped is None or not scoped.enabled):
             return Ticket()
-        now = time.time()
-        if not self.breaker.available(now):
-            return self._unavailable(None)
+        scopes = [(None, limits)] + ([(model, scoped)] if scoped is not None else [])
+        started = time.time()
+        if (budget is not None and budget.spent) or not self.breaker.available(started):
+            return self._unavailable(tenant, scopes, estimated_tokens, None)
         try:
-            decision = self.limiter.acquire(
-                tenant.name, limits, estimated_tokens=estimated_tokens, model=model,
-                model_limits=self._limits(model_limits) if model_limits is not None else None,
-                request_id=_slot_id(request_id),
-            )
-        except RateLimiterUnavailable as exc:
-            self.breaker.failed(now)
-            return self._unavailable(exc)
+            with bounded(budget):
+                decision = self.limiter.acquire(
+                    tenant.name, limits, estimated_tokens=estimated_tokens, model=model, model_limits=scoped,
+                    request_id=f"{self.owner}/{_slot_id(request_id)}",
+                )
+        except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
+            return self._unavailable(tenant, scopes, estimated_tokens, exc)
         except RateLimiterCallFailed as exc:
             # Redis is up and answered; this call was wrong. Opening the breaker would drop every tenant's
             # limits over one bad request, so only this request fails (open or closed, as configured).
+            self.breaker.succeeded(started)
             log.error("rate-limit call failed for tenant %s, failing %s: %s", tenant.name,
                       "closed" if self.fail_closed else "open", exc, extra={"request_id": request_id})
-            return self._unavailable(None)
-        self.breaker.succeeded()
+            return self._unavailable(tenant, scopes, estimated_tokens, None)
+        self.breaker.succeeded(started)
+        if decision.reservation is not None and decision.reservation.concurrency_keys:
+            self._index(decision.reservation.concurrency_keys, started, budget)
         if not decision.allowed:
             metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
             raise RateLimited(
                 f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
                 headers=decision.headers,
             )
-        ticket = Ticket(headers=decision.headers, reservation=decision.reservation)
+        ticket = Ticket(headers=decision.headers, reservation=decision.reservation, budget=budget)
         if self.renew_leases and decision.reservation is not None and decision.reservation.concurrency_keys:
             ticket.renewer = _spawn(self._renew, decision.reservation)
         return ticket
 
     def finish(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Settle tokens to the real usage (None: unknown, keep the reservation) and release the concurrency
-        slot; a failure only logs."""
+        slot, within the request's Redis budget; what Redis cannot take now is owed, paid later."""
         if ticket.renewer is not None:
             ticket.renewer.kill(block=False)
             ticket.renewer = None
-        if ticket.reservation is None:
+        if ticket.local is not None:
+            self.local.finish(ticket.local, actual_tokens, time.time())
+            ticket.local = None
+        reservation, ticket.reservation = ticket.reservation, None
+        if reservation is None:
+            return
+        started = time.time()
+        budget = ticket.budget
+        if (budget is not None and budget.spent) or not self.breaker.available(started):
+            self._owe(reservation, actual_tokens)
             return
         try:
-            self.limiter.finish(ticket.reservation, actual_tokens)
-        except RateLimiterError as exc:
+            with bounded(budget):
+                self.limiter.finish(reservation, actual_tokens)
+        except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
-            log.warning("rate-limit settlement lost (%s): %s", type(exc).__name__, exc)
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
+                log.warning("rate-limit settlement deferred (%s)", type(exc.__cause__ or exc).__name__)
+            self._owe(reservation, actual_tokens)
+            return
+        except RateLimiterCallFailed as exc:
+            metrics.REDIS_ERRORS.labels("ratelimit").inc()
+            log.warning("rate-limit settlement lost: %s", exc)
+        self.breaker.succeeded(started)
+
+    def owed(self) -> int:
+        """Settlements waiting for Redis (for tests and stats)."""
+        return len(self._owed)
+
+    def _owe(self, reservation: Reservation, actual_tokens: int | None) -> None:
+        self._owed.append((reservation, actual_tokens))
+        if self.renew_leases and self._payer is None:
+            self._payer = _spawn(self._pay_owed)
+
+    def _pay_owed(self) -> None:
+        """Pay owed settlements once the breaker lets a call through; stop at the first sign Redis is still out."""
+        import gevent
+
+        try:
+            while self._owed:
+                gevent.sleep(self.breaker.pause_seconds / 4)
+                started = time.time()
+                if not self.breaker.available(started):
+                    continue
+                while self._owed:
+                    reservation, actual_tokens = self._owed[0]
+                    try:
+                        self.limiter.finish(reservation, actual_tokens)
+                    except RateLimiterUnavailable:
+                        self.breaker.failed(time.time())
+                        break
+                    except RateLimiterCallFailed as exc:
+                        log.warning("owed rate-limit settlement lost: %s", exc)
+                    self.breaker.succeeded(started)
+                    self._owed.popleft()
+        finally:
+            self._payer = None
+
+    def _index(self, keys: tuple[str, ...], now: float, budget: RedisBudget | None) -> None:
+        """Note (once an hour per set) which concurrency sets this worker holds slots in, for `reap`.
+
+        A failure only leaves a crashed worker's slots to their lease; it does not fail the admitted request.
+        """
+        new = [key for key in keys if now - self._indexed.get(key, 0.0) >= SLOT_INDEX_REFRESH]
+        if not new or (budget is not None and budget.spent):
+            return
+        try:
+            with bounded(budget):
+                self.limiter.index_slots(self.owner, new, SLOT_INDEX_TTL)
+        except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
+            if opens_breaker(exc):
+                self.breaker.failed(time.time())
+            log.warning("concurrency slots not indexed for release on a crash: %s", type(exc.__cause__ or exc).__name__)
+            return
+        except RateLimiterCallFailed as exc:
+            log.warning("concurrency slots not indexed for release on a crash: %s", exc)
+            return
+        for key in new:
+            self._indexed[key] = now
 
     def _renew(self, reservation: Reservation) -> None:
         """Renew the leases every quarter lease until finish() kills this greenlet or the slots are gone.
 
-        Three renewals can fail in a row (Redis restarting) before a slot is lost.
+        Three renewals can fail (or be skipped while the breaker is open) in a row before a slot is lost.
         """
         import gevent
 
         while True:
             gevent.sleep(self.limiter.lease_seconds / 4)
+            started = time.time()
+            if not self.breaker.available(started):
+                continue
             try:
-                if not self.limiter.renew(reservation):
-                    return
-            except RateLimiterError as exc:
+                held = self.limiter.renew(reservation)
+            except RateLimiterUnavailable as exc:
+                self.breaker.failed(time.time())
                 metrics.REDIS_ERRORS.labels("ratelimit").inc()
                 log.warning("concurrency lease renewal failed (%s): %s", type(exc).__name__, exc)
+                continue
+            except RateLimiterCallFailed as exc:
+                metrics.REDIS_ERRORS.labels("ratelimit").inc()
+                log.warning("concurrency lease renewal failed (%s): %s", type(exc).__name__, exc)
+                continue
+            self.breaker.succeeded(started)
+            if not held:
+                return
 
     def _limits(self, limits: TenantLimits) -> Limits:
         return Limits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency,
-                      window_seconds=self.window_seconds)
+                      window_seconds=self.window_seconds, burst=self.burst)
 
-    def _unavailable(self, exc: RateLimiterUnavailable | None) -> Ticket:
+    def _unavailable(self, tenant: Tenant, scopes: list[tuple[str | None, Limits]], estimated_tokens: int,
+                     exc: BaseException | None) -> Ticket:
         metrics.REDIS_ERRORS.labels("ratelimit").inc()
         if exc is not None:
             log.warning("rate limiter unavailable (Redis), failing %s: %s",
-                        "closed" if self.fail_closed else "open", type(exc.__cause__ or exc).__name__)
+                        "closed" if self.fail_closed else "open (this worker's share of the limits)",
+                        type(exc.__cause__ or exc).__name__)
         if self.fail_closed:
             raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.",
                                      code="rate_limiter_unavailable", headers={"Retry-After": "1"})
-        return Ticket()
+        decision = self.local.acquire(tenant.name, scopes, estimated_tokens, time.time())
+        if not decision.allowed:
+            metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
+            raise RateLimited(
+                f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
+                headers=rate_limit_headers([], decision.retry_after),
+            )
+        return Ticket(local=decision.hold)
 
 
 def _spawn(fn: Callable[..., None], *args: Any) -> Any:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +28,7 @@ from redis.commands.core import Script
 from app.redis_client import REDIS_FAILURES
 
 __all__ = [
+    "DEFAULT_BURST",
     "LEASE_SECONDS",
     "Decision",
     "DimensionState",
@@ -35,6 +38,8 @@ __all__ = [
     "RateLimiterError",
     "RateLimiterUnavailable",
     "Reservation",
+    "burst_units",
+    "worker_owner",
     "format_duration",
     "rate_limit_headers",
 ]
@@ -49,15 +54,17 @@ _KINDS: dict[str, Dimension] = {"r": "requests", "t": "tokens", "c": "concurrenc
 # two forms never collide.
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 _SAFE_MODEL = re.compile(r"[A-Za-z0-9_.:/@-]{1,100}")
+_SAFE_OWNER = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 
 # How long a concurrency slot outlives its last renewal.  No setting bounds how long a request may
 # run (UPSTREAM_READ_TIMEOUT is the longest silence between bytes, not a total, so a stream can go on
 # for as long as tokens keep coming), so no fixed lease could be "long enough": instead a running
 # request renews its lease (Admission does, every quarter lease), and the lease only has to cover a
-# few missed renewals.  It is also how long the slots of a worker killed mid-request (SIGKILL, OOM,
-# GRACEFUL_TIMEOUT ran out) stay taken.
-LEASE_SECONDS = 60.0
+# few missed renewals.  A worker killed mid-request (SIGKILL, OOM, GRACEFUL_TIMEOUT ran out) has its
+# slots released by the master as soon as it sees the worker exit (`reap`); the lease is what is left
+# when that cannot happen (the whole pod killed, Redis unreachable then), so it is kept short.
+LEASE_SECONDS = 15.0
 # No lease may be longer than this (the Lua scripts cap theirs at the same year).
 _MAX_LEASE_SECONDS = 365 * 86400
 
@@ -100,18 +107,38 @@ def _limiter_error(exc: Exception) -> RateLimiterError:
     return RateLimiterCallFailed(f"Redis refused a rate-limit call: {exc}")
 
 
+# The share of a limit an idle tenant may spend at once (RATE_LIMIT_BURST).  GCRA admits at most
+# burst + limit units in any window, so 0.1 keeps every sliding window within 1.1 x the limit.
+DEFAULT_BURST = 0.1
+
+
+def worker_owner(pid: int | None = None) -> str:
+    """The name a worker's concurrency slots carry (host and pid), so they can be released when it dies.
+
+    The master knows a dead worker's pid (gunicorn's ``child_exit``); the host keeps pods apart.
+    """
+    return f"{socket.gethostname()}/{os.getpid() if pid is None else pid}"
+
+
+def burst_units(limit: float, burst: float) -> int:
+    """Units an idle tenant may spend at once: `burst` of the limit, at least 1 (one request must always fit)."""
+    return max(1, math.floor(limit * burst + 1e-9))
+
+
 @dataclass(frozen=True)
 class Limits:
     """Limits of one tenant (or one tenant's model); 0 turns a dimension off.
 
     ``window_seconds`` is the span ``rpm``/``tpm`` count over: 60 in production,
-    shorter in tests.
+    shorter in tests.  ``burst``: the share of ``rpm``/``tpm`` that may be spent at once
+    (see ``DEFAULT_BURST``); 1.0 lets an idle tenant spend a whole window at once.
     """
 
     rpm: int = 0
     tpm: int = 0
     concurrency: int = 0
     window_seconds: float = 60.0
+    burst: float = DEFAULT_BURST
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "concurrency"):
@@ -120,6 +147,8 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be an integer >= 0, got {value!r}")
         if not self.window_seconds > 0 or math.isinf(self.window_seconds):
             raise ValueError(f"Limits.window_seconds must be > 0, got {self.window_seconds!r}")
+        if not 0 < self.burst <= 1:
+            raise ValueError(f"Limits.burst must be > 0 and <= 1, got {self.burst!r}")
 
     @property
     def enabled(self) -> bool:
@@ -284,6 +313,7 @@ class RateLimiter:
         2**63 would overflow it).  No Redis call if all limits are 0.
         """
         dims: list[tuple[str, str, int, int]] = []  # (kind, key, limit, window us)
+        bursts: list[int] = []
         scopes: list[tuple[str | None, Limits]] = [(None, limits)]
         if model is not None and model_limits is not None:
             scopes.append((model, model_limits))
@@ -297,6 +327,7 @@ class RateLimiter:
             ):
                 if limit:
                     dims.append((kind, keys[_KINDS[kind]], limit, window_us))
+                    bursts.append(burst_units(limit, scope_limits.burst))
         if not dims:
             return Decision(allowed=True, reservation=Reservation(request_id=request_id))
 
@@ -304,8 +335,8 @@ class RateLimiter:
         # Each token key takes min(reserved, its limit) (the script clamps the same way).
         reserved = min(max(1, int(estimated_tokens)), max(token_limits)) if token_limits else 0
         args: list[str | int] = [request_id, self._lease_us, reserved]
-        for kind, _key, limit, window_us in dims:
-            args += [kind, limit, window_us]
+        for (kind, _key, limit, window_us), burst in zip(dims, bursts, strict=True):
+            args += [kind, limit, window_us, burst]
         try:
             reply = self._acquire(keys=[key for _kind, key, _limit, _window in dims], args=args)
         except REDIS_FAILURES as exc:
@@ -364,6 +395,41 @@ class RateLimiter:
         except REDIS_FAILURES as exc:
             raise _limiter_error(exc) from exc
         return int(held) > 0
+
+    def index_slots(self, owner: str, keys: Sequence[str], ttl_seconds: int) -> None:
+        """Note that the worker ``owner`` holds slots in these concurrency sets, so :meth:`reap` finds them.
+
+        The note lasts ``ttl_seconds`` after the last one (it outlives the worker only when its whole pod dies).
+        """
+        index = self._owner_index(owner)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(index, *keys)
+            pipe.expire(index, ttl_seconds)
+            pipe.execute()
+        except REDIS_FAILURES as exc:
+            raise _limiter_error(exc) from exc
+
+    def reap(self, owner: str) -> int:
+        """Release every concurrency slot a dead worker still holds (its members start with ``owner/``).
+
+        Returns how many were released. Safe to run for a live worker only if it holds nothing.
+        """
+        index = self._owner_index(owner)
+        mark = f"{owner}/".encode()
+        released = 0
+        try:
+            for key in self._redis.smembers(index):
+                members = [m for m in self._redis.zrange(key, 0, -1) if m.startswith(mark)]
+                if members:
+                    released += int(self._redis.zrem(key, *members))
+            self._redis.delete(index)
+        except REDIS_FAILURES as exc:
+            raise _limiter_error(exc) from exc
+        return released
+
+    def _owner_index(self, owner: str) -> str:
+        return f"{self._prefix}:slots:{_key_part(owner, _SAFE_OWNER)}"
 
     def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, release: bool) -> None:
         # Per token key: actual - what that key holds (the reservation, clamped to its limit).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import ConfigError, http_base_url, read_yaml_file
+from app.redis_client import gevent_patched
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class KeyHealth:
 
     REDIS_KEY = "gw:upstream:cooldown"
     REFRESH_SECONDS = 1.0
+    REFRESH_WAIT = 0.05  # how long a request waits for the refresh it started (a healthy Redis takes ~1 ms)
 
     def __init__(self, redis_client: Any | None) -> None:
         self._redis = redis_client
@@ -191,6 +193,7 @@ class KeyHealth:
         self._failures: dict[str, int] = {}
         self._strikes: dict[str, int] = {}
         self._refreshed = 0.0
+        self._refreshing = False
         self._lock = threading.Lock()
         # Local marks a refresh must not drop although Redis lacks them: those Redis never heard of (it was
         # down) and those made while the refresh's HGETALL was in flight. Any other mark missing from Redis
@@ -255,6 +258,25 @@ class KeyHealth:
     def _maybe_refresh(self, now: float) -> None:
         if self._redis is None or now - self._refreshed < self.REFRESH_SECONDS:
             return
+        if self._refreshing:
+            return
+        if gevent_patched():
+            # In a greenlet of its own, waited for only briefly: a slow Redis must not hold the request that
+            # happens to come due (it goes on with the view it has, a second old at most).
+            import gevent
+
+            self._refreshing = True
+            gevent.spawn(self._refresh, now).join(timeout=self.REFRESH_WAIT)
+            return
+        self._refresh(now)
+
+    def _refresh(self, now: float) -> None:
+        try:
+            self._read_shared(now)
+        finally:
+            self._refreshing = False
+
+    def _read_shared(self, now: float) -> None:
         with self._lock:
             if now - self._refreshed < self.REFRESH_SECONDS:
                 return

@@ -45,7 +45,8 @@ tenants:
     key_sha256: ["{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}"]
 """)
     env = base_env(upstream_server, AUTH_DISABLED="", UPSTREAM_API_KEYS=UPSTREAM_KEY, CACHE_ENABLED="false",
-                   GATEWAY_API_KEYS=f"{ACME}:{ACME_KEY},{BARE_KEY}", GATEWAY_KEYS_FILE=str(keys_file))
+                   GATEWAY_API_KEYS=f"{ACME}:{ACME_KEY},{BARE_KEY}", GATEWAY_KEYS_FILE=str(keys_file),
+                   RATE_LIMIT_BURST="1")  # the model limit is counted from idle: a whole window at once
     gw = Gateway(env, workers=2)
     yield gw
     gc.collect()  # drop finished responses' keep-alive connections, or gunicorn waits GRACEFUL_TIMEOUT

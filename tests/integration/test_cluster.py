@@ -45,7 +45,7 @@ def gateways(cluster: LocalCluster, upstream_server: MockUpstream,
     ]}))
     env = base_env(upstream_server, AUTH_DISABLED="", GATEWAY_KEYS_FILE=str(keys), REDIS_CLUSTER="true",
                    REDIS_URL=cluster.url, SEMANTIC_CACHE_ENABLED="true", ADMIN_API_KEY=ADMIN,
-                   UPSTREAM_API_KEYS=f"sk-up-cl-{SUFFIX}")
+                   UPSTREAM_API_KEYS=f"sk-up-cl-{SUFFIX}", RATE_LIMIT_BURST="1")  # limits counted from idle
     with gateway_pair(env) as pair:
         yield pair
 

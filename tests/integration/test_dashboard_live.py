@@ -32,6 +32,7 @@ def gateway(upstream: MockUpstream, keys: dict[str, str], unique: str) -> Iterat
         upstream, AUTH_DISABLED="false", GATEWAY_API_KEYS=f"dash-{unique}:{keys['client']}",
         RATE_LIMIT_RPM=str(RPM), UPSTREAM_API_KEYS=f"{keys['k1']},{keys['k2']}",
         SEMANTIC_CACHE_ENABLED="true", UPSTREAM_MAX_RETRIES="2",
+        RATE_LIMIT_BURST="1",  # the first requests must pass before the flood meets the limit
     ))
     try:
         yield gw

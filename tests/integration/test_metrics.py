@@ -31,7 +31,8 @@ def gateway(upstream_server: MockUpstream, tmp_path_factory: pytest.TempPathFact
         {"name": f"met-lim-{SUFFIX}", "keys": [LIMITED_KEY], "limits": {"rpm": 2}},
     ]}))
     gw = Gateway(base_env(upstream_server, AUTH_DISABLED="", GATEWAY_KEYS_FILE=str(keys),
-                          UPSTREAM_API_KEYS=f"sk-up-met-{SUFFIX}"), workers=2)
+                          UPSTREAM_API_KEYS=f"sk-up-met-{SUFFIX}", RATE_LIMIT_BURST="1"),  # rpm 2: 2 at once
+                 workers=2)
     yield gw
     gc.collect()  # drop finished responses' keep-alive connections, or gunicorn waits GRACEFUL_TIMEOUT
     gw.stop()

@@ -68,7 +68,9 @@ def assert_429(response: requests.Response) -> None:
 
 @pytest.fixture(scope="module")
 def gateway(upstream_server: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    env = base_env(upstream_server, AUTH_DISABLED="", UPSTREAM_API_KEYS=f"sk-up-rl-{SUFFIX}",
+    # A whole window of burst: these tests count admissions against the limit itself (test_ratelimit_burst.py
+    # has the default's).
+    env = base_env(upstream_server, AUTH_DISABLED="", UPSTREAM_API_KEYS=f"sk-up-rl-{SUFFIX}", RATE_LIMIT_BURST="1",
                    GATEWAY_KEYS_FILE=keys_file(tmp_path_factory.mktemp("rl"), TENANTS))
     gw = Gateway(env, workers=3)
     yield gw
@@ -80,7 +82,7 @@ def gateway(upstream_server: MockUpstream, tmp_path_factory: pytest.TempPathFact
 def short_gateway(upstream_server: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A 4-second window, to watch the limit refill."""
     env = base_env(upstream_server, AUTH_DISABLED="", UPSTREAM_API_KEYS=f"sk-up-rl-{SUFFIX}",
-                   CACHE_ENABLED="false", RATE_LIMIT_WINDOW_SECONDS="4",
+                   CACHE_ENABLED="false", RATE_LIMIT_WINDOW_SECONDS="4", RATE_LIMIT_BURST="1",
                    GATEWAY_KEYS_FILE=keys_file(tmp_path_factory.mktemp("rl-short"), {"window": {"rpm": 10}}))
     gw = Gateway(env, workers=2)
     yield gw

@@ -147,3 +147,13 @@ def test_every_declared_variable_is_read() -> None:
         else:
             ignored.append(name)
     assert ignored == []
+
+
+def test_redis_budget_and_burst_settings() -> None:
+    """REDIS_REQUEST_BUDGET and RATE_LIMIT_BURST are read, and a burst outside (0, 1] is refused."""
+    settings = Settings.from_env({"REDIS_REQUEST_BUDGET": "0.25", "RATE_LIMIT_BURST": "0.5"})
+    assert settings.redis_request_budget == 0.25 and settings.rate_limit_burst == 0.5
+    assert Settings.from_env({}).rate_limit_burst == 0.1
+    for bad in ("0", "1.5", "-1"):
+        with pytest.raises(ConfigError, match="RATE_LIMIT_BURST"):
+            Settings.from_env({"RATE_LIMIT_BURST": bad})

@@ -5,7 +5,8 @@
 -- ARGV[2]            concurrency lease, microseconds (a crashed worker's slot frees itself after it)
 -- ARGV[3]            token cost to reserve for "t" dimensions (the caller's estimate, >= 1; each "t" key
 --                    takes at most its own limit of it)
--- ARGV[3+3i-2..3i]   per KEYS[i]: kind ("r" requests, "t" tokens, "c" concurrency), limit, window (us)
+-- ARGV[4i..4i+3]     per KEYS[i]: kind ("r" requests, "t" tokens, "c" concurrency), limit, window (us),
+--                    burst (units an idle tenant may spend at once, 1..limit; unused for "c")
 --
 -- Returns {allowed (1|0), refused index (0 = none), retry after (us), then per key: remaining, reset (us)}.
 -- Nothing is written unless every dimension admits, so a refusal consumes nothing.
@@ -13,10 +14,12 @@
 -- GCRA ("generic cell rate algorithm"), one string key per "r"/"t" dimension:
 --   A limit of N units per window W means one unit is emitted every T = W / N.  The key holds the TAT
 --   ("theoretical arrival time"): the instant at which the bucket would be full again if nothing else came.
---   TAT - now is how much of the window is already spoken for.  A request of cost c is admitted when
---   max(TAT, now) + c*T - now <= W, i.e. its units still fit in one window of credit; admitting it moves
---   TAT forward by c*T.  So an idle tenant can spend N at once (burst = N), then one more unit every T:
---   never more than N + t/T units in any span t, and no fixed-window edge where 2N slip through at once.
+--   TAT - now is how much credit is already spoken for.  A request of cost c is admitted when
+--   max(TAT, now) + c*T - now <= B*T, i.e. its units still fit in a burst of B units; admitting it moves
+--   TAT forward by c*T.  So an idle tenant can spend B at once, then one more unit every T: never more
+--   than B + t/T units in any span t (B + N in any window), and no fixed-window edge where 2N slip through.
+--   A token request costing more than B units fits when the bucket is full (its tolerance is its own cost),
+--   or it could never be admitted.
 --   Once TAT <= now the bucket is full and the key is useless, so it expires exactly then.
 -- The clock is Redis's (TIME), so workers with skewed clocks agree.  Redis >= 5 replicates script
 -- effects, which makes the non-deterministic TIME call safe.
@@ -51,10 +54,13 @@ local states = {}  -- per key: {remaining, reset} before and after consuming
 local worst_retry = -1
 
 for i = 1, n do
-  local base = 3 * i + 1
+  local base = 4 * i
   local kind = ARGV[base]
   local limit = tonumber(ARGV[base + 1])
   local window = tonumber(ARGV[base + 2])
+  local burst = tonumber(ARGV[base + 3]) or limit
+  if not (burst >= 1) then burst = 1 end  -- also NaN
+  if burst > limit then burst = limit end
   local key = KEYS[i]
   local ok, retry
 
@@ -82,12 +88,14 @@ for i = 1, n do
     if kind == 't' then cost = math.min(tokens, limit) end
     local tat = tonumber(redis.call('GET', key) or now)
     if tat < now then tat = now end        -- a full bucket does not bank credit beyond N
-    local allow_at = tat + cost * period - window
+    local tolerance = math.max(burst, cost) * period
+    local allow_at = tat + cost * period - tolerance
     local new_tat = math.min(tat + cost * period, now + MAX_AHEAD)
-    -- Remaining = whole units of credit left in the window (the epsilon absorbs float rounding).
+    -- Remaining = whole units that could be spent right now (the epsilon absorbs float rounding).
+    local credit = burst * period
     states[i] = {
-      math.floor((window - (tat - now)) / period + 1e-6), tat - now,
-      math.floor((window - (new_tat - now)) / period + 1e-6), new_tat - now,
+      math.floor((credit - (tat - now)) / period + 1e-6), tat - now,
+      math.floor((credit - (new_tat - now)) / period + 1e-6), new_tat - now,
     }
     ok = allow_at <= now
     if ok then

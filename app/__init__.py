@@ -18,11 +18,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
-    from app.proxy import admin, context, errors, routes, system
+    from app.proxy import admin, body, context, errors, routes, system
     from app.redis_client import build_redis
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
     from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings
+    from app.upstream.scrub import KeyScrubber
 
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
@@ -42,7 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = UpstreamClient(session, pool,
                               connect_timeout=settings.upstream_connect_timeout,
                               read_timeout=settings.upstream_read_timeout,
-                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
+                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count),
+                              max_response_bytes=settings.max_response_bytes,
+                              scrub=KeyScrubber(k.secret for b in backends for k in b.keys if k.secret).scrub)
 
     cache = _build_cache(settings, redis) if settings.cache_enabled else None
     limiter = _build_admission(settings, redis, auth)
@@ -53,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway"] = Gateway(
         settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
+        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies),
     )
     app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
     app.before_request(context.start_request)
@@ -92,6 +96,7 @@ def _build_cache(settings: Settings, redis: object) -> object:
         semantic_max_temperature=settings.semantic_max_temperature,
         index_bounds=IndexBounds(settings.semantic_index_max_rows, settings.semantic_index_max_bytes),
         store_queue_size=settings.semantic_store_queue_size,
+        max_entry_bytes=settings.cache_max_entry_bytes,
     )
     return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
                         embedder, static)

@@ -117,6 +117,8 @@ class Gateway:
     def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"  # /metrics has a port of its own
         self.workdir = Path(tempfile.mkdtemp(prefix="gateway-test-"))
         self.log_path = self.workdir / "gunicorn.log"
         self.metrics_dir = self.workdir / "metrics"
@@ -129,11 +131,13 @@ class Gateway:
             "WEB_CONCURRENCY": str(workers),
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "GRACEFUL_TIMEOUT": "10",
+            "METRICS_PORT": str(self.metrics_port),
             **env,
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "wsgi:app"],
+            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
+             "-b", f"127.0.0.1:{self.metrics_port}", "wsgi:app"],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:

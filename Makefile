@@ -49,7 +49,7 @@ bench-new: dev-venv redis
 	$(BIN)/python tools/bench.py new-prompts
 
 ## The fault suite (issue 12): Redis, upstream, worker and client faults against a real gunicorn; prints one table.
-chaos: dev-venv redis
+chaos: dev-venv
 	$(BIN)/python tools/chaos.py $(CHAOS_ARGS)
 
 eval: dev-venv

@@ -94,51 +94,89 @@ class _KeepAliveExpired(Exception):
 _WAITING, _HEAD, _BODY = 0, 1, 2
 
 
+class _Crowd:
+    """How many connections this worker holds, and from how many on it counts as crowded."""
+
+    __slots__ = ("open", "crowded_at")
+
+    def __init__(self, worker_connections: int) -> None:
+        self.open = 0
+        self.crowded_at = max(1, int(worker_connections * CROWDED_SHARE))
+
+    @property
+    def crowded(self) -> bool:
+        return self.open >= self.crowded_at
+
+
+# A worker holding CROWDED_SHARE of WORKER_CONNECTIONS is under a connection flood (slowloris heads, idle
+# keep-alives): then a connection waiting for its next request gets CROWDED_WAIT seconds and a request head
+# CROWDED_HEAD seconds from its first byte, so held connections turn over and new clients find a free slot.
+# A real client sends its head in one packet; a keep-alive connection is cheap to open again.
+CROWDED_SHARE = 0.5
+CROWDED_WAIT = 1.0
+CROWDED_HEAD = 2.0
+WAIT_SLICE = 1.0  # a waiting read wakes up this often to notice the worker became crowded
+
+
 class _ReadDeadlineSocket:
     """The client socket with bounded reads: no read waits longer than the idle timeout, nor past its phase's
-    deadline.
+    allowance.
 
     Phases: waiting for a request (up to `keepalive` seconds, then closed quietly), reading its head (from the
     first byte: REQUEST_HEADER_TIMEOUT in all, else 408 from the worker) and reading its body (from the end of the
     head: REQUEST_BODY_TIMEOUT in all; a read past it raises `socket.timeout`, which the app answers with 408).
-    Writes are untouched: a client reading a long stream slowly is not cut.
+    While the worker is crowded the first two are short (CROWDED_WAIT, CROWDED_HEAD). Writes are untouched: a
+    client reading a long stream slowly is not cut.
     """
 
-    __slots__ = ("_sock", "_limits", "_phase", "_deadline")
+    __slots__ = ("_sock", "_limits", "_crowd", "_phase", "_since", "_last")
 
-    def __init__(self, sock, limits: dict[str, float]) -> None:  # noqa: ANN001 - a gevent socket
+    def __init__(self, sock, limits: dict[str, float], crowd: _Crowd) -> None:  # noqa: ANN001 - a gevent socket
         self._sock = sock
         self._limits = limits
-        self._phase = _WAITING
-        self._deadline = time.monotonic() + limits["keepalive"]
+        self._crowd = crowd
+        self.wait_for_request()
 
     def wait_for_request(self) -> None:
         self._phase = _WAITING
-        self._deadline = time.monotonic() + self._limits["keepalive"]
+        self._since = self._last = time.monotonic()
 
     def read_body(self) -> None:
         self._phase = _BODY
-        self._deadline = time.monotonic() + self._limits["body"]
+        self._since = self._last = time.monotonic()
+
+    def _allowance(self) -> float:
+        limits, phase = self._limits, self._phase
+        if phase == _BODY:
+            return limits["body"]
+        crowded = self._crowd.crowded
+        if phase == _WAITING:
+            return min(limits["keepalive"], CROWDED_WAIT) if crowded else limits["keepalive"]
+        return min(limits["head"], CROWDED_HEAD) if crowded else limits["head"]
 
     def recv(self, size: int) -> bytes:
-        phase = self._phase
-        left = self._deadline - time.monotonic()
-        if phase != _WAITING:
-            left = min(left, self._limits["idle"])
-        if left <= 0:
-            raise self._timeout()
         sock = self._sock
-        sock.settimeout(left)
-        try:
-            data = sock.recv(size)
-        except TimeoutError:
-            raise self._timeout() from None
-        finally:
-            sock.settimeout(None)
-        if phase == _WAITING and data:
-            self._phase = _HEAD
-            self._deadline = time.monotonic() + self._limits["head"]
-        return data
+        while True:
+            phase = self._phase
+            end = self._since + self._allowance()
+            if phase != _WAITING:
+                end = min(end, self._last + self._limits["idle"])
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._timeout()
+            wait = left if phase == _BODY else min(left, WAIT_SLICE)
+            sock.settimeout(wait)
+            try:
+                data = sock.recv(size)
+            except TimeoutError:
+                continue  # the loop decides whether the allowance is spent
+            finally:
+                sock.settimeout(None)
+            now = time.monotonic()
+            self._last = now
+            if phase == _WAITING and data:
+                self._phase, self._since = _HEAD, now
+            return data
 
     def _timeout(self) -> Exception:
         if self._phase == _WAITING:
@@ -158,12 +196,18 @@ class GatewayGeventWorker(GeventWorker):
     def load_wsgi(self) -> None:
         super().load_wsgi()
         self.wsgi = _CloseUnreadBody(self.wsgi)
+        self.crowd = _Crowd(self.worker_connections)
 
     def timeout_ctx(self):  # noqa: ANN201 - gunicorn's signature
         return contextlib.nullcontext()  # the socket bounds the wait for a request itself (_ReadDeadlineSocket)
 
     def handle(self, listener, client, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
-        return super().handle(listener, _ReadDeadlineSocket(client, _READ_LIMITS), addr)
+        crowd = self.crowd
+        crowd.open += 1
+        try:
+            return super().handle(listener, _ReadDeadlineSocket(client, _READ_LIMITS, crowd), addr)
+        finally:
+            crowd.open -= 1
 
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
         reader = getattr(req.body, "reader", None)
@@ -311,14 +355,22 @@ _environ = _config.process_environ()  # .env under the environment, exactly as t
 
 
 def _int(name: str, default: int) -> int:
+    return _number(name, default, int, "an integer")
+
+
+def _float(name: str, default: float) -> float:
+    return _number(name, default, float, "a number")
+
+
+def _number(name: str, default, parse, expected: str):  # noqa: ANN001, ANN202 - int or float alike
     value = _environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        return parse(value)
     except ValueError:
         _config.exit_if_invalid()  # names every bad variable at once, not just this one
-        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected an integer") from None
+        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected {expected}") from None
 
 
 def _logging_config() -> dict:
@@ -328,17 +380,6 @@ def _logging_config() -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.logging_config(_environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
-
-
-def _float(name: str, default: float) -> float:
-    value = _environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        _config.exit_if_invalid()
-        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected a number") from None
 
 
 bind = [f"0.0.0.0:{_int('PORT', 8080)}", f"0.0.0.0:{_int('METRICS_PORT', 9090)}"]

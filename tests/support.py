@@ -189,6 +189,16 @@ class Gateway:
         self._log.close()
 
 
+def load_gunicorn_conf(name: str) -> Any:
+    """gunicorn.conf.py as a module, for unit tests of its worker parts (it imports the standard library only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "gunicorn.conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def openai_error(response: requests.Response, status: int | None = None) -> dict[str, Any]:
     """The `error` object of an OpenAI-style error answer, after checking its shape (and status, if given)."""
     if status is not None:
@@ -207,15 +217,16 @@ def openai_error(response: requests.Response, status: int | None = None) -> dict
 class RedisServer:
     """A memory-only redis-server of a test's own on a loopback port: one it may wipe, kill and start again."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no"],
+             "--daemonize", "no", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, f"redis-server on port {self.port}")

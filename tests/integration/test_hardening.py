@@ -319,3 +319,34 @@ def test_an_answer_over_cache_max_entry_bytes_is_passed_on_not_stored(bounded: G
     assert small.headers["X-Cache"] == "MISS" and post(bounded, f"small {unique}").headers["X-Cache"] == "HIT"
     stats_line = [line for line in bounded.request_lines() if line.get("path") == "/v1/chat/completions"]
     assert any(line.get("prompt_tokens") == 1 and line.get("completion_tokens") == 1 for line in stats_line)
+
+
+def test_a_flood_of_slow_heads_turns_over(upstream_server: MockUpstream) -> None:
+    """More slowloris heads than the worker has connections: a crowded worker gives heads 2 s, not 10 s, so
+    another client is answered within a few seconds instead of waiting out REQUEST_HEADER_TIMEOUT."""
+    gw = Gateway(base_env(upstream_server, WORKER_CONNECTIONS="40"))
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(("127.0.0.1", gw.port))
+            except BlockingIOError:
+                pass
+            slow.append(sock)
+        time.sleep(0.3)
+        for sock in slow:
+            try:
+                sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
+            except OSError:
+                pass
+        started = time.monotonic()
+        answer = requests.post(gw.url + "/v1/chat/completions", data=chat_body("past the flood"), timeout=15,
+                               headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 4.5
+    finally:
+        for sock in slow:
+            sock.close()
+        gw.stop()

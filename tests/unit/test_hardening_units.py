@@ -3,11 +3,9 @@ gunicorn's refusals as JSON, duplicate keys and the bound on `n`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import time
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -16,17 +14,14 @@ from app.errors import BadRequest
 from app.proxy.routes import _usage_at_end
 from app.proxy.validation import CHAT, parse_request
 from app.upstream.scrub import KeyScrubber
+from tests.support import load_gunicorn_conf
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-proj-Q2x9LmT4vB7nW1cZ8kR5yH3a"
 
 
 @pytest.fixture(scope="module")
 def conf() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gunicorn_conf_hardening", ROOT / "gunicorn.conf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_gunicorn_conf("gunicorn_conf_hardening")
 
 
 def test_scrubber_cuts_whole_keys_and_their_tails() -> None:
@@ -76,14 +71,18 @@ def test_an_idle_body_read_times_out(conf: ModuleType) -> None:
     """While a body is read, a silent client raises TimeoutError after the idle limit (the app answers 408)."""
     server, client = socket.socketpair()
     try:
-        sock = conf._ReadDeadlineSocket(server, {"keepalive": 5, "head": 5, "body": 5, "idle": 0.2})
+        sock = conf._ReadDeadlineSocket(server, {"keepalive": 5, "head": 5, "body": 5, "idle": 0.2},
+                                        conf._Crowd(100))
         sock.read_body()
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             sock.recv(10)
         assert 0.15 < time.monotonic() - started < 1
-        client.sendall(b"late")
-        assert sock.recv(10) == b"late"  # each read gets its own idle allowance
+        sock.read_body()  # the next request's body: bytes every 0.15 s keep it alive past the 0.2 s idle limit
+        for _ in range(3):
+            client.sendall(b"b")
+            assert sock.recv(10) == b"b"
+            time.sleep(0.15)
     finally:
         server.close()
         client.close()
@@ -92,7 +91,8 @@ def test_an_idle_body_read_times_out(conf: ModuleType) -> None:
 def test_a_started_head_has_a_deadline_and_a_quiet_connection_closes_silently(conf: ModuleType) -> None:
     server, client = socket.socketpair()
     try:
-        sock = conf._ReadDeadlineSocket(server, {"keepalive": 0.2, "head": 0.3, "body": 5, "idle": 5})
+        sock = conf._ReadDeadlineSocket(server, {"keepalive": 0.2, "head": 0.3, "body": 5, "idle": 5},
+                                        conf._Crowd(100))
         with pytest.raises(conf._KeepAliveExpired):
             sock.recv(10)  # nothing sent: the keep-alive wait ends
         sock.wait_for_request()
@@ -101,6 +101,33 @@ def test_a_started_head_has_a_deadline_and_a_quiet_connection_closes_silently(co
         time.sleep(0.35)
         with pytest.raises(conf.RequestReadTimeout):
             sock.recv(10)  # the head's deadline passed
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_crowded_worker_cuts_waiting_and_slow_heads_short(conf: ModuleType) -> None:
+    """With half the worker's connections open, an idle connection gets 1 s and a head 2 s, not 10 s."""
+    crowd = conf._Crowd(10)
+    crowd.open = 5
+    limits = {"keepalive": 10, "head": 10, "body": 60, "idle": 10}
+    server, client = socket.socketpair()
+    try:
+        sock = conf._ReadDeadlineSocket(server, limits, crowd)
+        started = time.monotonic()
+        with pytest.raises(conf._KeepAliveExpired):
+            sock.recv(10)
+        assert 0.9 < time.monotonic() - started < 1.6
+        sock.wait_for_request()
+        client.sendall(b"P")
+        sock.recv(10)
+        started = time.monotonic()
+        with pytest.raises(conf.RequestReadTimeout):
+            while True:  # a byte every 0.5 s keeps it from being idle, not from its 2 s allowance
+                client.sendall(b"O")
+                sock.recv(10)
+                time.sleep(0.5)
+        assert time.monotonic() - started < 3
     finally:
         server.close()
         client.close()

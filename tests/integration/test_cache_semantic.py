@@ -66,7 +66,7 @@ def counter(gw: Gateway, name: str, **labels: str) -> float:
     """A counter's value summed over the workers (0 when it has no sample yet)."""
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
-    for row in requests.get(gw.url + "/metrics", timeout=10).text.splitlines():
+    for row in requests.get(gw.metrics_url, timeout=10).text.splitlines():
         if row.startswith(name + "{") and all(w in row for w in wanted):
             total += float(row.rsplit(" ", 1)[1])
     return total

@@ -35,4 +35,5 @@ RUN python -m compileall -q app wsgi.py gunicorn.conf.py
 
 USER 10001:10001
 EXPOSE 8080
+EXPOSE 9090
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

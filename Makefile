@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv dev-venv redis bench bench-cache bench-new eval clean
+.PHONY: run test lint venv dev-venv redis bench bench-cache bench-new eval chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-cache: dev-venv redis
 
 bench-new: dev-venv redis
 	$(BIN)/python tools/bench.py new-prompts
+
+## The fault suite (issue 12): Redis, upstream, worker and client faults against a real gunicorn; prints one table.
+chaos: dev-venv
+	$(BIN)/python tools/chaos.py $(CHAOS_ARGS)
 
 eval: dev-venv
 	$(BIN)/python tools/eval_semantic.py

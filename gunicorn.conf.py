@@ -6,13 +6,16 @@ patches it too late in every worker (MonkeyPatchWarning, unpatched sockets). gun
 monkey-patching itself.
 """
 
+import contextlib
 import glob
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gunicorn.glogging import Logger  # already loaded by the master: imports no ssl
@@ -77,20 +80,265 @@ def _has_body(head: bytes) -> bool:
     return b"\r\ncontent-length: 0\r\n" not in head.lower()
 
 
+class RequestReadTimeout(Exception):
+    """A request head not read in time (REQUEST_HEADER_TIMEOUT or REQUEST_IDLE_TIMEOUT): answered 408.
+
+    Not an OSError on purpose: gunicorn's `handle` passes other exceptions to `handle_error`, which answers them,
+    while it logs socket errors with a trace and answers nothing.
+    """
+
+
+class _KeepAliveExpired(Exception):
+    """No byte of a next request within `keepalive` seconds: the connection closes without an answer."""
+
+
+_WAITING, _HEAD, _BODY = 0, 1, 2
+
+
+class _Crowd:
+    """How many connections this worker holds, and from how many on it counts as crowded."""
+
+    __slots__ = ("open", "crowded_at")
+
+    def __init__(self, worker_connections: int) -> None:
+        self.open = 0
+        self.crowded_at = max(1, int(worker_connections * CROWDED_SHARE))
+
+    @property
+    def crowded(self) -> bool:
+        return self.open >= self.crowded_at
+
+
+# A worker holding CROWDED_SHARE of WORKER_CONNECTIONS is under a connection flood (slowloris heads, idle
+# keep-alives): then a connection waiting for its next request gets CROWDED_WAIT seconds and a request head
+# CROWDED_HEAD seconds from its first byte, so held connections turn over and new clients find a free slot.
+# A real client sends its head in one packet; a keep-alive connection is cheap to open again.
+CROWDED_SHARE = 0.5
+CROWDED_WAIT = 1.0
+CROWDED_HEAD = 2.0
+WAIT_SLICE = 1.0  # a waiting read wakes up this often to notice the worker became crowded
+
+
+class _ReadDeadlineSocket:
+    """The client socket with bounded reads: no read waits longer than the idle timeout, nor past its phase's
+    allowance.
+
+    Phases: waiting for a request (up to `keepalive` seconds, then closed quietly), reading its head (from the
+    first byte: REQUEST_HEADER_TIMEOUT in all, else 408 from the worker) and reading its body (from the end of the
+    head: REQUEST_BODY_TIMEOUT in all; a read past it raises `socket.timeout`, which the app answers with 408).
+    While the worker is crowded the first two are short (CROWDED_WAIT, CROWDED_HEAD). Writes are untouched: a
+    client reading a long stream slowly is not cut.
+    """
+
+    __slots__ = ("_sock", "_limits", "_crowd", "_phase", "_since", "_last")
+
+    def __init__(self, sock, limits: dict[str, float], crowd: _Crowd) -> None:  # noqa: ANN001 - a gevent socket
+        self._sock = sock
+        self._limits = limits
+        self._crowd = crowd
+        self.wait_for_request()
+
+    def wait_for_request(self) -> None:
+        self._phase = _WAITING
+        self._since = self._last = time.monotonic()
+
+    def read_body(self) -> None:
+        self._phase = _BODY
+        self._since = self._last = time.monotonic()
+
+    def _allowance(self) -> float:
+        limits, phase = self._limits, self._phase
+        if phase == _BODY:
+            return limits["body"]
+        crowded = self._crowd.crowded
+        if phase == _WAITING:
+            return min(limits["keepalive"], CROWDED_WAIT) if crowded else limits["keepalive"]
+        return min(limits["head"], CROWDED_HEAD) if crowded else limits["head"]
+
+    def recv(self, size: int) -> bytes:
+        sock = self._sock
+        while True:
+            phase = self._phase
+            end = self._since + self._allowance()
+            if phase != _WAITING:
+                end = min(end, self._last + self._limits["idle"])
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._timeout()
+            wait = left if phase == _BODY else min(left, WAIT_SLICE)
+            sock.settimeout(wait)
+            try:
+                data = sock.recv(size)
+            except TimeoutError:
+                continue  # the loop decides whether the allowance is spent
+            finally:
+                sock.settimeout(None)
+            now = time.monotonic()
+            self._last = now
+            if phase == _WAITING and data:
+                self._phase, self._since = _HEAD, now
+            return data
+
+    def _timeout(self) -> Exception:
+        if self._phase == _WAITING:
+            return _KeepAliveExpired()
+        if self._phase == _HEAD:
+            return RequestReadTimeout("the request head was not received in time")
+        return TimeoutError("the request body was not received in time")
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - whatever the socket has
+        return getattr(self._sock, name)
+
+
 class GatewayGeventWorker(GeventWorker):
-    """gunicorn's gevent worker, writing each response's head and first body bytes together."""
+    """gunicorn's gevent worker with bounded request reads, OpenAI-style errors of its own, and each response's
+    head written together with its first body bytes."""
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _CloseUnreadBody(self.wsgi)
+        self.crowd = _Crowd(self.worker_connections)
+
+    def timeout_ctx(self):  # noqa: ANN201 - gunicorn's signature
+        return contextlib.nullcontext()  # the socket bounds the wait for a request itself (_ReadDeadlineSocket)
+
+    def handle(self, listener, client, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
+        crowd = self.crowd
+        crowd.open += 1
+        try:
+            return super().handle(listener, _ReadDeadlineSocket(client, _READ_LIMITS, crowd), addr)
+        finally:
+            crowd.open -= 1
 
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
-        if req.method == "HEAD":  # no body will follow the head
-            return super().handle_request(listener_name, req, sock, addr)
-        wrapped = _HeadWithBodySocket(sock)
+        reader = getattr(req.body, "reader", None)
+        if hasattr(reader, "parse_chunk_size"):
+            reader.parse_chunk_size = _bounded_chunk_size(reader.parse_chunk_size, _READ_LIMITS["max_body"])
+        if isinstance(sock, _ReadDeadlineSocket):
+            sock.read_body()
         try:
-            return super().handle_request(listener_name, req, wrapped, addr)
-        finally:
+            if req.method == "HEAD":  # no body will follow the head
+                return super().handle_request(listener_name, req, sock, addr)
+            wrapped = _HeadWithBodySocket(sock)
             try:
-                wrapped.flush()  # a head whose body turned out empty (an empty iterable)
-            except OSError:
-                pass  # the client is gone; gunicorn closes the connection
+                return super().handle_request(listener_name, req, wrapped, addr)
+            finally:
+                try:
+                    wrapped.flush()  # a head whose body turned out empty (an empty iterable)
+                except OSError:
+                    pass  # the client is gone; gunicorn closes the connection
+        finally:
+            if isinstance(sock, _ReadDeadlineSocket):
+                sock.wait_for_request()
+
+    def handle_error(self, req, client, addr, exc):  # noqa: ANN001, ANN201 - gunicorn's signature
+        """gunicorn's own refusals (408, 414, 431, 400, ...) as OpenAI-style JSON instead of its HTML page."""
+        if isinstance(exc, _KeepAliveExpired):
+            return  # an idle connection: closed without a word, as gunicorn does
+        answer = refusal(exc)
+        if answer is None:
+            self.log.exception("Error handling request", exc_info=exc)
+            answer = (500, "Internal Server Error", "server_error", "internal_error",
+                      "The gateway failed to handle this request.")
+        else:
+            self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], type(exc).__name__)
+        try:
+            client.sendall(error_response(*answer))
+        except OSError:
+            self.log.debug("Failed to send error message.")
+
+
+def _bounded_chunk_size(parse, limit: int):  # noqa: ANN001, ANN202 - gunicorn's ChunkedReader method
+    """A chunk declaring more bytes than MAX_BODY_BYTES is refused at once (400), not waited for."""
+
+    def parse_chunk_size(unreader, data=None):  # noqa: ANN001, ANN202
+        size, rest = parse(unreader, data)
+        if size > limit:
+            from gunicorn.http.errors import InvalidChunkSize  # in the worker, after gevent patched ssl
+
+            raise InvalidChunkSize(b"chunk size over MAX_BODY_BYTES")
+        return size, rest
+
+    return parse_chunk_size
+
+
+# gunicorn's own refusals (raised while it parses a request, before the app sees it), by exception class name:
+# status, reason phrase, OpenAI-style code and message. Names, not classes: importing gunicorn.http here would
+# import `ssl` into the master (see the module docstring). Anything else a client sent wrong is a 400.
+_GUNICORN_REFUSALS = {
+    "RequestReadTimeout": (408, "Request Timeout", "request_timeout",
+                           "The request was not received in time (REQUEST_HEADER_TIMEOUT, REQUEST_IDLE_TIMEOUT)."),
+    "LimitRequestLine": (414, "URI Too Long", "uri_too_long", "The request line is longer than the gateway accepts."),
+    "LimitRequestHeaders": (431, "Request Header Fields Too Large", "request_headers_too_large",
+                            "The request headers are larger or more numerous than the gateway accepts."),
+    "UnsupportedTransferCoding": (501, "Not Implemented", "unsupported_transfer_coding",
+                                  "The request's Transfer-Encoding is not supported (use chunked or none)."),
+    "ExpectationFailed": (417, "Expectation Failed", "expectation_failed",
+                          "The request's Expect header cannot be met (only 100-continue is)."),
+    "ForbiddenProxyRequest": (403, "Forbidden", "forbidden", "The proxy header was sent from an untrusted address."),
+}
+_CLIENT_ERRORS = frozenset({
+    "InvalidRequestLine", "InvalidRequestMethod", "InvalidHTTPVersion", "InvalidHeader", "InvalidHeaderName",
+    "InvalidProxyLine", "InvalidProxyHeader", "InvalidSchemeHeaders", "ObsoleteFolding", "InvalidH2CPreface",
+    "InvalidChunkSize", "ChunkMissingTerminator", "InvalidChunkExtension", "SSLError",
+})
+
+
+def error_response(status: int, reason: str, error_type: str, code: str | None, message: str) -> bytes:
+    """A complete HTTP/1.1 answer carrying an OpenAI-style error, closing the connection."""
+    body = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def refusal(exc: BaseException) -> tuple[int, str, str, str | None, str] | None:
+    """What gunicorn's own error becomes: (status, reason, type, code, message); None for an app failure."""
+    name = type(exc).__name__
+    if name in _GUNICORN_REFUSALS:
+        status, reason, code, message = _GUNICORN_REFUSALS[name]
+        return status, reason, "invalid_request_error", code, message
+    if name in _CLIENT_ERRORS or any(cls.__name__ in _CLIENT_ERRORS for cls in type(exc).__mro__):
+        return 400, "Bad Request", "invalid_request_error", "bad_request", "The request is not valid HTTP/1.1."
+    return None
+
+
+def _body_unread(body) -> bool:  # noqa: ANN001 - gunicorn's Body
+    """Whether the app left part of the request body unread (or reading it failed): the connection must close,
+    since draining it would let a client hold the worker with a body that never ends.
+
+    Duck-typed on gunicorn's readers (LengthReader.length, ChunkedReader.parser): importing their classes would
+    import `ssl` into the master.
+    """
+    if body is None:
+        return False
+    if getattr(body, "failed", False) is True:
+        return True
+    buf = getattr(body, "buf", None)
+    if buf is not None and buf.tell() > 0:
+        return True
+    reader = getattr(body, "reader", None)
+    if getattr(reader, "length", 0):
+        return True
+    return getattr(reader, "parser", None) is not None
+
+
+class _CloseUnreadBody:
+    """WSGI middleware: an answer given without reading the whole request body (a 401, a 429, a 408) says
+    `Connection: close`, and gunicorn closes the connection instead of draining the rest."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001 - a WSGI app
+        self.app = app
+
+    def __call__(self, environ: dict, start_response):  # noqa: ANN204 - WSGI
+        def start(status, headers, exc_info=None):  # noqa: ANN001, ANN202 - WSGI
+            if _body_unread(environ.get("wsgi.input")):
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if force_close is not None:  # gunicorn's Response: sends `Connection: close`, then closes
+                    force_close()
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
 
 
 def _load_config_module():  # noqa: ANN202 - app/config.py, loaded by path
@@ -108,14 +356,22 @@ _environ = _config.process_environ()  # .env under the environment, exactly as t
 
 
 def _int(name: str, default: int) -> int:
+    return _number(name, default, int, "an integer")
+
+
+def _float(name: str, default: float) -> float:
+    return _number(name, default, float, "a number")
+
+
+def _number(name: str, default, parse, expected: str):  # noqa: ANN001, ANN202 - int or float alike
     value = _environ.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        return parse(value)
     except ValueError:
         _config.exit_if_invalid()  # names every bad variable at once, not just this one
-        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected an integer") from None
+        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected {expected}") from None
 
 
 def _logging_config() -> dict:
@@ -127,7 +383,7 @@ def _logging_config() -> dict:
     return module.logging_config(_environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
 
 
-bind = f"0.0.0.0:{_int('PORT', 8080)}"
+bind = [f"0.0.0.0:{_int('PORT', 8080)}", f"0.0.0.0:{_int('METRICS_PORT', 9090)}"]
 workers = _int("WEB_CONCURRENCY", 2)
 worker_class = GatewayGeventWorker
 worker_connections = _int("WORKER_CONNECTIONS", 1000)
@@ -136,6 +392,14 @@ timeout = 30  # heartbeat of an idle gevent worker, not a request timeout: strea
 # Idle keep-alive connections hold a worker's exit after SIGTERM up to this long, so it stays short (a rollout
 # takes seconds, not minutes); it is longer than nginx's upstream keepalive_timeout (8 s) so nginx closes first.
 keepalive = 10
+# Reading a request is bounded (see _ReadDeadlineSocket): a slow client can hold a connection only this long.
+_READ_LIMITS = {
+    "keepalive": float(keepalive),
+    "head": _float("REQUEST_HEADER_TIMEOUT", 10.0),
+    "body": _float("REQUEST_BODY_TIMEOUT", 60.0),
+    "idle": _float("REQUEST_IDLE_TIMEOUT", 10.0),
+    "max_body": _int("MAX_BODY_BYTES", 10 * 1024 * 1024),
+}
 preload_app = False  # build clients after the fork, and let the gevent worker patch before any import
 accesslog = None  # the app writes one JSON line per request itself
 logger_class = QuietAccessLogger

@@ -25,11 +25,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
-    from app.proxy import admin, context, errors, routes, system
+    from app.proxy import admin, body, context, errors, routes, system
     from app.redis_client import background_ping, build_redis, gevent_patched
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
     from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings
+    from app.upstream.scrub import KeyScrubber
 
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
@@ -49,7 +50,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = UpstreamClient(session, pool,
                               connect_timeout=settings.upstream_connect_timeout,
                               read_timeout=settings.upstream_read_timeout,
-                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count))
+                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count),
+                              max_response_bytes=settings.max_response_bytes,
+                              scrub=KeyScrubber(k.secret for b in backends for k in b.keys if k.secret).scrub)
 
     # One breaker for Redis: the cache and the limiter skip it together, and one probe finds it back for both.
     # Its probes are PINGs of its own (in the gevent worker), so no request waits on a Redis that may still be slow.
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway"] = Gateway(
         settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
+        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies),
     )
     app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
     app.before_request(context.start_request)
@@ -105,6 +109,7 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
         semantic_max_temperature=settings.semantic_max_temperature,
         index_bounds=IndexBounds(settings.semantic_index_max_rows, settings.semantic_index_max_bytes),
         store_queue_size=settings.semantic_store_queue_size,
+        max_entry_bytes=settings.cache_max_entry_bytes,
     )
     cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
                          embedder, static, breaker)

@@ -56,6 +56,13 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024
+    request_header_timeout: float = 10.0
+    request_body_timeout: float = 60.0
+    request_idle_timeout: float = 10.0
+    tenant_max_pending_bodies: int = 64
+    max_response_bytes: int = 32 * 1024 * 1024
+    cache_max_entry_bytes: int = 2 * 1024 * 1024
+    metrics_port: int = 9090
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
@@ -294,6 +301,15 @@ def _parse(env: Mapping[str, str]) -> Settings:
         ),
         upstream_read_timeout=r.get("UPSTREAM_READ_TIMEOUT", _float, d.upstream_read_timeout, _at_least(0.01)),
         max_body_bytes=r.get("MAX_BODY_BYTES", _int, d.max_body_bytes, positive),
+        request_header_timeout=r.get("REQUEST_HEADER_TIMEOUT", _float, d.request_header_timeout, _at_least(0.1)),
+        request_body_timeout=r.get("REQUEST_BODY_TIMEOUT", _float, d.request_body_timeout, _at_least(0.1)),
+        request_idle_timeout=r.get("REQUEST_IDLE_TIMEOUT", _float, d.request_idle_timeout, _at_least(0.1)),
+        tenant_max_pending_bodies=r.get(
+            "TENANT_MAX_PENDING_BODIES", _int, d.tenant_max_pending_bodies, non_negative
+        ),
+        max_response_bytes=r.get("MAX_RESPONSE_BYTES", _int, d.max_response_bytes, _at_least(1024)),
+        cache_max_entry_bytes=r.get("CACHE_MAX_ENTRY_BYTES", _int, d.cache_max_entry_bytes, non_negative),
+        metrics_port=r.get("METRICS_PORT", _int, d.metrics_port, _between(1, 65535)),
         redis_url=r.get("REDIS_URL", _redis_url, d.redis_url),
         redis_cluster=r.get("REDIS_CLUSTER", _bool, d.redis_cluster),
         redis_max_connections=r.get("REDIS_MAX_CONNECTIONS", _int, d.redis_max_connections, positive),
@@ -337,6 +353,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         for name in ("EMBEDDING_URL", "EMBEDDING_MODEL"):
             if r.raw(name) is None:
                 r.errors.append(f"{name}: required when EMBEDDING_PROVIDER=openai (or SEMANTIC_CACHE_ENABLED=false)")
+    if values["metrics_port"] == values["port"]:
+        r.errors.append("METRICS_PORT: must differ from PORT (metrics are kept off the API port)")
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return Settings(**values)
@@ -359,6 +377,13 @@ ENV_VARS: tuple[str, ...] = (
     "UPSTREAM_CONNECT_TIMEOUT",
     "UPSTREAM_READ_TIMEOUT",
     "MAX_BODY_BYTES",
+    "REQUEST_HEADER_TIMEOUT",
+    "REQUEST_BODY_TIMEOUT",
+    "REQUEST_IDLE_TIMEOUT",
+    "TENANT_MAX_PENDING_BODIES",
+    "MAX_RESPONSE_BYTES",
+    "CACHE_MAX_ENTRY_BYTES",
+    "METRICS_PORT",
     "REDIS_URL",
     "REDIS_CLUSTER",
     "REDIS_MAX_CONNECTIONS",

@@ -53,6 +53,22 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class RequestTimeout(GatewayError):
+    """The request (its head or body) did not arrive within the read timeouts."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class UpstreamResponseTooLarge(GatewayError):
+    """The upstream's answer is larger than MAX_RESPONSE_BYTES: not passed on, not stored."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_response_too_large"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     error_type = "invalid_request_error"

@@ -19,3 +19,4 @@ class Gateway:
     cache: Any = None  # app.cache.service.CacheService, or None when caching is off
     limiter: Any = None  # app.proxy.limits.Admission, or None when no limit is configured
     trusted_networks: tuple[Any, ...] = ()
+    pending_bodies: Any = None  # app.proxy.body.PendingBodies: request bodies still arriving, per tenant

@@ -117,6 +117,8 @@ class Gateway:
     def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"  # /metrics has a port of its own
         self.workdir = Path(tempfile.mkdtemp(prefix="gateway-test-"))
         self.log_path = self.workdir / "gunicorn.log"
         self.metrics_dir = self.workdir / "metrics"
@@ -129,11 +131,13 @@ class Gateway:
             "WEB_CONCURRENCY": str(workers),
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             "GRACEFUL_TIMEOUT": "10",
+            "METRICS_PORT": str(self.metrics_port),
             **env,
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "wsgi:app"],
+            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
+             "-b", f"127.0.0.1:{self.metrics_port}", "wsgi:app"],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
@@ -185,6 +189,16 @@ class Gateway:
         self._log.close()
 
 
+def load_gunicorn_conf(name: str) -> Any:
+    """gunicorn.conf.py as a module, for unit tests of its worker parts (it imports the standard library only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "gunicorn.conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def openai_error(response: requests.Response, status: int | None = None) -> dict[str, Any]:
     """The `error` object of an OpenAI-style error answer, after checking its shape (and status, if given)."""
     if status is not None:
@@ -203,15 +217,16 @@ def openai_error(response: requests.Response, status: int | None = None) -> dict
 class RedisServer:
     """A memory-only redis-server of a test's own on a loopback port: one it may wipe, kill and start again."""
 
-    def __init__(self, *, debug: bool = False) -> None:
+    def __init__(self, *extra_args: str, debug: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args = extra_args
         self.debug = debug  # allow DEBUG SLEEP (a slow Redis) from loopback clients
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         options = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--daemonize", "no"]
+                   "--daemonize", "no", *self.extra_args]
         if self.debug and _redis_major() >= 7:  # Redis 7 refuses DEBUG unless enabled; older ones lack the option
             options += ["--enable-debug-command", "local"]
         self.process = subprocess.Popen(["redis-server", *options], stdout=subprocess.DEVNULL,

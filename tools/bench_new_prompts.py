@@ -124,7 +124,7 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
                                                                                              strict=True)))
         memory = {"gateway, cache off": rss_mb(gw_off.process.pid),
                   "gateway, defaults (L2 on)": rss_mb(gw_default.process.pid)}
-        stats = requests.get(gw_default.url + "/metrics", timeout=10).text
+        stats = requests.get(gw_default.metrics_url, timeout=10).text
     starts = {"gateway, cache off": off_start, "gateway, defaults (L2 on)": default_start}
     print_table(args, targets, rows, memory, starts, notes, stats)
 

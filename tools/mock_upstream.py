@@ -20,9 +20,11 @@ if __name__ == "__main__":
 #
 # FAULT: {"status": 429, "retry_after": 1} | {"kind": "delay" | "latency", "seconds": s}
 #        | {"kind": "reset", "after_chunks": n} | {"kind": "slow_chunks", "delay": s} | {"kind": "garbage"}
-#        | {"kind": "length"}, each optionally with "key" (only requests with that Bearer key), "paths" (only these
-#        paths; without it a fault skips GET /v1/models), "times" (uses, default 1, -1 = forever) and "seconds"
-#        (wait first). Status faults may also set "message", "type", "code" and "headers".
+#        | {"kind": "length"} | {"kind": "huge", "bytes": n, "chunked": false} (a complete 200 answer of about n
+#        bytes, written 1 MiB at a time, never held whole), each optionally with "key" (only requests with that
+#        Bearer key), "paths" (only these paths; without it a fault skips GET /v1/models), "times" (uses,
+#        default 1, -1 = forever) and "seconds" (wait first). Status faults may also set "message", "type",
+#        "code" and "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -63,7 +65,8 @@ DEFAULT_DIMENSIONS = 384
 REQUEST_LOG_SIZE = 10_000
 MODELS_CREATED = 1_700_000_000
 SYSTEM_FINGERPRINT = "fp_mock"
-FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length"})
+FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge"})
+HUGE_PIECE = 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
 JSON_HEADERS = (("Content-Type", "application/json"),)
 SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"))
@@ -327,6 +330,37 @@ def error_response(status: int, fault: Json | None = None) -> Response:
     return json_response(status, body, headers)
 
 
+def huge_response(request: Request, size: int, chunked: bool) -> Response:
+    """A well-formed answer of about `size` bytes in the route's shape (an embedding of many zeros, or a very
+    long message), produced piece by piece: the mock's memory stays flat whatever the size."""
+    model = request.body.get("model", "mock-gpt") if isinstance(request.body, dict) else "mock-gpt"
+    usage = encode({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    if request.path == "/embeddings":
+        head = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0'
+        filler, tail = b",0.0", b']}],"model":' + encode(model) + b',"usage":' + usage + b"}"
+    else:
+        head = (b'{"id":"chatcmpl-huge","object":"chat.completion","created":0,"model":' + encode(model)
+                + b',"choices":[{"index":0,"message":{"role":"assistant","content":"')
+        filler = b"a"
+        tail = b'"},"logprobs":null,"finish_reason":"stop"}],"usage":' + usage + b"}"
+    count = max(0, (size - len(head) - len(tail)) // len(filler))
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        per_piece = max(1, HUGE_PIECE // len(filler))
+        left = count
+        while left > 0:
+            n = min(left, per_piece)
+            yield filler * n
+            left -= n
+        yield tail
+
+    headers = list(JSON_HEADERS)
+    if not chunked:
+        headers.append(("Content-Length", str(len(head) + count * len(filler) + len(tail))))
+    return "200 OK", headers, pieces()
+
+
 def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     """A complete JSON answer with its Content-Length, so the connection stays reusable."""
     data = encode(body)
@@ -423,6 +457,8 @@ class MockUpstream:
             return error_response(fault["status"], fault)
         if fault["kind"] == "garbage":
             return "200 OK", [*JSON_HEADERS, ("Content-Length", "8")], [b"not json"]
+        if fault["kind"] == "huge":
+            return huge_response(request, int(fault.get("bytes", 64 * HUGE_PIECE)), bool(fault.get("chunked")))
         if fault["kind"] == "reset" and not (stream and fault.get("after_chunks", 0) > 0):
             abort_connection(environ)
         status, headers, chunks = handler(request, fault)

@@ -10,6 +10,7 @@ eval "$(.venv/bin/python tools/dotenv_export.py .env)"
 setting() { local name="$1"; printf '%s' "${!name:-}"; }
 
 port="$(setting PORT)"; port="${port:-8080}"
+metrics_port="$(setting METRICS_PORT)"; metrics_port="${metrics_port:-9090}"
 mock_pid=""
 cleanup() { [[ -n "$mock_pid" ]] && kill "$mock_pid" 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -40,7 +41,7 @@ export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/.run/metrics}"
 export OPENBLAS_NUM_THREADS=1
 key="$(cat .run/dev-client-key 2>/dev/null || echo '<your client key>')"
 cat <<HELP
-Gateway on http://127.0.0.1:$port   (Ctrl-C stops it)
+Gateway on http://127.0.0.1:$port   (Ctrl-C stops it); metrics on http://127.0.0.1:$metrics_port/metrics
   curl http://127.0.0.1:$port/v1/chat/completions -H "Authorization: Bearer $key" \\
        -H 'Content-Type: application/json' \\
        -d '{"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hello!"}]}'
@@ -48,7 +49,7 @@ HELP
 # Every setting checked first, with one message naming each bad one (gunicorn itself would stop on a bad
 # WEB_CONCURRENCY with a traceback, before its config file runs).
 .venv/bin/python -c 'from app.config import exit_if_invalid; exit_if_invalid()'
-.venv/bin/gunicorn -c gunicorn.conf.py -b "127.0.0.1:$port" wsgi:app &
+.venv/bin/gunicorn -c gunicorn.conf.py -b "127.0.0.1:$port" -b "127.0.0.1:$metrics_port" wsgi:app &
 gunicorn_pid=$!
 trap 'kill -TERM $gunicorn_pid 2>/dev/null; wait $gunicorn_pid; cleanup' INT TERM
 wait "$gunicorn_pid"

@@ -77,6 +77,7 @@ class CacheOptions:
     semantic_max_temperature: float
     index_bounds: IndexBounds = IndexBounds(max_rows=100_000, max_bytes=64 * 1024 * 1024)
     store_queue_size: int = 1000
+    max_entry_bytes: int = 2 * 1024 * 1024  # CACHE_MAX_ENTRY_BYTES: larger answers are passed on, never stored
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,8 @@ class CacheService:
             return
         if content is None:
             content = json.dumps(answer, separators=(",", ":")).encode()
+        if len(content) > self.options.max_entry_bytes:  # in no layer: L0's byte bound holds, Redis stays small
+            return
         try:
             with bounded(plan.redis_budget):
                 expires_at = self.exact.put(plan.key, content, plan.ttl)

@@ -25,6 +25,9 @@ UPSTREAM_DURATION = Histogram(
     "gateway_upstream_duration_seconds", "Time until the upstream's answer headers arrived (retries included).",
     ["backend"], buckets=LATENCY_BUCKETS,
 )
+UPSTREAM_TOO_LARGE = Counter(
+    "gateway_upstream_too_large_total", "Upstream answers refused (502) for exceeding MAX_RESPONSE_BYTES.", ["backend"]
+)
 UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream attempts repeated or moved on.", ["reason"])
 CACHE_LOOKUPS = Counter("gateway_cache_lookups_total", "Cache look-ups by layer and result.", ["layer", "result"])
 SEMANTIC_SIMILARITY = Histogram(

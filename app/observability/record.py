@@ -22,7 +22,7 @@ class RequestRecord:
     status: int = 0
     latency_ms: float = 0.0
     upstream_ms: float | None = None
-    cache: str = "BYPASS"
+    cache: str | None = None  # None: refused or failed before the cache step (not a bypass)
     similarity: float | None = None
     semantic: str | None = None  # why L2 served or refused (the verifier's reason), or why it was skipped
     retries: int = 0

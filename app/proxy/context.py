@@ -29,6 +29,8 @@ ROUTE_LABELS = {
     "/v1/models": "models",
 }
 
+NO_CACHE_STEP = "NONE"  # the metrics' cache label of a request refused or failed before the cache step
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -74,7 +76,7 @@ def finish_request(response: Response) -> Response:
         return response
     response.headers["X-Request-ID"] = rec.request_id
     rec.status = response.status_code
-    if rec.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings") and rec.method == "POST":
+    if rec.cache is not None:  # only requests that reached the cache step: a refusal is no BYPASS
         response.headers["X-Cache"] = "HIT" if rec.cache in ("L0", "L1", "L2") else rec.cache
     for name, value in g.get("gw_limit_headers", {}).items():
         response.headers.setdefault(name, value)
@@ -133,8 +135,9 @@ def _observe(rec: RequestRecord) -> None:
     if not rec.path.startswith("/v1/"):
         return
     route = ROUTE_LABELS.get(rec.path, "other")
-    metrics.REQUESTS.labels(route, str(rec.status), rec.cache).inc()
-    metrics.REQUEST_DURATION.labels(route, rec.cache).observe(rec.latency_ms / 1000.0)
+    cache = rec.cache or NO_CACHE_STEP
+    metrics.REQUESTS.labels(route, str(rec.status), cache).inc()
+    metrics.REQUEST_DURATION.labels(route, cache).observe(rec.latency_ms / 1000.0)
     if rec.upstream_ms is not None and rec.backend is not None:
         metrics.UPSTREAM_DURATION.labels(rec.backend).observe(rec.upstream_ms / 1000.0)
     if rec.prompt_tokens and rec.cache not in ("L0", "L1", "L2"):

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, g, request
 
 from app.errors import GatewayError, UpstreamBadResponse
 from app.observability.record import RequestRecord
+from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
 from app.proxy.sse import StreamTap, replay, sse_error
 from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
@@ -60,7 +61,8 @@ def _parsed(route: str) -> ParsedRequest:
     """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
     parsed = g.get("gw_parsed")
     if parsed is None:
-        parsed = g.gw_parsed = parse_request(route, request.get_data(cache=False))
+        body = read_body(services().pending_bodies, g.gw_tenant.name)
+        parsed = g.gw_parsed = parse_request(route, body)
     return parsed
 
 
@@ -116,6 +118,7 @@ def _forward(route: str) -> Response:
     g.gw_tenant.check_model(parsed.model)
 
     plan = None
+    rec.cache = "BYPASS"  # reached the cache step: BYPASS unless the cache says otherwise
     if gw.cache is not None:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
                              request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"))
@@ -142,7 +145,11 @@ def _forward(route: str) -> Response:
         return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
                         headers={**SSE_HEADERS, **result.extra_headers})
     content = result.read()
-    if result.status == 200:
+    if result.status == 200 and len(content) > gw.settings.cache_max_entry_bytes:
+        # Too large to store: nothing needs it parsed, and parsing megabytes would stall this worker's other
+        # requests. Passed on as it came, its usage read from the end.
+        _note_usage(rec, _usage_at_end(content))
+    elif result.status == 200:
         answer = _json_answer(content)
         _note_usage(rec, answer.get("usage"))
         if plan is not None:
@@ -205,6 +212,28 @@ def _json_answer(content: bytes) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise UpstreamBadResponse("The upstream answered with JSON that is not an object.")
     return answer
+
+
+USAGE_KEY = b'"usage"'
+USAGE_MAX_BYTES = 4096
+
+
+def _usage_at_end(content: bytes) -> Any:
+    """The `usage` object of a JSON answer, without parsing the rest: OpenAI and DeepSeek write it last.
+
+    `"usage"` with its quotes unescaped can only be a key or a whole string value, never text inside a string.
+    """
+    at = content.rfind(USAGE_KEY)
+    if at < 0:
+        return None
+    rest = content[at + len(USAGE_KEY):at + len(USAGE_KEY) + USAGE_MAX_BYTES].lstrip()
+    if not rest.startswith(b":"):
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage
 
 
 def _note_upstream(result: UpstreamResult) -> None:

@@ -13,6 +13,13 @@ CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
 ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
 
 
+# The top-level fields the gateway reads (routing, allow-list, cache key, limits). The provider may read a
+# duplicated key another way than Python's last-one-wins, so a body repeating one of them is refused.
+READ_FIELDS = ("model", "stream", "messages", "prompt", "input", "temperature", "top_p", "n", "max_tokens",
+               "max_completion_tokens", "stream_options")
+# OpenAI's documented maximum for `n`: more choices than this are never a real request.
+MAX_N = 128
+
 # A JSON escape of a UTF-16 surrogate; only such an escape can put a lone surrogate into a parsed string.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
@@ -47,6 +54,7 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    _check_duplicates(text)
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
         raise BadRequest("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
                          code="invalid_json")
@@ -67,6 +75,28 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         stream = False
     _check_numbers(body)
     return ParsedRequest(route=route, path=ROUTE_PATHS[route], body=body, raw=raw, model=model, stream=stream)
+
+
+def _check_duplicates(text: str) -> None:
+    """Refuse a body naming one of READ_FIELDS twice at its top level.
+
+    A key can only be repeated if its quoted name occurs twice in the text (inside a JSON string the quotes
+    would be escaped), so the exact parse with a pairs hook runs only for those rare bodies.
+    """
+    if not any(text.count(f'"{name}"') > 1 for name in READ_FIELDS):
+        return
+    objects: list[list[str]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append([key for key, _ in items])
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    keys = objects[-1]  # the top-level object is the last one closed
+    for name in READ_FIELDS:
+        if keys.count(name) > 1:
+            raise BadRequest(f"The request body repeats the key '{name}'; send each field once.",
+                             code="duplicate_key")
 
 
 def _has_lone_surrogate(body: dict[str, Any]) -> bool:
@@ -126,3 +156,6 @@ def _check_numbers(body: dict[str, Any]) -> None:
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise _field(name, "a positive integer")
+    n = body.get("n")
+    if n is not None and n > MAX_N:
+        raise BadRequest(f"Invalid 'n': at most {MAX_N} choices may be asked for.", code="integer_above_max_value")

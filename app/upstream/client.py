@@ -38,15 +38,18 @@ from app.errors import (
     RateLimited,
     ServiceUnavailable,
     UpstreamBadResponse,
+    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from app.observability import metrics
 from app.upstream.http import retry_after_seconds
 from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+LARGE_READ_SIZE = 1024 * 1024  # reads of an answer of unknown size, counted against MAX_RESPONSE_BYTES
 # Certificates verified against the same CA bundle requests itself would use.
 _TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
@@ -64,11 +67,13 @@ class UpstreamResult:
     upstream_ms: float
     extra_headers: dict[str, str] = field(default_factory=dict)
     _release: Any = None
+    max_bytes: int = 0  # MAX_RESPONSE_BYTES (0: no bound)
+    scrub: Callable[[bytes], bytes] | None = None  # applied to error bodies passed on (upstream keys cut out)
 
     def read(self) -> bytes:
-        """The whole body, for non-streamed answers."""
+        """The whole body, for non-streamed answers: at most `max_bytes` of it, or UpstreamResponseTooLarge."""
         try:
-            data = self.response.read(decode_content=True)
+            data = self._read_bounded()
         except ReadTimeoutError as exc:
             self.close()
             raise UpstreamTimeout("the upstream stopped sending before the answer was complete") from exc
@@ -76,7 +81,35 @@ class UpstreamResult:
             self.close()
             raise UpstreamBadResponse("the upstream connection broke before the answer was complete") from exc
         self._finish(reuse=True)
+        if self.status >= 400 and self.scrub is not None:
+            data = self.scrub(data)
         return data
+
+    def _read_bounded(self) -> bytes:
+        raw = self.response
+        limit = self.max_bytes
+        length = _declared_length(raw)
+        if not limit or (length is not None and length <= limit and not raw.headers.get("content-encoding")):
+            return raw.read(decode_content=True)  # one read of a known, allowed size (the common case)
+        if length is not None and length > limit:
+            raise self._too_large()  # refused before a byte of it is read
+        parts, total = [], 0
+        while True:
+            data = raw.read(LARGE_READ_SIZE, decode_content=True)
+            if not data:
+                return b"".join(parts)
+            total += len(data)
+            if total > limit:
+                raise self._too_large()
+            parts.append(data)
+
+    def _too_large(self) -> UpstreamResponseTooLarge:
+        self.close()
+        metrics.UPSTREAM_TOO_LARGE.labels(self.backend).inc()
+        log.warning("upstream answer over MAX_RESPONSE_BYTES (%d) refused", self.max_bytes,
+                    extra={"backend": self.backend, "upstream_key_id": self.key_id})
+        return UpstreamResponseTooLarge(
+            f"The upstream's answer is larger than the gateway passes on (MAX_RESPONSE_BYTES={self.max_bytes}).")
 
     def iter_raw(self) -> Iterator[bytes]:
         """Body bytes as they arrive: each HTTP chunk as soon as it is read, never the whole answer.
@@ -85,14 +118,16 @@ class UpstreamResult:
         with an error event (urllib3's own errors would escape the relay and cut the stream silently).
         """
         raw = self.response
+        limit, total = self.max_bytes, 0
         try:
             if raw.chunked and raw.supports_chunked_reads():
-                yield from raw.read_chunked(decode_content=True)
-                return
-            while True:
-                data = raw.read1(READ_SIZE)
-                if not data:
-                    return
+                chunks = raw.read_chunked(decode_content=True)
+            else:
+                chunks = iter(lambda: raw.read1(READ_SIZE), b"")
+            for data in chunks:
+                total += len(data)
+                if limit and total > limit:
+                    raise self._too_large()
                 yield data
         except ReadTimeoutError as exc:
             raise UpstreamTimeout("the upstream stopped sending before the answer was complete") from exc
@@ -113,6 +148,13 @@ class UpstreamResult:
             self._release = None
 
 
+def _declared_length(response: HTTPResponse) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
 def _fully_read(response: HTTPResponse) -> bool:
     return response.length_remaining == 0 if response.length_remaining is not None else False
 
@@ -128,6 +170,8 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         on_retry: Any = None,
+        max_response_bytes: int = 0,
+        scrub: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.session = session
         self.pool = pool
@@ -136,16 +180,24 @@ class UpstreamClient:
         # itself: the backend a key belongs to is defined by where it sends, and names need not be unique.
         self._routes: dict[str, tuple[Any, str]] = {}
         self._on_retry = on_retry or (lambda reason, count: None)
+        self._max_response_bytes = max_response_bytes
+        self._scrub = scrub
 
     def send(self, path: str, body: dict[str, Any], raw_body: bytes, *, model: str | None, stream: bool,
              request_id: str) -> UpstreamResult:
         """POST to the best key; on a limited or failing key move to the next before anything is sent back."""
-        return self._request("POST", path, model, request_id,
-                             lambda backend: _for_backend(backend, body, raw_body, model))
+        return self._bounded(self._request("POST", path, model, request_id,
+                                           lambda backend: _for_backend(backend, body, raw_body, model)))
 
     def get(self, path: str, request_id: str) -> UpstreamResult:
         """GET (the model list) over the same keys, with the same handling of limited and rejected keys."""
-        return self._request("GET", path, None, request_id, lambda backend: None)
+        return self._bounded(self._request("GET", path, None, request_id, lambda backend: None))
+
+    def _bounded(self, result: UpstreamResult) -> UpstreamResult:
+        """The answer as handed to the proxy: read at most MAX_RESPONSE_BYTES of it, error bodies scrubbed."""
+        result.max_bytes = self._max_response_bytes
+        result.scrub = self._scrub
+        return result
 
     def _request(self, method: str, path: str, model: str | None, request_id: str,
                  payload: Callable[[Backend], bytes | None]) -> UpstreamResult:

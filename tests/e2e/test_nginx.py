@@ -70,7 +70,7 @@ class Nginx:
 
 @pytest.fixture(scope="module")
 def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
-    gw = Gateway(base_env(upstream_server, TRUSTED_PROXIES="127.0.0.1"))
+    gw = Gateway(base_env(upstream_server, TRUSTED_PROXIES="127.0.0.1", ADMIN_API_KEY="admin"))
     try:
         yield gw
     finally:
@@ -159,3 +159,12 @@ def test_body_over_the_limit_gets_json_413(nginx: Nginx, upstream: MockUpstream)
     error = response.json()["error"]
     assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
     assert upstream.requests() == []
+
+
+def test_metrics_and_admin_stay_off_the_public_server(nginx: Nginx, upstream: MockUpstream) -> None:
+    """/metrics and /admin/* through the public nginx server: a JSON 404, never the gateway's page."""
+    for path in ("/metrics", "/admin/cache/stats", "/admin/keys"):
+        response = requests.get(nginx.url + path, timeout=10, headers={"Authorization": "Bearer admin"})
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+        assert "gateway_requests_total" not in response.text

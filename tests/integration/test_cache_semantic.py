@@ -66,7 +66,7 @@ def counter(gw: Gateway, name: str, **labels: str) -> float:
     """A counter's value summed over the workers (0 when it has no sample yet)."""
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
-    for row in requests.get(gw.url + "/metrics", timeout=10).text.splitlines():
+    for row in requests.get(gw.metrics_url, timeout=10).text.splitlines():
         if row.startswith(name + "{") and all(w in row for w in wanted):
             total += float(row.rsplit(" ", 1)[1])
     return total
@@ -259,7 +259,7 @@ def test_embedding_failure_still_serves_the_request(broken_embedding_gateway: Ga
     (line,) = [line for line in gw.request_lines() if line.get("request_id") == request_id]
     assert line["status"] == 200 and line["cache"] == "MISS"
     assert any("embedding failed" in str(entry.get("message")) for entry in gw.log_lines())
-    metrics = requests.get(gw.url + "/metrics", timeout=10).text
+    metrics = requests.get(gw.metrics_url, timeout=10).text
     errors = [row for row in metrics.splitlines()
               if row.startswith("gateway_cache_lookups_total{") and 'layer="L2"' in row and 'result="error"' in row]
     assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 1

@@ -77,7 +77,7 @@ def test_every_dashboard_metric_is_exported_after_traffic(
     statuses = [chat(gateway, client, f"flood {i} {unique}").status_code for i in range(RPM)]
     assert 429 in statuses, statuses
 
-    page = requests.get(gateway.url + "/metrics", timeout=10)
+    page = requests.get(gateway.metrics_url, timeout=10)
     assert page.status_code == 200
     exported = exposition_metric_names(page.text)
     queried = dashboard_metric_names()

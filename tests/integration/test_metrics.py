@@ -20,7 +20,7 @@ from tests.support import Gateway, MockUpstream, base_env
 SUFFIX = uuid.uuid4().hex[:10]
 OPEN_KEY, LIMITED_KEY = f"sk-met-open-{SUFFIX}", f"sk-met-lim-{SUFFIX}"
 ROUTES = {"chat", "completions", "embeddings", "models", "other"}
-CACHE_LABELS = {"L0", "L1", "L2", "MISS", "BYPASS"}
+CACHE_LABELS = {"L0", "L1", "L2", "MISS", "BYPASS", "NONE"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def gateway(upstream_server: MockUpstream, tmp_path_factory: pytest.TempPathFact
 
 
 def families(gw: Gateway) -> dict[str, list]:
-    text = requests.get(gw.url + "/metrics", timeout=10).text
+    text = requests.get(gw.metrics_url, timeout=10).text
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 

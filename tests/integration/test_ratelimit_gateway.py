@@ -287,7 +287,7 @@ def test_huge_max_tokens_is_rate_limited_not_failed_open(gateway: Gateway, upstr
 
 
 def redis_errors(gw: Gateway) -> float:
-    text = requests.get(gw.url + "/metrics", timeout=10, headers={"Connection": "close"}).text
+    text = requests.get(gw.metrics_url, timeout=10, headers={"Connection": "close"}).text
     return sum(sample.value for family in text_string_to_metric_families(text)
                if family.name == "gateway_redis_errors" for sample in family.samples
                if sample.name == "gateway_redis_errors_total")

@@ -98,7 +98,7 @@ def test_requests_of_every_kind_are_answered(gateways: list[Gateway], upstream: 
     upstream.faults({"status": 401, "message": f"Incorrect API key provided: {UPSTREAM_KEY}"})
     assert post().status_code == 502  # the upstream refused our key: our own error, without the key
     assert post().status_code == 503  # the only key is out of rotation until an operator restores it
-    assert seen.add(requests.get(gw.url + "/metrics", timeout=10)).status_code == 200
+    assert seen.add(requests.get(gw.metrics_url, timeout=10)).status_code == 200
 
 
 def test_no_key_in_logs_or_responses(gateways: list[Gateway], seen: Seen) -> None:

@@ -74,7 +74,7 @@ def healthy_keys(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def key_states(gw: Gateway) -> dict[str, float]:
-    text = requests.get(gw.url + "/metrics", timeout=10).text
+    text = requests.get(gw.metrics_url, timeout=10).text
     assert K1 not in text and K2 not in text
     return {sample.labels["key_id"]: sample.value for family in text_string_to_metric_families(text)
             if family.name == "gateway_upstream_key_state" for sample in family.samples}

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import load_gunicorn_conf
 
 
 @pytest.fixture(scope="module")
 def conf() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gunicorn_conf_under_test", ROOT / "gunicorn.conf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_gunicorn_conf("gunicorn_conf_under_test")
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def test_gateway_image_matches_the_dockerfile() -> None:
     assert container["image"] == "g-aigateway:latest"
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, flags=re.MULTILINE)
     exposed = {int(p) for p in re.findall(r"^EXPOSE (\d+)$", dockerfile, flags=re.MULTILINE)}
-    assert exposed == {container["ports"][0]["containerPort"]}
+    assert exposed == {port["containerPort"] for port in container["ports"]}
     assert 'CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]' in dockerfile
 
 
@@ -181,7 +181,9 @@ def test_probes_and_port() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
     annotations = _deployment()["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == http["containerPort"]
+    metrics = next(p for p in container["ports"] if p["name"] == "metrics")
+    assert metrics["containerPort"] == int(_configmap_data()["METRICS_PORT"]) != http["containerPort"]
+    assert int(annotations["prometheus.io/port"]) == metrics["containerPort"]
     assert annotations["prometheus.io/path"] == "/metrics"
 
 

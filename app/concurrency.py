@@ -37,13 +37,13 @@ class BackgroundQueue:
         self.dropped = 0
         self._handler = handler
         self._on_drop = on_drop
-        self._background = gevent_patched() if background is None else background
+        self.background = gevent_patched() if background is None else background
         self._queue: Any = None
         self._consumer: Any = None
 
     def offer(self, job: Any) -> bool:
         """Queue ``job`` (or run it now outside gevent); False, counted and logged, when the queue is full."""
-        if not self._background:
+        if not self.background:
             self._run(job)
             return True
         if self._queue is None:

@@ -36,6 +36,8 @@ MISS, BYPASS = "MISS", "BYPASS"
 #: Prompts longer than this many tokens are past what the transformer reads (it truncates at 256): two prompts that
 #: differ after that point would look the same to it, so L2 is not used for them.
 SEMANTIC_MAX_TOKENS = 256
+#: How long a request that needs the transformer waits for a worker still loading it (only just after start).
+MODEL_LOAD_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -98,7 +100,7 @@ class SemanticWrite:
 class CacheService:
     def __init__(self, redis_client: Any, options: CacheOptions, local: LocalCache,
                  embedder: Embedder | None, static: StaticEmbedder | None = None,
-                 breaker: Breaker | None = None) -> None:
+                 breaker: Breaker | None = None, background: bool | None = None) -> None:
         self.options = options
         self.local = local
         self.embedder = embedder if options.semantic_enabled and static is not None else None
@@ -111,9 +113,15 @@ class CacheService:
         self.breaker = breaker or Breaker()  # the worker's Redis breaker, shared with the limiter
         self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
         self.writes = BackgroundQueue("semantic_store", self._write_semantic, options.store_queue_size,
-                                      on_drop=metrics.BACKGROUND_DROPPED.labels("semantic_store").inc)
-        self.load_jobs = BackgroundQueue("model_load", self._load_transformer, 1)
+                                      on_drop=metrics.BACKGROUND_DROPPED.labels("semantic_store").inc,
+                                      background=background)
+        self.load_jobs = BackgroundQueue("model_load", self._load_transformer, 1, background=background)
         self._loading = False
+        self._loaded: Any = None
+        if self.load_jobs.background:
+            from gevent.event import Event
+
+            self._loaded = Event()
         # Vectors of different models never share a partition.
         self._space = digest([self.embedder.model_id, self.static.model_id])[:8] if self.embedder is not None else ""
 
@@ -288,11 +296,13 @@ class CacheService:
             self.load_jobs.offer(None)
 
     def _transformer_ready(self) -> bool:
-        """Whether the transformer can run now. Until the worker's background load is done, a request whose
-        candidates need it is a plain miss rather than a wait of a second or more."""
+        """Whether the transformer can run now. A request that needs it while the worker is still loading it (the
+        first seconds after start) waits for the load, up to MODEL_LOAD_WAIT_SECONDS, then is a plain miss."""
         if getattr(self.embedder, "loaded", True):
             return True
         self.warm_up()
+        if self._loaded is not None:
+            self._loaded.wait(MODEL_LOAD_WAIT_SECONDS)
         return bool(getattr(self.embedder, "loaded", True))
 
     def _load_transformer(self, _: None) -> None:
@@ -303,6 +313,8 @@ class CacheService:
             log.warning("the local embedding model could not be loaded: %s", exc)
         finally:
             self._loading = False
+            if self._loaded is not None:
+                self._loaded.set()
 
     def _skip(self, plan: CachePlan, reason: str) -> None:
         metrics.SEMANTIC_SKIPPED.labels(reason).inc()

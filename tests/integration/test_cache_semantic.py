@@ -276,31 +276,3 @@ def test_failed_embedding_is_not_tried_again_to_store(remote_gateway: Gateway, u
     assert cache_of(response) == "MISS"
     assert cache_of(post(remote_gateway, chat(unique, QUESTION))) == "HIT/L0"
     assert sum(1 for r in upstream.requests() if r["path"].endswith("/embeddings")) == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_queue_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
-    """One worker whose L2 write queue holds a single job."""
-    gw = Gateway(base_env(upstream_server, SEMANTIC_CACHE_ENABLED="true", SEMANTIC_STORE_QUEUE_SIZE="1"))
-    yield gw
-    gw.stop()
-
-
-def test_a_full_store_queue_drops_writes_not_requests(tiny_queue_gateway: Gateway, upstream: MockUpstream,
-                                                      unique: str) -> None:
-    """A burst of new prompts overflows the L2 write queue: every request is answered, drops are counted and logged."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    gw = tiny_queue_gateway
-    upstream.configure(latency=0.3)  # the burst's answers all come back together
-    prompts = [f"Summarise ticket {i} of {unique} in one line." for i in range(48)]
-    started = time.monotonic()
-    try:
-        with ThreadPoolExecutor(48) as pool:
-            statuses = list(pool.map(lambda p: post(gw, chat(unique, p)).status_code, prompts))
-    finally:
-        upstream.configure(latency=0.0)
-    assert statuses == [200] * 48
-    assert time.monotonic() - started < 10
-    assert counter(gw, "gateway_background_dropped_total", queue="semantic_store") >= 1
-    assert any("background queue semantic_store full" in str(line.get("message")) for line in gw.log_lines())

@@ -64,3 +64,42 @@ def test_sync_brings_entries_written_elsewhere_and_skips_expired(redis_conn: red
     assert len(index) == 5
     assert index.search(rows[2], 0.99, later)[0].text == f"text 2 of {partition}"
     assert index.search(rows[2], 0.99, time.time() + 5) == []
+
+
+def test_a_full_write_queue_drops_counts_and_logs_without_slowing_requests(redis_conn: redis.Redis, unique: str,
+                                                                           caplog) -> None:
+    """Stores past the queue's cap return at once; each dropped L2 write is counted in the metric and logged."""
+    import logging
+    from types import SimpleNamespace
+
+    import gevent
+    from prometheus_client import REGISTRY
+
+    from app.cache.local import LocalCache
+    from app.cache.service import CacheOptions, CacheService
+    from app.embeddings.local import LocalEmbedder
+    from app.embeddings.static import StaticEmbedder
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("gateway_background_dropped_total", {"queue": "semantic_store"}) or 0.0
+
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7, store_queue_size=3)
+    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder(),
+                           background=True)
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+    before = dropped()
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="app.concurrency"):
+        for i in range(10):  # the consumer greenlet cannot run: nothing here yields to the hub
+            body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
+                                                                  {"role": "user", "content": f"Ticket {i}?"}]}
+            plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
+            service.lookup(plan)
+            service.store(plan, answer, None)
+    assert time.perf_counter() - started < 2.0
+    assert service.writes.dropped == 7 and dropped() == before + 7
+    assert any("background queue semantic_store full" in r.getMessage() for r in caplog.records)
+    gevent.sleep(0.2)  # the three queued writes now run
+    assert service.writes.pending() == 0
+    assert redis_conn.zcard(SemanticStore._log_key(plan.partition)) == 3

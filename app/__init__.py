@@ -101,7 +101,8 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
                                   # requests for long before they go upstream anyway.
                                   connect_timeout=min(settings.upstream_connect_timeout, 2.0),
                                   read_timeout=EMBEDDING_READ_TIMEOUT, max_retries=1)
-        # The first stage: a memory-mapped table shared by the workers; the transformer loads in the background.
+        # The first stage: a memory-mapped table shared by the workers. The transformer loads when a worker first
+        # meets a candidate that survives the cheap checks: a worker that never does, never spends its memory.
         static = StaticEmbedder()
     options = CacheOptions(
         ttl_seconds=settings.cache_ttl_seconds, semantic_enabled=settings.semantic_cache_enabled,
@@ -111,10 +112,8 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
         store_queue_size=settings.semantic_store_queue_size,
         max_entry_bytes=settings.cache_max_entry_bytes,
     )
-    cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                         embedder, static, breaker)
-    cache.warm_up()
-    return cache
+    return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
+                        embedder, static, breaker)
 
 
 def _build_admission(settings: Settings, redis: object, auth: Authenticator, breaker: Breaker) -> object | None:

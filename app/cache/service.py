@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +37,13 @@ MISS, BYPASS = "MISS", "BYPASS"
 #: Prompts longer than this many tokens are past what the transformer reads (it truncates at 256): two prompts that
 #: differ after that point would look the same to it, so L2 is not used for them.
 SEMANTIC_MAX_TOKENS = 256
-#: How long a request that needs the transformer waits for a worker still loading it (only just after start).
+#: How long a request that needs the transformer waits for the worker to load it (once, on first need).
 MODEL_LOAD_WAIT_SECONDS = 5.0
+#: A partition whose last COLD_AFTER L2 look-ups in this worker found nothing is cold: where L2 does not pay, only
+#: one request in COLD_SAMPLE looks it up and writes its entry (any hit makes it warm again at once).
+COLD_AFTER = 256
+COLD_SAMPLE = 8
+COLD_TRACKED = 4096  # partitions whose miss streak a worker remembers
 
 
 @dataclass
@@ -117,6 +123,7 @@ class CacheService:
                                       background=background)
         self.load_jobs = BackgroundQueue("model_load", self._load_transformer, 1, background=background)
         self._loading = False
+        self._streaks: OrderedDict[str, int] = OrderedDict()  # partition -> L2 look-ups since its last hit
         self._loaded: Any = None
         if self.load_jobs.background:
             from gevent.event import Event
@@ -219,6 +226,13 @@ class CacheService:
         """
         if plan.semantic is None or plan.partition is None or self.static is None:
             return None
+        streak = self._streaks.pop(plan.partition, 0) + 1
+        self._streaks[plan.partition] = streak  # most recently used last
+        if len(self._streaks) > COLD_TRACKED:
+            self._streaks.popitem(last=False)
+        if streak > COLD_AFTER and streak % COLD_SAMPLE:
+            plan.semantic = None  # nor written: a partition where L2 has not paid for a long time
+            return self._skip(plan, "cold_partition")
         text = normalise(plan.semantic.text)
         index = self.semantic.index(plan.partition, self.static.dim, now)
         if not len(index):
@@ -281,6 +295,7 @@ class CacheService:
             metrics.SEMANTIC_SIMILARITY.observe(max(similarity, 0.0))
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
             plan.reason = verdict.reason
+            self._streaks[plan.partition] = 0
             if plan.learned:
                 self.writes.offer(SemanticWrite(partition=plan.partition, learned=dict(plan.learned)))
             return CacheHit("L2", content, answer, round(similarity, 4))
@@ -290,14 +305,14 @@ class CacheService:
         return None
 
     def warm_up(self) -> None:
-        """Start loading a local transformer in the background (the worker serves meanwhile)."""
+        """Start loading a local transformer in the background (the worker serves meanwhile); inline outside gevent."""
         if self.embedder is not None and not getattr(self.embedder, "loaded", True) and not self._loading:
             self._loading = True
             self.load_jobs.offer(None)
 
     def _transformer_ready(self) -> bool:
-        """Whether the transformer can run now. A request that needs it while the worker is still loading it (the
-        first seconds after start) waits for the load, up to MODEL_LOAD_WAIT_SECONDS, then is a plain miss."""
+        """Whether the transformer can run now. It loads on a worker's first need, in the background; the requests
+        that need it meanwhile wait for the load, up to MODEL_LOAD_WAIT_SECONDS, then are plain misses."""
         if getattr(self.embedder, "loaded", True):
             return True
         self.warm_up()

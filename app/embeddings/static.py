@@ -30,7 +30,8 @@ class StaticEmbedder:
 
         try:
             meta = json.loads(table_path.with_suffix(".json").read_text("utf-8"))
-            self._table = np.load(table_path, mmap_mode="r")
+            # A plain ndarray view of the mapping: numpy's memmap subclass makes every row gather slower.
+            self._table = np.load(table_path, mmap_mode="r").view(np.ndarray)
             tok_json = resources.files("app.embeddings").joinpath("data/tokenizer.json").read_text("utf-8")
         except (OSError, ValueError) as exc:
             raise EmbeddingError(f"cannot load the static embedding table {table_path}: {exc}") from exc

@@ -103,3 +103,28 @@ def test_a_full_write_queue_drops_counts_and_logs_without_slowing_requests(redis
     gevent.sleep(0.2)  # the three queued writes now run
     assert service.writes.pending() == 0
     assert redis_conn.zcard(SemanticStore._log_key(plan.partition)) == 3
+
+
+def test_a_partition_where_l2_never_pays_is_only_sampled(redis_conn: redis.Redis, unique: str) -> None:
+    """After a long run of look-ups without a hit, a partition is looked up (and written) one request in eight."""
+    from types import SimpleNamespace
+
+    from app.cache.local import LocalCache
+    from app.cache.service import COLD_AFTER, COLD_SAMPLE, CacheOptions, CacheService
+    from app.embeddings.local import LocalEmbedder
+    from app.embeddings.static import StaticEmbedder
+
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7)
+    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
+
+    def ask(text: str) -> tuple[object, str | None]:
+        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
+                                                              {"role": "user", "content": text}]}
+        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
+        return service.lookup(plan), plan.reason
+
+    reasons = [ask(f"Summarise ticket {i} in one line.")[1] for i in range(COLD_AFTER + 4 * COLD_SAMPLE)]
+    assert "cold_partition" not in reasons[:COLD_AFTER]
+    tail = reasons[COLD_AFTER:]
+    assert tail.count("cold_partition") == len(tail) - len(tail) // COLD_SAMPLE

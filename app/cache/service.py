@@ -44,6 +44,9 @@ MODEL_LOAD_WAIT_SECONDS = 5.0
 COLD_AFTER = 256
 COLD_SAMPLE = 8
 COLD_TRACKED = 4096  # partitions whose miss streak a worker remembers
+#: A partition with an L2 hit this recent is warm: its new entries get their transformer vector in the background
+#: (off the client's time), so the paraphrase that comes next embeds only itself.
+WARM_SECONDS = 600.0
 
 
 @dataclass
@@ -96,6 +99,7 @@ class SemanticWrite:
     partition: str
     learned: dict[str, np.ndarray]
     entry_id: str | None = None
+    embed: bool = False  # compute the transformer vector too (the partition is warm)
     text: str = ""
     static_vector: np.ndarray | None = None
     vector: np.ndarray | None = None
@@ -124,6 +128,7 @@ class CacheService:
         self.load_jobs = BackgroundQueue("model_load", self._load_transformer, 1, background=background)
         self._loading = False
         self._streaks: OrderedDict[str, int] = OrderedDict()  # partition -> L2 look-ups since its last hit
+        self._last_hit: OrderedDict[str, float] = OrderedDict()  # partition -> time of its last L2 hit
         self._loaded: Any = None
         if self.load_jobs.background:
             from gevent.event import Event
@@ -296,6 +301,10 @@ class CacheService:
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
             plan.reason = verdict.reason
             self._streaks[plan.partition] = 0
+            self._last_hit[plan.partition] = time.time()
+            self._last_hit.move_to_end(plan.partition)
+            if len(self._last_hit) > COLD_TRACKED:
+                self._last_hit.popitem(last=False)
             if plan.learned:
                 self.writes.offer(SemanticWrite(partition=plan.partition, learned=dict(plan.learned)))
             return CacheHit("L2", content, answer, round(similarity, 4))
@@ -388,6 +397,7 @@ class CacheService:
                 partition=plan.partition, entry_id=plan.key.rsplit(":", 1)[-1][:32],
                 text=normalise(plan.semantic.text), static_vector=plan.static_vector, vector=plan.vector,
                 learned=dict(plan.learned), content=content, ttl=plan.ttl,
+                embed=plan.vector is None and self._last_hit.get(plan.partition, 0.0) > now - WARM_SECONDS,
             ))
 
     def _write_semantic(self, job: SemanticWrite) -> None:
@@ -401,9 +411,13 @@ class CacheService:
             metrics.EMBEDDINGS.labels("static").inc()
             if tokens <= SEMANTIC_MAX_TOKENS:  # past what the transformer reads, nothing could be told apart
                 static = vectors[0]
+        vector = job.vector
+        if job.embed and static is not None and self._transformer_ready():
+            embedded = self._embed([job.text])
+            vector = embedded[0] if embedded is not None else None
         try:
             if job.entry_id is not None and static is not None:
-                self.semantic.put(job.partition, job.entry_id, static, job.vector, job.text, job.content, job.ttl)
+                self.semantic.put(job.partition, job.entry_id, static, vector, job.text, job.content, job.ttl)
             if job.learned:
                 self.semantic.remember_transformer_vectors(job.partition, job.learned)
         except REDIS_FAILURES as exc:

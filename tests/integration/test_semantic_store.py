@@ -128,3 +128,40 @@ def test_a_partition_where_l2_never_pays_is_only_sampled(redis_conn: redis.Redis
     assert "cold_partition" not in reasons[:COLD_AFTER]
     tail = reasons[COLD_AFTER:]
     assert tail.count("cold_partition") == len(tail) - len(tail) // COLD_SAMPLE
+
+
+def test_after_a_hit_new_entries_of_the_partition_get_their_transformer_vector(redis_conn: redis.Redis,
+                                                                               unique: str) -> None:
+    """Where paraphrases do come, a new entry is embedded after its answer, so the next paraphrase embeds only itself;
+    elsewhere entries keep only their static vector (no model run on a new prompt)."""
+    from types import SimpleNamespace
+
+    from app.cache.local import LocalCache
+    from app.cache.service import CacheOptions, CacheService
+    from app.embeddings.local import LocalEmbedder
+    from app.embeddings.static import StaticEmbedder
+
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7)
+    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    def ask(text: str) -> tuple[object, object]:
+        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
+                                                              {"role": "user", "content": text}]}
+        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
+        hit = service.lookup(plan)
+        if hit is None:
+            service.store(plan, answer, None)
+        return plan, hit
+
+    def has_vector(plan: object) -> bool:
+        entry = plan.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
+        return redis_conn.hget(SemanticStore._entry_key(plan.partition, entry), "t") is not None  # type: ignore[attr-defined]
+
+    first, _ = ask("How do I reset my password?")
+    assert not has_vector(first)
+    _, hit = ask("How can I reset my password?")
+    assert hit is not None and hit.layer == "L2"
+    later, _ = ask("How do I delete my account?")
+    assert has_vector(later)

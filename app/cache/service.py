@@ -251,7 +251,7 @@ class CacheService:
         found = index.search(plan.static_vector, verifier_model().static_floor, now)
         survivors: list[Candidate] = []
         for candidate in found:
-            refused = rule_check(text, candidate.text)
+            refused = rule_check(text, candidate.text, candidate.static_similarity)
             if refused is None:
                 survivors.append(candidate)
             else:
@@ -268,24 +268,26 @@ class CacheService:
         if not self._transformer_ready():
             return self._skip(plan, "model_loading")
         stored = self.semantic.transformer_vectors(plan.partition, [c.entry_id for c in survivors])
-        repairs = [repair_typos(text, c.text) for c in survivors]
-        missing = [c.text for c, v in zip(survivors, stored, strict=True) if v is None]
-        extra = [r for r in repairs if r is not None]
-        vectors = self._embed([text, *extra, *missing])
-        if vectors is None:
+        query = self._embed([text])
+        if query is None:
             plan.semantic = None  # no second wait on a failing embedder to store: this answer skips L2
             return None
-        plan.vector = vectors[0]
-        repaired = iter(vectors[1 : 1 + len(extra)])
-        computed = iter(vectors[1 + len(extra) :])
+        plan.vector = query[0]
         best: float | None = None
-        for candidate, vector, repair in zip(survivors, stored, repairs, strict=True):
+        # Best static candidate first; a candidate's vector (and a typo-repaired query) is computed only when
+        # reached, so a hit on the first candidate costs one or two model runs, not one per survivor.
+        for candidate, vector in zip(survivors, stored, strict=True):
             if vector is None:
-                vector = next(computed)
-                plan.learned[candidate.entry_id] = vector
+                computed = self._embed([candidate.text])
+                if computed is None:
+                    return None
+                vector = plan.learned[candidate.entry_id] = computed[0]
             similarity = float(plan.vector @ vector)
+            repair = repair_typos(text, candidate.text)
             if repair is not None:
-                similarity = max(similarity, float(next(repaired) @ vector))
+                repaired = self._embed([repair])
+                if repaired is not None:
+                    similarity = max(similarity, float(repaired[0] @ vector))
             best = similarity if best is None else max(best, similarity)
             verdict = decide(text, candidate.text, similarity=similarity,
                              static_similarity=candidate.static_similarity, threshold=plan.threshold)

@@ -310,10 +310,22 @@ def _dedupe(items: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
 # -- hard rules ----------------------------------------------------------------------------------------------------
 
 
-def rule_check(query: str, candidate: str) -> Verdict | None:
-    """The rejection a hard rule makes for this pair, or None when no rule objects (cheap: no embedding needed)."""
+def rule_check(query: str, candidate: str, static_similarity: float | None = None) -> Verdict | None:
+    """The rejection a hard rule makes for this pair, or None when no rule objects (cheap: no embedding needed).
+
+    With ``static_similarity``, also refuse a pair whose learned score stays below its cut even at a transformer
+    cosine of 1: no embedding could make it a hit.
+    """
     a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
-    return _rules(a, b, _align(a, b))
+    al = _align(a, b)
+    refused = _rules(a, b, al)
+    if refused is not None or static_similarity is None:
+        return refused
+    model = verifier_model()
+    best = model.score(_features(1.0, static_similarity, a, b, al))
+    if best < model.cut:
+        return Verdict(False, f"{_describe(al)}; score {best:.2f} < {model.cut:.2f} even at cosine 1", "score", best)
+    return None
 
 
 def _rules(a: _Text, b: _Text, al: _Alignment) -> Verdict | None:

@@ -221,8 +221,8 @@ def test_remote_embeddings_serve_l2(remote_gateway: Gateway, upstream: MockUpstr
     embedded = [r for r in upstream.requests() if r["path"].endswith("/embeddings")]
     assert embedded and all(r["body"]["model"] == "text-embedding-3-small" for r in embedded)
     assert embedded[0]["headers"]["authorization"] == "Bearer sk-embedding-test"
-    # One call, for the new prompt and the stored candidate (whose vector was not needed until now).
-    assert [r["body"]["input"] for r in embedded] == [["how do i reset my password", QUESTION]]
+    # The new prompt, then the stored candidate (whose vector was not needed until now).
+    assert [r["body"]["input"] for r in embedded] == [["how do i reset my password"], [QUESTION]]
     assert chat_calls(upstream) == 1
     # The candidate's vector was kept: a third phrasing embeds only itself.
     time.sleep(STORED)

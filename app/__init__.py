@@ -22,11 +22,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from app.auth import TenantLimits, build_authenticator
+    from app.concurrency import gevent_patched
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
     from app.proxy import admin, body, context, errors, routes, system
-    from app.redis_client import background_ping, build_redis, gevent_patched
+    from app.redis_client import background_ping, build_redis
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
     from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings

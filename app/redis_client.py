@@ -17,19 +17,14 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from app.concurrency import gevent_patched
+
 # What "Redis failed" looks like from redis-py: its own errors, plus the cluster client's, which are not
 # RedisError subclasses. Anything else is a bug in the caller and must not pass for an outage.
 REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 POOL_WAIT_SECONDS = 0.2
 CONNECT_TIMEOUT_SECONDS = 0.5
 HEALTH_CHECK_SECONDS = 30
-
-
-def gevent_patched() -> bool:
-    """Whether gevent has patched the sockets (gunicorn's gevent worker): greenlets run, and timeouts cut calls."""
-    from gevent import monkey
-
-    return monkey.is_module_patched("socket")
 
 
 def _queue_class() -> type:

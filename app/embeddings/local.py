@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from app.concurrency import gevent_patched
 from app.embeddings.base import EmbeddingError, l2_normalise
 
 T = TypeVar("T")
@@ -33,15 +34,6 @@ INTRA_OP_THREADS = 2
 #: Characters kept before tokenising: far more than 256 tokens of text, so only giant prompts lose anything,
 #: and they lose only work (the tokens past 256 would be cut anyway).
 MAX_CHARS = MAX_TOKENS * 16
-
-
-def _gevent_patched() -> bool:
-    """True inside a gevent worker (threading monkey-patched): CPU work must then leave the hub's thread."""
-    try:
-        from gevent import monkey
-    except ImportError:  # gevent is a runtime dependency; without it nothing can be patched
-        return False
-    return bool(monkey.is_module_patched("threading"))
 
 
 class LocalEmbedder:
@@ -62,7 +54,7 @@ class LocalEmbedder:
         max_tokens: int = MAX_TOKENS,
         batch_size: int = BATCH_SIZE,
     ) -> None:
-        self._offload = _gevent_patched() if offload is None else offload
+        self._offload = gevent_patched() if offload is None else offload
         self._model_path = Path(model_path) if model_path is not None else None
         self._expected_sha256 = expected_sha256
         self._max_tokens = max_tokens

@@ -25,6 +25,7 @@ from typing import Any
 
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
+from app.concurrency import gevent_patched
 from app.errors import RateLimited, ServiceUnavailable
 from app.observability import metrics
 from app.ratelimit.limiter import (
@@ -38,7 +39,7 @@ from app.ratelimit.limiter import (
     worker_owner,
 )
 from app.ratelimit.local import LocalHold, LocalLimits
-from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, gevent_patched, opens_breaker
+from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
 

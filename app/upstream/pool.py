@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.concurrency import gevent_patched
 from app.config import ConfigError, http_base_url, read_yaml_file
-from app.redis_client import gevent_patched
 
 log = logging.getLogger(__name__)
 

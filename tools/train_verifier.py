@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     x = np.array([[f[n] for n in names] for _, f in fitted])
     y = np.array([p.label for p, _ in fitted], dtype=float)
     weight = np.array([PROMPTS_WEIGHT if p.dataset == "prompts" else 1.0 for p, _ in fitted])
-    w = fit_logistic(x, y, weight, l2=args.l2)
+    # Standardised for the fit (so the penalty weighs every feature alike), folded back into raw-unit weights.
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-9
+    w = fit_logistic((x - mean) / scale, y, weight, l2=args.l2, steps=100)
+    w = np.concatenate([[w[0] - np.sum(w[1:] * mean / scale)], w[1:] / scale])
     by_pair = {id(p): float(w[0] + np.dot(w[1:], [f[n] for n in names])) for p, f in fitted}
     scores = np.array([by_pair.get(id(p), -np.inf) for p in train])
     threshold, cut, note = choose(train, scores)

@@ -522,7 +522,7 @@ def _features(similarity: float, static_similarity: float, a: _Text, b: _Text, a
     in_request = sum(1 for _, _, sent in more if sent == last) if more else 0
     markers_one_side = bool((a.markers ^ b.markers) - lex.negations)
     names = [s for k, s, _ in al.only_a if k in a.strong] + [s for k, s, _ in al.only_b if k in b.strong]
-    return {
+    values = {
         "cosine": similarity,
         "static_cosine": static_similarity,
         "unmatched_more": min(float(len(more)), _CAP),
@@ -538,6 +538,12 @@ def _features(similarity: float, static_similarity: float, a: _Text, b: _Text, a
         "added_clause": 1.0 if not fewer and in_request >= 2 else 0.0,
         "length_ratio": min(len(a.words), len(b.words)) / max(len(a.words), len(b.words), 1),
     }
+    # How much cosine is worth depends on what differs: the same cosine means more when many words were reworded
+    # (a paraphrase) than when one rare word changed (a look-alike).
+    values["cosine_x_unmatched"] = similarity * values["unmatched_more"]
+    values["cosine_x_overlap"] = similarity * values["overlap"]
+    values["cosine_x_rarest"] = similarity * values["rarest"]
+    return values
 
 
 def repair_typos(query: str, candidate: str) -> str | None:

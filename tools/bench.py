@@ -414,6 +414,10 @@ def cache_mode(args: argparse.Namespace) -> None:
         for name, sample in s.items():
             check(sample, name, notes)
         balance = worker_balance(main_pids + l1_pids)
+        from tools.bench_new_prompts import rss_mb
+
+        notes.append(f"memory of the L2 gateway after its L2 hits (the transformer loaded in the workers that "
+                     f"needed it): master + {args.workers} workers {rss_mb(gw_main.process.pid):.0f} MB RSS")
 
     log("L2 search in one partition (in-process) ...")
     search_rows = search_bench(args)

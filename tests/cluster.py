@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support import missing_tool
+from tests.support import declared, missing_tool
 
 NODES = 3
 
@@ -45,6 +45,7 @@ class LocalCluster:
         return f"redis://127.0.0.1:{self.ports[0]}"
 
     def start(self) -> None:
+        declared("redis", "a Redis Cluster")
         for port in self.ports:
             self.processes.append(subprocess.Popen(
                 ["redis-server", "--port", str(port), "--cluster-enabled", "yes",

@@ -28,6 +28,16 @@ GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+# The markers of the test pytest is running (tests/conftest.py sets them; None outside pytest, as in tools/).
+running_markers: frozenset[str] | None = None
+
+
+def declared(marker: str, what: str) -> None:
+    """A helper about to start `what` checks the running test says so, so `pytest -m` can select on markers."""
+    if running_markers is not None and marker not in running_markers:
+        raise AssertionError(f"a test that uses {what} must be marked @pytest.mark.{marker} (pyproject.toml markers)")
+
+
 def missing_tool(reason: str) -> None:
     """A system tool a test needs is absent: skip on a developer's machine, fail in CI.
 
@@ -115,6 +125,7 @@ class Gateway:
     """
 
     def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60) -> None:
+        declared("gunicorn", "a gateway under gunicorn")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -225,6 +236,7 @@ class RedisServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
+        declared("redis", "a redis-server")
         options = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--daemonize", "no", *self.extra_args]
         if self.debug and _redis_major() >= 7:  # Redis 7 refuses DEBUG unless enabled; older ones lack the option

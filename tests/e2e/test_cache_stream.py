@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis]
+
 
 @pytest.fixture(scope="module")
 def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:

@@ -18,7 +18,7 @@ import requests
 from tests.support import Gateway, MockUpstream, base_env, free_port, missing_tool, wait_until
 from tests.unit.test_nginx_conf import nginx_binary, render_nginx_conf
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis, pytest.mark.nginx]
 
 MODEL = "mock-gpt"
 

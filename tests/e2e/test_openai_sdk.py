@@ -12,6 +12,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis]
+
 MODEL = "mock-gpt"
 WEATHER_TOOL = {
     "type": "function",

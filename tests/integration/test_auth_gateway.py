@@ -16,6 +16,8 @@ import requests
 
 from tests.support import GUNICORN, ROOT, Gateway, MockUpstream, base_env, free_port, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 SUFFIX = uuid.uuid4().hex[:10]
 ACME_KEY = f"sk-acme-{SUFFIX}"
 BARE_KEY = f"sk-bare-{SUFFIX}"

@@ -12,6 +12,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 MAX_BODY_BYTES = 1000
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -17,6 +17,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, RedisServer, base_env, gateway_pair
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
 ALPHA_KEY = f"sk-alpha-{uuid.uuid4().hex}"
 BETA_KEY = f"sk-beta-{uuid.uuid4().hex}"

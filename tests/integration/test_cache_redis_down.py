@@ -10,6 +10,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, RedisServer, base_env, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 ADMIN_KEY = "admin-redis-down"
 
 

@@ -17,6 +17,8 @@ import requests
 from app.cache.lexicon import verifier_model
 from tests.support import Gateway, MockUpstream, base_env, free_port, gateway_pair
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 QUESTION = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"
 ANSWER = f"Mock answer to: {QUESTION}"

@@ -18,7 +18,7 @@ import requests
 from tests.cluster import LocalCluster, local_cluster
 from tests.support import ROOT, Gateway, MockUpstream, base_env, gateway_pair
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis, pytest.mark.cluster]
 
 SUFFIX = uuid.uuid4().hex[:10]
 TENANTS = {"exact": {"rpm": 10}, "tokens": {"tpm": 60}, "flush": {"rpm": 100}, "cache": {}}

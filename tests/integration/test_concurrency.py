@@ -6,9 +6,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.support import Gateway, MockUpstream, base_env
+
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
 
 CONCURRENT = 200
 

@@ -17,6 +17,8 @@ import requests
 from tests.support import Gateway, MockUpstream, base_env
 from tests.support_dashboard import dashboard_metric_names, exposition_metric_names, family_name
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 MODEL = "mock-gpt"
 RPM = 12
 

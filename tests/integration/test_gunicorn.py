@@ -10,6 +10,8 @@ import requests
 
 from tests.support import ClosedPort, Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}]}
 
 

@@ -16,6 +16,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 MODEL = "mock-gpt"
 KEY_A, KEY_B = "sk-tenant-a-" + uuid.uuid4().hex, "sk-tenant-b-" + uuid.uuid4().hex
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"

@@ -16,6 +16,8 @@ import requests
 from tests.support import Gateway, MockUpstream, base_env
 from tools.chaos import CHAT_PATH, chat, fuzz_corpus, request_bytes, run_fuzz, send_raw
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 KEY = "sk-hostile-" + uuid.uuid4().hex
 CASES = 1500
 

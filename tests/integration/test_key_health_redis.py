@@ -13,6 +13,8 @@ from app.redis_client import build_redis
 from app.upstream.pool import KeyHealth
 from tests.support import REDIS_URL, ClosedPort
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture
 def health_class() -> Iterator[type[KeyHealth]]:

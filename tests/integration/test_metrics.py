@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 SUFFIX = uuid.uuid4().hex[:10]
 OPEN_KEY, LIMITED_KEY = f"sk-met-open-{SUFFIX}", f"sk-met-lim-{SUFFIX}"
 ROUTES = {"chat", "completions", "embeddings", "models", "other"}

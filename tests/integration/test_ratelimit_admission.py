@@ -17,6 +17,8 @@ from app.ratelimit.admission import Admission, estimate_tokens
 from app.ratelimit.limiter import RateLimiter
 from tests.support import REDIS_URL
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture
 def client() -> Iterator[redis.Redis]:

@@ -17,6 +17,8 @@ import requests
 from app.ratelimit.limiter import Limits, RateLimiter
 from tests.support import REDIS_URL, ClosedPort, Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 
 @pytest.fixture
 def limiter() -> Iterator[RateLimiter]:

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Gateway, MockUpstream, base_env, free_port
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 SUFFIX = uuid.uuid4().hex[:10]
 # tenant -> limits, all on one gateway with a 60 s window (one unit every 6 s at rpm 10: no refill mid-test)
 TENANTS = {

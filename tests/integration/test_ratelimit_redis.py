@@ -25,6 +25,8 @@ from app.ratelimit import (
 from app.ratelimit import Limits as _Limits
 from tests.support import REDIS_URL
 
+pytestmark = pytest.mark.redis
+
 
 def Limits(**limits: Any) -> _Limits:  # noqa: N802 - reads like the class it builds
     """A whole window of burst (RATE_LIMIT_BURST=1): these tests check the GCRA against the limit itself;

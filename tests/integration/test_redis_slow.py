@@ -23,6 +23,8 @@ from app.ratelimit.admission import Admission
 from app.ratelimit.limiter import RateLimiter
 from tests.support import Gateway, MockUpstream, RedisServer, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 BUDGET = 0.2
 
 

@@ -16,6 +16,8 @@ import requests
 from app.upstream.pool import KeyHealth, key_fingerprint
 from tests.support import GUNICORN, REDIS_URL, ROOT, ClosedPort, Gateway, MockUpstream, base_env, free_port
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 UPSTREAM_KEY = f"sk-secret-{uuid.uuid4().hex}"
 CLIENT_KEY = f"ck-secret-{uuid.uuid4().hex}"
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "secret test"}]}

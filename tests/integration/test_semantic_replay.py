@@ -18,7 +18,7 @@ from tests.semantic_pairs import sample
 from tests.support import Gateway, MockUpstream, base_env
 from tools.eval_semantic import Pair, served
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from app.cache.semantic import IndexBounds, SemanticStore
+
+pytestmark = pytest.mark.redis
 
 DIM = 16
 

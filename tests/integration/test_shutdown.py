@@ -12,6 +12,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 CHUNK_DELAY = 0.5
 
 

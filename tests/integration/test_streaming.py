@@ -12,6 +12,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 WORDS = " ".join(f"w{i}" for i in range(8))  # 11 content chunks (with "Mock answer to:"), role, finish
 
 

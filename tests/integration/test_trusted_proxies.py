@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import Gateway, MockUpstream, base_env, wait_until
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 
 @pytest.fixture(scope="module")
 def untrusting(upstream_server: MockUpstream) -> Iterator[Gateway]:

@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 SUFFIX = uuid.uuid4().hex[:10]
 # Keys of this module only: key health is shared through Redis with every gateway using these keys.
 K1, K2 = f"sk-up-k1-{SUFFIX}", f"sk-up-k2-{SUFFIX}"

@@ -15,6 +15,8 @@ import requests
 
 from tests.support import Gateway, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 ANSWER = json.dumps({"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "m",
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "odd"},
                                   "finish_reason": "stop"}],

@@ -20,6 +20,8 @@ import requests
 from app.ratelimit.limiter import RateLimiter
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 
 def chat(content: str) -> dict:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}]}

@@ -29,6 +29,8 @@ from app.upstream.pool import (
 )
 from tests.support import MockUpstream
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture
 def new_key(redis_conn: redis.Redis) -> Iterator[Any]:

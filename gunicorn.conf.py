@@ -1,14 +1,15 @@
 """gunicorn configuration: gevent workers, settings from the environment, JSON logs, metrics hooks.
 
-Only the standard library (and gunicorn's own logger, which the master has loaded anyway) is imported at the
-top: the master must not import `ssl` (requests, urllib3, prometheus_client, the app) before forking, or gevent
-patches it too late in every worker (MonkeyPatchWarning, unpatched sockets). gunicorn's gevent worker does the
-monkey-patching itself.
+Only the standard library, gunicorn's own logger (which the master has loaded anyway) and the app's settings and
+logging config (standard library only, as is `app/__init__.py`) are imported at the top: the master must not import
+`ssl` (requests, urllib3, prometheus_client, the app's services) before forking, or gevent patches it too late in
+every worker (MonkeyPatchWarning, unpatched sockets). gunicorn's gevent worker does the monkey-patching itself.
+This file only maps the settings (app/config.py) to gunicorn's names. gunicorn puts its working directory on
+`sys.path` before reading it: start it from the project root (the Dockerfile, `make run` and the tests do).
 """
 
 import contextlib
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +21,9 @@ from pathlib import Path
 
 from gunicorn.glogging import Logger  # already loaded by the master: imports no ssl
 from gunicorn.workers.ggevent import GeventWorker  # what worker_class = GatewayGeventWorker loads in the master anyway
+
+from app.config import ConfigError, Settings
+from app.observability.logging import logging_config
 
 
 class QuietAccessLogger(Logger):
@@ -341,53 +345,22 @@ class _CloseUnreadBody:
         return self.app(environ, start)
 
 
-def _load_config_module():  # noqa: ANN202 - app/config.py, loaded by path
-    """app/config.py by file path: it is stdlib-only, and importing the `app` package would pull in Flask."""
-    path = Path(__file__).resolve().parent / "app" / "config.py"
-    spec = importlib.util.spec_from_file_location("gateway_config_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building Settings
-    spec.loader.exec_module(module)
-    return module
-
-
-_config = _load_config_module()
-_environ = _config.process_environ()  # .env under the environment, exactly as the app reads it
-
-
-def _int(name: str, default: int) -> int:
-    return _number(name, default, int, "an integer")
-
-
-def _float(name: str, default: float) -> float:
-    return _number(name, default, float, "a number")
-
-
-def _number(name: str, default, parse, expected: str):  # noqa: ANN001, ANN202 - int or float alike
-    value = _environ.get(name, "").strip()
-    if not value:
-        return default
+def _settings() -> Settings:
+    """The gateway's settings, read as the app reads them (`.env` under the environment); a bad one stops here."""
     try:
-        return parse(value)
-    except ValueError:
-        _config.exit_if_invalid()  # names every bad variable at once, not just this one
-        raise SystemExit(f"G-AIGateway cannot start: {name}={value!r}: expected {expected}") from None
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"G-AIGateway cannot start: {exc}") from None
 
 
-def _logging_config() -> dict:
-    """The app's JSON logging config, loaded by file path so that importing it pulls in nothing else."""
-    path = Path(__file__).resolve().parent / "app" / "observability" / "logging.py"
-    spec = importlib.util.spec_from_file_location("gateway_logging_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.logging_config(_environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO")
+settings = _settings()
 
 
-bind = [f"0.0.0.0:{_int('PORT', 8080)}", f"0.0.0.0:{_int('METRICS_PORT', 9090)}"]
-workers = _int("WEB_CONCURRENCY", 2)
+bind = [f"0.0.0.0:{settings.port}", f"0.0.0.0:{settings.metrics_port}"]
+workers = settings.web_concurrency
 worker_class = GatewayGeventWorker
-worker_connections = _int("WORKER_CONNECTIONS", 1000)
-graceful_timeout = _int("GRACEFUL_TIMEOUT", 120)
+worker_connections = settings.worker_connections
+graceful_timeout = settings.graceful_timeout
 timeout = 30  # heartbeat of an idle gevent worker, not a request timeout: streams may run far longer
 # Idle keep-alive connections hold a worker's exit after SIGTERM up to this long, so it stays short (a rollout
 # takes seconds, not minutes); it is longer than nginx's upstream keepalive_timeout (8 s) so nginx closes first.
@@ -395,22 +368,21 @@ keepalive = 10
 # Reading a request is bounded (see _ReadDeadlineSocket): a slow client can hold a connection only this long.
 _READ_LIMITS = {
     "keepalive": float(keepalive),
-    "head": _float("REQUEST_HEADER_TIMEOUT", 10.0),
-    "body": _float("REQUEST_BODY_TIMEOUT", 60.0),
-    "idle": _float("REQUEST_IDLE_TIMEOUT", 10.0),
-    "max_body": _int("MAX_BODY_BYTES", 10 * 1024 * 1024),
+    "head": settings.request_header_timeout,
+    "body": settings.request_body_timeout,
+    "idle": settings.request_idle_timeout,
+    "max_body": settings.max_body_bytes,
 }
 preload_app = False  # build clients after the fork, and let the gevent worker patch before any import
 accesslog = None  # the app writes one JSON line per request itself
 logger_class = QuietAccessLogger
 control_socket_disable = True  # one fixed socket path per user would clash between instances; unused here
-logconfig_dict = _logging_config()
+logconfig_dict = logging_config(settings.log_level)
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
-    """Check the settings before forking, and give the workers a clean metrics directory (stale files add up)."""
-    _config.exit_if_invalid()
-    directory = _environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    """Give the workers a clean metrics directory (stale files add up); the settings were checked on loading this."""
+    directory = settings.prometheus_multiproc_dir
     if not directory:
         directory = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # prometheus_client in the workers reads os.environ
@@ -425,8 +397,7 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
 
 def _may_hold_slots() -> bool:
     """Whether any tenant can have a concurrency limit (the default one, or one from the keys file)."""
-    return _environ.get("RATE_LIMIT_CONCURRENCY", "").strip() not in ("", "0") or bool(
-        _environ.get("GATEWAY_KEYS_FILE", "").strip())
+    return settings.rate_limit_concurrency > 0 or settings.gateway_keys_file is not None
 
 
 def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature

@@ -80,7 +80,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-EMBEDDING_READ_TIMEOUT = 3.0
 # Probes in a row a Redis that failed must answer before every request uses it again: a Redis busy with long
 # commands answers in short gaps, and one answer in a gap must not send every request back to wait.
 REDIS_PROBES_TO_CLOSE = 3
@@ -101,7 +100,7 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
                                   # An embedding only saves money if it is quick: a slow API must not hold
                                   # requests for long before they go upstream anyway.
                                   connect_timeout=min(settings.upstream_connect_timeout, 2.0),
-                                  read_timeout=EMBEDDING_READ_TIMEOUT, max_retries=1)
+                                  read_timeout=settings.embedding_read_timeout, max_retries=1)
         # The first stage: a memory-mapped table shared by the workers. The transformer loads when a worker first
         # meets a candidate that survives the cheap checks: a worker that never does, never spends its memory.
         static = StaticEmbedder()

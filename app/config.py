@@ -1,7 +1,9 @@
 """Typed settings, read once from the environment (and `.env`) and validated at start.
 
-Every variable the gateway reads is declared here, once. `Settings.from_env()` parses all of them and
-raises one `ConfigError` that names every bad variable, so an operator fixes a deployment in one go.
+Every variable the gateway reads is declared here, once: a field of `Settings` with its type, default, check and
+help. Parsing, `ENV_VARS`, `.env.example` and the README's table (tools/settings_docs.py) are derived from it.
+`Settings.from_env()` parses all of them and raises one `ConfigError` that names every bad variable, so an operator
+fixes a deployment in one go.
 """
 
 from __future__ import annotations
@@ -151,12 +153,11 @@ def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | Non
 
     `parse` defaults to the field's type; `check` refuses a parsed value with a reason; `help` is the line in
     `.env.example` and the README table (tools/settings_docs.py writes both); `section` starts a group there;
-    `shown` is the default as documented when the value itself would say nothing (None: "empty = ...").
+    `shown` is the default as the docs state it where the value says nothing (None, decided elsewhere).
     `one_more` names a second variable (and its help) whose value is added to this list.
     """
     meta = {"help": help, "check": check, "parse": parse, "section": section, "shown": shown, "one_more": one_more}
     return field(default=default, metadata=meta)
-
 
 
 @dataclass(frozen=True)

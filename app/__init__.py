@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
-    from app.proxy import admin, body, context, errors, routes, system
+    from app.proxy import admin, admin_keys, body, context, errors, routes, system
     from app.redis_client import background_ping, build_redis
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                         socket_timeout=settings.redis_socket_timeout)
     default_limits = TenantLimits(settings.rate_limit_rpm, settings.rate_limit_tpm, settings.rate_limit_concurrency)
     auth = build_authenticator(settings.gateway_api_keys, settings.gateway_keys_file,
-                               disabled=settings.auth_disabled, default_limits=default_limits)
+                               disabled=settings.auth_disabled, default_limits=default_limits,
+                               runtime_keys=bool(settings.admin_api_key))
     retry = build_retry(retries=settings.upstream_max_retries, backoff_factor=settings.upstream_backoff_factor,
                         backoff_max=settings.upstream_backoff_max,
                         retry_after_max=settings.upstream_retry_after_max)
@@ -60,6 +61,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     redis_breaker = Breaker(close_after=REDIS_PROBES_TO_CLOSE, prober=background_ping(
         redis, settings.redis_request_budget) if gevent_patched() else None)
     cache = _build_cache(settings, redis, redis_breaker) if settings.cache_enabled else None
+    keys = None
+    if not settings.auth_disabled:
+        from app.keys.service import KeyService
+        from app.keys.store import KeyStore
+
+        keys = auth.runtime = KeyService(KeyStore(redis), auth, redis_breaker)
     limiter = _build_admission(settings, redis, auth, redis_breaker)
 
     app = Flask(__name__)
@@ -68,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway"] = Gateway(
         settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
-        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies),
+        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies), keys=keys,
     )
     app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
     app.before_request(context.start_request)
@@ -77,6 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(routes.bp)
     app.register_blueprint(system.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(admin_keys.bp)
     return app
 
 
@@ -117,11 +125,13 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
 
 
 def _build_admission(settings: Settings, redis: object, auth: Authenticator, breaker: Breaker) -> object | None:
-    """A limiter only when some tenant has a limit: otherwise admission costs nothing at all."""
+    """A limiter only when some tenant has a limit, or may get one (keys issued at run time carry their own
+    limits): otherwise admission costs nothing at all."""
     from app.ratelimit.admission import Admission
     from app.ratelimit.limiter import RateLimiter, RateLimiterUnavailable
 
-    if not any(t.limits.any or any(m.any for m in t.model_limits.values()) for t in auth.tenants):
+    limited = any(t.limits.any or any(m.any for m in t.model_limits.values()) for t in auth.tenants)
+    if not limited and auth.runtime is None:
         return None
     limiter = RateLimiter(redis)
     try:

@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from app.config import ConfigError, read_yaml_file
 from app.errors import Forbidden, Unauthorized
@@ -46,13 +46,29 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-class Authenticator:
-    """Looks a bearer key up by digest. With auth disabled every request is the dev tenant."""
+class RuntimeKeys(Protocol):
+    """Keys issued at run time (app/keys/): asked only about keys of their own shape, after the static ones."""
 
-    def __init__(self, tenants: Mapping[bytes, Tenant], *, disabled: bool, default_limits: TenantLimits) -> None:
+    def claims(self, key: str) -> bool: ...
+
+    def authenticate(self, key_digest: bytes, budget: Any) -> Tenant: ...
+
+
+class Authenticator:
+    """Looks a bearer key up by digest: the static keys first (in memory), then the run-time keys, if any.
+
+    With auth disabled every request is the dev tenant. `sources`: where each static digest came from
+    (`env` or `file`), for the admin listing.
+    """
+
+    def __init__(self, tenants: Mapping[bytes, Tenant], *, disabled: bool, default_limits: TenantLimits,
+                 sources: Mapping[bytes, str] | None = None) -> None:
         self._tenants = dict(tenants)
+        self.sources = dict(sources or {})
         self.disabled = disabled
+        self.default_limits = default_limits
         self._anonymous = Tenant(name=DEV_TENANT, limits=default_limits)
+        self.runtime: RuntimeKeys | None = None
 
     @property
     def tenants(self) -> list[Tenant]:
@@ -62,25 +78,37 @@ class Authenticator:
             known[self._anonymous.name] = self._anonymous
         return list(known.values())
 
-    def authenticate(self, authorization: str | None) -> Tenant:
+    def static_keys(self) -> list[tuple[bytes, Tenant, str]]:
+        """Each key from the environment or the keys file: (digest, tenant, source)."""
+        return [(d, t, self.sources.get(d, "env")) for d, t in self._tenants.items()]
+
+    def authenticate(self, authorization: str | None, budget: Any = None) -> Tenant:
+        """The key's tenant; `budget` is the request's Redis time, for a run-time key's one look-up."""
         if self.disabled:
             return self._anonymous
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        presented = digest(authorization[7:].strip())
+        key = authorization[7:].strip()
+        presented = digest(key)
         match: Tenant | None = None
         for known, tenant in self._tenants.items():  # every digest compared: no early exit to time
             if hmac.compare_digest(known, presented):
                 match = tenant
         if match is None:
+            if self.runtime is not None and self.runtime.claims(key):
+                return self.runtime.authenticate(presented, budget)
             raise Unauthorized("Incorrect API key provided.")
         return match
 
 
 def build_authenticator(
-    keys: tuple[str, ...], keys_file: str | None, *, disabled: bool, default_limits: TenantLimits
+    keys: tuple[str, ...], keys_file: str | None, *, disabled: bool, default_limits: TenantLimits,
+    runtime_keys: bool = False,
 ) -> Authenticator:
-    """From GATEWAY_API_KEYS (`key` or `tenant:key`) and GATEWAY_KEYS_FILE; refuse to run open by accident."""
+    """From GATEWAY_API_KEYS (`key` or `tenant:key`) and GATEWAY_KEYS_FILE; refuse to run open by accident.
+
+    `runtime_keys`: keys can be issued through the admin API, so a gateway without static keys is not open.
+    """
     tenants: dict[bytes, Tenant] = {}
     for entry in keys:
         name, sep, key = entry.partition(":")
@@ -91,14 +119,17 @@ def build_authenticator(
             raise AuthConfigError(f"GATEWAY_API_KEYS: the entry for tenant {name!r} has an empty key")
         key_digest = digest(key)
         tenants[key_digest] = Tenant(name=name or "key-" + key_digest.hex()[:8], limits=default_limits)
+    sources = dict.fromkeys(tenants, "env")
     if keys_file:
-        tenants.update(load_keys_file(Path(keys_file), default_limits))
-    if not tenants and not disabled:
+        from_file = load_keys_file(Path(keys_file), default_limits)
+        tenants.update(from_file)
+        sources.update(dict.fromkeys(from_file, "file"))
+    if not tenants and not disabled and not runtime_keys:
         raise AuthConfigError(
-            "no client keys configured: set GATEWAY_API_KEYS or GATEWAY_KEYS_FILE, "
-            "or AUTH_DISABLED=true to run without authentication (development only)"
+            "no client keys configured: set GATEWAY_API_KEYS or GATEWAY_KEYS_FILE, or ADMIN_API_KEY to issue "
+            "keys through the admin API, or AUTH_DISABLED=true to run without authentication (development only)"
         )
-    return Authenticator(tenants, disabled=disabled, default_limits=default_limits)
+    return Authenticator(tenants, disabled=disabled, default_limits=default_limits, sources=sources)
 
 
 def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tenant]:

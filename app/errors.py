@@ -14,6 +14,7 @@ class GatewayError(Exception):
     status = 500
     error_type = "server_error"
     code: str | None = None
+    param: str | None = None  # the request field at fault, when there is one
 
     def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -23,11 +24,11 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.error_type, self.code)
+        return error_body(self.message, self.error_type, self.code, self.param)
 
 
-def error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 class BadRequest(GatewayError):

@@ -20,3 +20,4 @@ class Gateway:
     limiter: Any = None  # app.proxy.limits.Admission, or None when no limit is configured
     trusted_networks: tuple[Any, ...] = ()
     pending_bodies: Any = None  # app.proxy.body.PendingBodies: request bodies still arriving, per tenant
+    keys: Any = None  # app.keys.service.KeyService (run-time keys), or None when authentication is off

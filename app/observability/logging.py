@@ -29,6 +29,7 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         "loggers": {
             "app": {"level": level, "handlers": ["stderr"], "propagate": False},
             "gateway.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+            "gateway.audit": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
             "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
         },

@@ -40,7 +40,7 @@ def admit() -> None:
     """
     gw = services()
     rec = record()
-    tenant = gw.auth.authenticate(request.headers.get("Authorization"))
+    tenant = gw.auth.authenticate(request.headers.get("Authorization"), redis_budget())
     g.gw_tenant = tenant
     rec.tenant = tenant.name
     route = ENDPOINT_ROUTES.get(request.endpoint or "")

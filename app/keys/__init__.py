@@ -1,0 +1,1 @@
+"""Client keys issued at run time through the admin API (issue 14)."""

@@ -223,7 +223,8 @@ class Settings:
     gateway_keys_file: str | None = setting(None, "optional YAML: tenants, keys (or their SHA-256), limits, allowed "
                                             "models", parse=_existing_file)
     auth_disabled: bool = setting(False, "`true` lets requests in without a client key (development only)")
-    admin_api_key: str | None = setting(None, "key for `/admin/*`; unset = admin endpoints off")
+    admin_api_key: str | None = setting(
+        None, "key for `/admin/*` (the cache, upstream keys, client keys at run time); unset = admin endpoints off")
 
     rate_limit_rpm: int = setting(0, "default requests per minute of a tenant (0 = off)", check=_NON_NEGATIVE,
                                   section="rate limits (per tenant; 0 = off)")

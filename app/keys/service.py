@@ -1,6 +1,6 @@
 """Run-time client keys: the request path's look-up and the admin operations on them.
 
-The request path: a key of the run-time shape (`sk-gw-...`) that matched no static key is looked up by its
+The request path: a key of the run-time shape (`sk-gwr-...`) that matched no static key is looked up by its
 SHA-256 digest, one GET, remembered by the worker for at most CACHE_SECONDS, so a created key works and a revoked
 or expired one is refused in every worker within a second. When Redis cannot be asked (the shared breaker is
 open, the request's Redis budget is spent, the call fails) a run-time key is refused with a 503: fail closed,
@@ -30,7 +30,7 @@ from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "sk-gw-"
+KEY_PREFIX = "sk-gwr-"
 SHOWN_PREFIX_CHARS = len(KEY_PREFIX) + 4  # what listings show of a key: enough to tell keys apart
 STATIC_ID_PREFIX = "static-"
 # A worker trusts what it read about a key this long: the bound on how late a revocation takes effect.

@@ -163,3 +163,32 @@ def test_limiter_integration_tests_pass_on_the_cluster(cluster: LocalCluster) ->
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+def test_runtime_keys(gateways: tuple[Gateway, Gateway]) -> None:
+    """Run-time keys on the cluster (their Redis keys share one hash tag: MULTI/WATCH work): created on one
+    process, used on the other; patched, rotated, revoked."""
+    first, second = gateways
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    def use(gw: Gateway, secret: str) -> int:
+        return requests.post(gw.url + "/v1/chat/completions", json=chat("runtime key"), timeout=30,
+                             headers={"Authorization": f"Bearer {secret}"}).status_code
+
+    created = requests.post(first.url + "/admin/keys", json={"tenant": f"rt-{SUFFIX}"}, headers=headers, timeout=10)
+    assert created.status_code == 201, created.text
+    key_id, secret = created.json()["id"], created.json()["key"]
+    assert use(second, secret) == 200
+    patched = requests.patch(f"{second.url}/admin/keys/{key_id}", json={"models": ["other"]}, headers=headers,
+                             timeout=10)
+    assert patched.status_code == 200, patched.text
+    time.sleep(1.0)
+    assert use(first, secret) == 403
+    rotated = requests.post(f"{second.url}/admin/keys/{key_id}/rotate", json={"grace_seconds": 30},
+                            headers=headers, timeout=10)
+    assert rotated.status_code == 200, rotated.text
+    listed = requests.get(f"{first.url}/admin/keys?tenant=rt-{SUFFIX}", headers=headers, timeout=10).json()
+    assert [k["id"] for k in listed["data"]] == [key_id]
+    assert requests.delete(f"{first.url}/admin/keys/{key_id}", headers=headers, timeout=10).status_code == 200
+    time.sleep(1.0)
+    assert use(second, secret) == 401 and use(second, rotated.json()["key"]) == 401

@@ -87,8 +87,8 @@ def test_create_use_revoke_everywhere_within_a_second(pair: tuple[Gateway, Gatew
     created = create(a, f"team-{unique}", name="ci")
     started = time.monotonic()
     key = created["key"]
-    assert key.startswith("sk-gw-") and created["id"].startswith("key_") and created["source"] == "api"
-    assert created["prefix"] == key[:10] and created["tenant"] == f"team-{unique}"
+    assert key.startswith("sk-gwr-") and created["id"].startswith("key_") and created["source"] == "api"
+    assert created["prefix"] == key[:11] and created["tenant"] == f"team-{unique}"
     assert seconds_until(pair, key, 200, started) < EFFECT_SECONDS
     all_answer(pair, key, 200)
     time.sleep(0.2)
@@ -115,7 +115,7 @@ def test_rotate_with_grace(pair: tuple[Gateway, Gateway], unique: str) -> None:
     started = time.monotonic()
     assert rotated.status_code == 200, rotated.text
     new = rotated.json()["key"]
-    assert new != old and rotated.json()["id"] == created["id"] and rotated.json()["prefix"] == new[:10]
+    assert new != old and rotated.json()["id"] == created["id"] and rotated.json()["prefix"] == new[:11]
     assert rotated.json()["previous_key_expires_at"] == pytest.approx(time.time() + 2, abs=1)
     assert seconds_until(pair, new, 200, started) < EFFECT_SECONDS
     all_answer(pair, old, 200, rounds=3)  # still inside the grace
@@ -255,7 +255,7 @@ def test_no_plaintext_key_anywhere(pair: tuple[Gateway, Gateway], own_redis: Red
                         *((r.text, "admin answers") for r in answers)]:
         for secret in secrets:
             assert secret not in text, f"a secret is in the {where}"
-            assert secret[6:] not in text, f"a secret's random part is in the {where}"
+            assert secret[len("sk-gwr-"):] not in text, f"a secret's random part is in the {where}"
     audit = [line for gw in pair for line in gw.log_lines() if line.get("logger") == "gateway.audit"]
     mine = [line for line in audit if line.get("key_id") == created["id"]]
     assert {line["action"] for line in mine} >= {"create", "update", "rotate", "revoke"}

@@ -64,7 +64,7 @@ def test_redis_down_static_keys_work_runtime_keys_503(gateway: Gateway, own_redi
     text = f"during the outage {unique}"
     for _ in range(ROUNDS):
         assert chat(gateway, STATIC_KEY, text).status_code == 200
-        for key in (live["key"], revoked["key"], "sk-gw-never-issued-" + unique):
+        for key in (live["key"], revoked["key"], "sk-gwr-never-issued-" + unique):
             error = openai_error(chat(gateway, key, text), 503)
             assert error["code"] == "key_store_unavailable" and "retry" in error["message"]
         assert openai_error(chat(gateway, "sk-garbage-" + unique, text), 401)["code"] == "invalid_api_key"

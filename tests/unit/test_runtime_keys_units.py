@@ -30,19 +30,19 @@ class StubRuntime:
 
 
 def test_static_keys_never_reach_the_runtime_lookup() -> None:
-    """A static key (even of the run-time shape) is answered from memory; only unknown `sk-gw-` keys are asked."""
-    auth = build_authenticator(("team:sk-static", "gw:sk-gw-static"), None, disabled=False,
+    """A static key (even of the run-time shape) is answered from memory; only unknown `sk-gwr-` keys are asked."""
+    auth = build_authenticator(("team:sk-static", "gw:sk-gwr-static"), None, disabled=False,
                                default_limits=TenantLimits())
-    runtime = auth.runtime = StubRuntime("sk-gw-runtime")
+    runtime = auth.runtime = StubRuntime("sk-gwr-runtime")
     assert auth.authenticate("Bearer sk-static").name == "team"
-    assert auth.authenticate("Bearer sk-gw-static").name == "gw"
+    assert auth.authenticate("Bearer sk-gwr-static").name == "gw"
     assert runtime.asked == []
-    assert auth.authenticate("Bearer sk-gw-runtime").name == "runtime"
+    assert auth.authenticate("Bearer sk-gwr-runtime").name == "runtime"
     with pytest.raises(Unauthorized):
         auth.authenticate("Bearer sk-other")
     with pytest.raises(Unauthorized):
-        auth.authenticate("Bearer sk-gw-unknown")
-    assert runtime.asked == [digest("sk-gw-runtime"), digest("sk-gw-unknown")]
+        auth.authenticate("Bearer sk-gwr-unknown")
+    assert runtime.asked == [digest("sk-gwr-runtime"), digest("sk-gwr-unknown")]
 
 
 def test_sources_of_static_keys(tmp_path: Any) -> None:
@@ -94,13 +94,13 @@ def test_unknown_fields_and_non_objects_are_refused() -> None:
     with pytest.raises(BadRequest):
         _object([], frozenset({"name"}))
     with pytest.raises(BadRequest) as caught:
-        _object({"name": "x", "key": "sk-gw-chosen"}, frozenset({"name"}))
+        _object({"name": "x", "key": "sk-gwr-chosen"}, frozenset({"name"}))
     assert caught.value.param == "key"
 
 
 def test_public_view_has_no_digests() -> None:
     """What the admin API answers: no digest, no secret; the end of a rotation's grace when one is running."""
-    record = {"id": "key_1", "prefix": "sk-gw-abcd", "tenant": "t", "name": None, "limits": None, "models": None,
+    record = {"id": "key_1", "prefix": "sk-gwr-abcd", "tenant": "t", "name": None, "limits": None, "models": None,
               "created_at": 1.0, "expires_at": None, "metadata": {},
               "digests": [{"digest": "ab" * 32, "not_after": 99.0}, {"digest": "cd" * 32, "not_after": None}]}
     view = public(record)

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests import support
-from tests.support import REDIS_URL, MockUpstream
+from tests.support import REDIS_URL, MockUpstream, RedisServer
 
 # Markers a test must carry by where it lives: `pytest -m "not e2e"` must leave out every test of tests/e2e, and
 # a unit test carrying one of these would say it needs what tests/unit/conftest.py forbids.
@@ -69,3 +69,13 @@ def redis_conn() -> Iterator[redis.Redis]:
 def unique() -> str:
     """A fresh word for prompts and tenant names, so tests sharing one Redis never see each other's data."""
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test module's own: one it may scan whole, kill and start again."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.kill()

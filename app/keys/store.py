@@ -72,28 +72,31 @@ class KeyStore:
             pipe.execute()
 
     def update(self, key_id: str, change: Callable[[Record], Record], now: float) -> Record | None:
-        """Apply `change` to the record and rewrite its digests, atomically (WATCH); None if there is no such key."""
-        for _ in range(WATCH_ATTEMPTS):
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(RECORD + key_id)
-                    raw = pipe.get(RECORD + key_id)
-                    if raw is None:
-                        return None
-                    before = json.loads(raw)
-                    after = change(json.loads(raw))
-                    after["digests"] = [d for d in after["digests"] if _live(d, after, now)]
-                    pipe.multi()
-                    pipe.set(RECORD + key_id, json.dumps(after))
-                    _write_digests(pipe, after, [d["digest"] for d in before["digests"]], now)
-                    pipe.execute()
-                    return after
-                except redis.WatchError:
-                    continue
-        raise KeyConflict(f"key {key_id} kept changing; retry")
+        """Apply `change` to the record and rewrite its digests, atomically; None if there is no such key."""
+
+        def write(pipe: Any, before: Record) -> Record:
+            after = change(json.loads(json.dumps(before)))
+            after["digests"] = [d for d in after["digests"] if _live(d, after, now)]
+            pipe.set(RECORD + key_id, json.dumps(after))
+            _write_digests(pipe, after, [d["digest"] for d in before["digests"]], now)
+            return after
+
+        return self._watched(key_id, write)
 
     def delete(self, key_id: str) -> Record | None:
         """Remove the key and every digest it had (revocation); None if there was no such key."""
+
+        def write(pipe: Any, record: Record) -> Record:
+            pipe.delete(RECORD + key_id, *[DIGEST + d["digest"] for d in record["digests"]])
+            pipe.zrem(INDEX, key_id)
+            pipe.hdel(USED, key_id)
+            return record
+
+        return self._watched(key_id, write)
+
+    def _watched(self, key_id: str, write: Callable[[Any, Record], Record]) -> Record | None:
+        """Read the record under WATCH, queue `write`'s commands in MULTI, EXEC; again if another admin got there
+        first. None if there is no such key."""
         for _ in range(WATCH_ATTEMPTS):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -101,13 +104,10 @@ class KeyStore:
                     raw = pipe.get(RECORD + key_id)
                     if raw is None:
                         return None
-                    record = json.loads(raw)
                     pipe.multi()
-                    pipe.delete(RECORD + key_id, *[DIGEST + d["digest"] for d in record["digests"]])
-                    pipe.zrem(INDEX, key_id)
-                    pipe.hdel(USED, key_id)
+                    result = write(pipe, json.loads(raw))
                     pipe.execute()
-                    return record
+                    return result
                 except redis.WatchError:
                     continue
         raise KeyConflict(f"key {key_id} kept changing; retry")

@@ -16,15 +16,6 @@ ADMIN_KEY = "admin-redis-down"
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture(scope="module")
 def gateway(upstream_server: MockUpstream, own_redis: RedisServer) -> Iterator[Gateway]:
     gw = Gateway(base_env(upstream_server, REDIS_URL=own_redis.url, UPSTREAM_MAX_RETRIES="0",
                           ADMIN_API_KEY=ADMIN_KEY))

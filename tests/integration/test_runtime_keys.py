@@ -22,22 +22,14 @@ import requests
 
 from tests.support import PYTHON, ROOT, Gateway, MockUpstream, RedisServer, base_env, gateway_pair, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
 STATIC_KEY = f"sk-static-{uuid.uuid4().hex}"
 STATIC_TENANT = f"static-{uuid.uuid4().hex[:8]}"
 WORKERS = 2
 # "within 1 s" of the issue, measured from the admin call's answer.
 EFFECT_SECONDS = 1.0
-
-
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this module's own, so the plaintext scan can read every key and value in it."""
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +218,10 @@ def test_admin_keys_need_the_admin_key(pair: tuple[Gateway, Gateway]) -> None:
     assert openai_error(raw, 400)["code"] == "invalid_body"
     assert openai_error(admin(a, "PATCH", "/admin/keys/key_nope", {"name": "x"}), 404)["code"] == "key_not_found"
     assert openai_error(admin(a, "PATCH", "/admin/keys/key_nope", {"tenant": "x"}), 400)["param"] == "tenant"
+    time.sleep(0.2)
+    refused = [line for line in a.log_lines() if line.get("logger") == "gateway.audit" and line["status"] == 401]
+    assert refused and all(line["admin"] is None for line in refused)  # who failed is no admin: no fingerprint
+    assert "wrong" not in json.dumps(refused)
 
 
 def test_no_plaintext_key_anywhere(pair: tuple[Gateway, Gateway], own_redis: RedisServer, unique: str) -> None:

@@ -12,18 +12,11 @@ import requests
 
 from tests.support import Gateway, MockUpstream, RedisServer, base_env, openai_error
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
 STATIC_KEY = f"sk-static-{uuid.uuid4().hex}"
 ROUNDS = 6  # per key, on fresh connections, so both workers answer
-
-
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ if __name__ == "__main__":
 #        | {"kind": "reset", "after_chunks": n} | {"kind": "slow_chunks", "delay": s} | {"kind": "garbage"}
 #        | {"kind": "length"} | {"kind": "huge", "bytes": n, "chunked": false} (a complete 200 answer of about n
 #        bytes, written 1 MiB at a time, never held whole), each optionally with "key" (only requests with that
-#        Bearer key), "paths" (only these paths; without it a fault skips GET /v1/models), "times" (uses,
-#        default 1, -1 = forever) and "seconds" (wait first). Status faults may also set "message", "type",
-#        "code" and "headers".
+#        Bearer key), "model" (only requests for that model: providers limit and overload per model), "paths"
+#        (only these paths; without it a fault skips GET /v1/models), "times" (uses, default 1, -1 = forever) and
+#        "seconds" (wait first). Status faults may also set "message", "type", "code" and "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -86,6 +86,7 @@ _NO_KEY = (
 _ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", None, "Mock bad request."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    402: ("unknown_error", "invalid_request_error", "Insufficient Balance"),  # DeepSeek: out of balance
     403: ("invalid_request_error", "unsupported_country_region_territory", "Country or region not supported."),
     404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
     429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests (mock)."),
@@ -304,6 +305,8 @@ def fault_wait(fault: Json | None) -> float:
 def fault_matches(fault: Json, request: Request) -> bool:
     """Whether a queued fault applies to this request (key and path filters; models only when asked for)."""
     if "key" in fault and fault["key"] != request.key:
+        return False
+    if "model" in fault and not (isinstance(request.body, dict) and request.body.get("model") == fault["model"]):
         return False
     if "paths" in fault:
         return request.path in fault["paths"]

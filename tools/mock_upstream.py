@@ -514,7 +514,10 @@ class MockUpstream:
             answer: Answer = ToolCallAnswer(tool["function"]["name"], tool_arguments(tool))
         else:
             answer = TextAnswer.cut("Mock answer to: " + question, max_tokens, fault)
-        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body))
+        logprobs = None
+        if body.get("logprobs") is True:
+            logprobs = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
+        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body), logprobs=logprobs)
         if request.stream:
             return "200 OK", list(SSE_HEADERS), self.paced(reply.events(), fault)
         return json_response(200, reply.completion())
@@ -692,6 +695,9 @@ class StreamFrames:
     def usage_event(self, usage: Json) -> bytes:
         return self.head + b'[],"usage":' + encode(usage) + b"}\n\n"
 
+    def event_with_usage(self, choices: list[Json], usage: Json) -> bytes:
+        return self.head + encode(choices) + b',"usage":' + encode(usage) + b"}\n\n"
+
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> Json:
     return {
@@ -701,17 +707,53 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> Json:
     }
 
 
-class ChatReply:
-    """One chat completion, rendered whole (chat.completion) or as SSE chunks (chat.completion.chunk)."""
+def deepseek_usage(usage: Json, reasoning_tokens: int) -> Json:
+    """DeepSeek's usage: OpenAI's three counts plus its context-cache split (hit + miss = prompt) and, for the
+    reasoner, the reasoning tokens inside completion_tokens."""
+    return {
+        **usage,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_cache_hit_tokens": 0,
+        "prompt_cache_miss_tokens": usage["prompt_tokens"],
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
 
-    def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool) -> None:
+
+def token_logprobs(text: str, top: int) -> list[Json]:
+    """OpenAI's logprobs.content for a text: one entry per piece (the mock's token), with `top` alternatives."""
+    entries = []
+    for i, piece in enumerate(pieces(text) if text else []):
+        logprob = -round(0.01 * (i % 7 + 1), 4)
+        tokens = [piece, *(f"alt{k}" for k in range(1, top))][:top]
+        alternatives = [{"token": t, "logprob": logprob - k, "bytes": list(t.encode())} for k, t in enumerate(tokens)]
+        entries.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                        "top_logprobs": alternatives})
+    return entries
+
+
+class ChatReply:
+    """One chat completion, rendered whole (chat.completion) or as SSE chunks (chat.completion.chunk).
+
+    Model-shaped like the providers: `deepseek-*` models answer with DeepSeek's usage (context-cache split) and,
+    streamed, put usage on the last chunk whether or not it was asked for; `deepseek-reasoner` thinks first
+    (`reasoning_content`, streamed before the content). `logprobs: true` (+ `top_logprobs`) adds OpenAI's logprobs.
+    """
+
+    def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool,
+                 logprobs: int | None = None) -> None:
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.model = model
         self.n = n
         self.answer = answer
         self.include_usage = include_usage
-        self.usage = usage_of(prompt_tokens, answer.tokens * n)
+        self.deepseek = model.startswith("deepseek")
+        self.reasoning = "Thinking about the question first." if model == "deepseek-reasoner" else None
+        self.logprobs = logprobs  # None: not asked; else the number of top alternatives
+        reasoning_tokens = count_tokens(self.reasoning) if self.reasoning else 0
+        self.usage = usage_of(prompt_tokens, (answer.tokens + reasoning_tokens) * n)
+        if self.deepseek:
+            self.usage = deepseek_usage(self.usage, reasoning_tokens * n)
 
     def _message(self) -> Json:
         if isinstance(self.answer, ToolCallAnswer):
@@ -720,26 +762,42 @@ class ChatReply:
                 "type": "function",
                 "function": {"name": self.answer.name, "arguments": self.answer.arguments},
             }
-            return {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
-        return {"role": "assistant", "content": self.answer.text, "refusal": None}
+            message: Json = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        else:
+            message = {"role": "assistant", "content": self.answer.text, "refusal": None}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+    def _logprobs(self, text: str) -> Json | None:
+        if self.logprobs is None:
+            return None
+        return {"content": token_logprobs(text, self.logprobs), "refusal": None}
 
     def completion(self) -> Json:
         message = self._message()
+        text = message.get("content") or ""
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": i, "message": message, "logprobs": None, "finish_reason": self.answer.finish_reason}
+                {"index": i, "message": message, "logprobs": self._logprobs(text),
+                 "finish_reason": self.answer.finish_reason}
                 for i in range(self.n)
             ],
             "usage": self.usage,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-    def _deltas(self) -> Iterator[Json]:
-        """The deltas of one choice: role first, then the content (or the call's arguments) piece by piece."""
+    def _deltas(self) -> Iterator[tuple[Json, Json | None]]:
+        """The deltas of one choice with their logprobs: role first, the reasoning, then the content (or the call's
+        arguments) piece by piece."""
+        if self.reasoning is not None:
+            yield {"role": "assistant", "content": None, "reasoning_content": ""}, None
+            for piece in pieces(self.reasoning):
+                yield {"content": None, "reasoning_content": piece}, None
         if isinstance(self.answer, ToolCallAnswer):
             head = {
                 "index": 0,
@@ -747,13 +805,17 @@ class ChatReply:
                 "type": "function",
                 "function": {"name": self.answer.name, "arguments": ""},
             }
-            yield {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}
+            yield {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}, None
             for piece in pieces(self.answer.arguments):
-                yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None
             return
-        yield {"role": "assistant", "content": "", "refusal": None}
+        if self.reasoning is None:
+            yield {"role": "assistant", "content": "", "refusal": None}, None
         for piece in pieces(self.answer.text):
-            yield {"content": piece}
+            delta: Json = {"content": piece}
+            if self.reasoning is not None:
+                delta["reasoning_content"] = None
+            yield delta, self._logprobs(piece)
 
     def events(self) -> Iterator[bytes]:
         envelope = {
@@ -763,17 +825,20 @@ class ChatReply:
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
-        frames = StreamFrames(envelope, usage_null=self.include_usage)
-        for delta in self._deltas():
+        frames = StreamFrames(envelope, usage_null=self.include_usage and not self.deepseek)
+        for delta, logprobs in self._deltas():
             yield frames.event(
-                [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(self.n)]
+                [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None} for i in range(self.n)]
             )
         finish = self.answer.finish_reason
-        yield frames.event(
-            [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish} for i in range(self.n)]
-        )
-        if self.include_usage:
-            yield frames.usage_event(self.usage)
+        last = [{"index": i, "delta": {"content": ""} if self.deepseek else {}, "logprobs": None,
+                 "finish_reason": finish} for i in range(self.n)]
+        if self.deepseek:  # DeepSeek: usage rides on the last chunk, asked for or not
+            yield frames.event_with_usage(last, self.usage)
+        else:
+            yield frames.event(last)
+            if self.include_usage:
+                yield frames.usage_event(self.usage)
         yield SSE_DONE
 
 

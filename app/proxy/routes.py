@@ -17,7 +17,7 @@ from app.errors import GatewayError, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
-from app.proxy.sse import StreamTap, replay, sse_error
+from app.proxy.sse import StreamTap, replay, replayable, sse_error
 from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
@@ -152,7 +152,7 @@ def _forward(route: str) -> Response:
     elif result.status == 200:
         answer = _json_answer(content)
         _note_usage(rec, answer.get("usage"))
-        if plan is not None:
+        if plan is not None and replayable(answer, route):
             gw.cache.store(plan, answer, content)
     return Response(content, status=result.status, content_type=result.content_type,
                     headers=result.extra_headers)
@@ -186,7 +186,7 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord
         result.close()
         _note_usage(rec, tap.usage)
         answer = tap.answer()
-        if answer is not None and plan is not None:
+        if answer is not None and plan is not None and replayable(answer, tap.route):
             cache.store(plan, answer, None)
 
 

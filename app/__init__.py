@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         trusted_networks=context.parse_networks(settings.trusted_proxies),
         pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies),
     )
-    app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = context.canonical_paths(context.close_on_failure(app.wsgi_app))  # type: ignore[method-assign]
     app.before_request(context.start_request)
     app.after_request(context.finish_request)
     errors.register_error_handlers(app)

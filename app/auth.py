@@ -65,9 +65,11 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Tenant:
         if self.disabled:
             return self._anonymous
-        if not authorization or not authorization.startswith("Bearer "):
+        # The scheme is case-insensitive (RFC 9110): `bearer ...` is as good as `Bearer ...`.
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        presented = digest(authorization[7:].strip())
+        presented = digest(token.strip())
         match: Tenant | None = None
         for known, tenant in self._tenants.items():  # every digest compared: no early exit to time
             if hmac.compare_digest(known, presented):

@@ -21,7 +21,9 @@ if __name__ == "__main__":
 # FAULT: {"status": 429, "retry_after": 1} | {"kind": "delay" | "latency", "seconds": s}
 #        | {"kind": "reset", "after_chunks": n} | {"kind": "slow_chunks", "delay": s} | {"kind": "garbage"}
 #        | {"kind": "length"} | {"kind": "huge", "bytes": n, "chunked": false} (a complete 200 answer of about n
-#        bytes, written 1 MiB at a time, never held whole), each optionally with "key" (only requests with that
+#        bytes, written 1 MiB at a time, never held whole)
+#        | {"kind": "headers", "headers": {...}} (the normal answer with these headers added: OpenAI's x-ratelimit-*,
+#        openai-processing-ms, openai-organization...), each optionally with "key" (only requests with that
 #        Bearer key), "model" (only requests for that model: providers limit and overload per model), "paths"
 #        (only these paths; without it a fault skips GET /v1/models), "times" (uses, default 1, -1 = forever) and
 #        "seconds" (wait first). Status faults may also set "message", "type", "code" and "headers".
@@ -65,7 +67,7 @@ DEFAULT_DIMENSIONS = 384
 REQUEST_LOG_SIZE = 10_000
 MODELS_CREATED = 1_700_000_000
 SYSTEM_FINGERPRINT = "fp_mock"
-FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge"})
+FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers"})
 HUGE_PIECE = 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
 JSON_HEADERS = (("Content-Type", "application/json"),)
@@ -456,6 +458,9 @@ class MockUpstream:
             gevent.sleep(wait)
         if fault is None or fault["kind"] in ("delay", "latency"):
             return handler(request, None)
+        if fault["kind"] == "headers":
+            status, headers, chunks = handler(request, None)
+            return status, [*headers, *((str(k), str(v)) for k, v in (fault.get("headers") or {}).items())], chunks
         if fault["kind"] == "status":
             return error_response(fault["status"], fault)
         if fault["kind"] == "garbage":

@@ -10,15 +10,17 @@ import json
 import logging
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
+from werkzeug.datastructures import Headers
 
-from app.errors import GatewayError, UpstreamBadResponse
+from app.errors import GatewayError, NotFound, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
 from app.proxy.sse import StreamTap, replay, replayable, sse_error
-from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
+from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, decode_body, parse_request
 from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
 
@@ -61,7 +63,8 @@ def _parsed(route: str) -> ParsedRequest:
     """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
     parsed = g.get("gw_parsed")
     if parsed is None:
-        body = read_body(services().pending_bodies, g.gw_tenant.name)
+        body = decode_body(read_body(services().pending_bodies, g.gw_tenant.name),
+                           request.headers.get("Content-Encoding"), services().settings.max_body_bytes)
         parsed = g.gw_parsed = parse_request(route, body)
     return parsed
 
@@ -107,7 +110,23 @@ def models() -> Response:
     result = gw.upstream.get("/v1/models", record().request_id)
     _note_upstream(result)
     return Response(result.read(), status=result.status, content_type=result.content_type,
-                    headers=result.extra_headers)
+                    headers=_headers(result))
+
+
+@bp.get("/v1/models/<path:model_id>")
+def model(model_id: str) -> Response:
+    """One model (the SDK's `models.retrieve`): from the configuration when it names models, else the upstream's."""
+    gw = services()
+    configured = gw.upstream.pool.model_ids()
+    if configured:
+        if model_id not in configured:
+            raise NotFound(f"The model `{model_id}` does not exist or is not served here.", code="model_not_found")
+        body = {"id": model_id, "object": "model", "created": 0, "owned_by": "gateway"}
+        return Response(json.dumps(body), status=200, content_type="application/json")
+    result = gw.upstream.get("/v1/models/" + quote(model_id, safe="/:@"), record().request_id)
+    _note_upstream(result)
+    return Response(result.read(), status=result.status, content_type=result.content_type,
+                    headers=_headers(result))
 
 
 def _forward(route: str) -> Response:
@@ -143,7 +162,7 @@ def _forward(route: str) -> Response:
     if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
         tap = StreamTap(route, strip_usage=strip_usage)
         return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
-                        headers={**SSE_HEADERS, **result.extra_headers})
+                        headers=_headers(result, SSE_HEADERS))
     content = result.read()
     if result.status == 200 and len(content) > gw.settings.cache_max_entry_bytes:
         # Too large to store: nothing needs it parsed, and parsing megabytes would stall this worker's other
@@ -155,7 +174,15 @@ def _forward(route: str) -> Response:
         if plan is not None and replayable(answer, route):
             gw.cache.store(plan, answer, content)
     return Response(content, status=result.status, content_type=result.content_type,
-                    headers=result.extra_headers)
+                    headers=_headers(result))
+
+
+def _headers(result: UpstreamResult, own: dict[str, str] | None = None) -> Headers:
+    """The upstream's passed-on headers, then the gateway's own, which replace any of the same name."""
+    headers = Headers(result.passed_headers())
+    for name, value in {**(own or {}), **result.extra_headers}.items():
+        headers[name] = value
+    return headers
 
 
 def _client_wants_usage(body: dict[str, Any]) -> bool:

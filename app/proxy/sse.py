@@ -7,6 +7,7 @@ knows, at the end, whether the answer finished cleanly, its usage, and the compl
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ _MESSAGE_KEYS = _DELTA_KEYS
 _CHAT_CHOICE_KEYS = frozenset({"index", "delta", "message", "logprobs", "finish_reason"})
 _TEXT_CHOICE_KEYS = frozenset({"index", "text", "logprobs", "finish_reason"})
 _EMPTY = (None, [], {}, "")
+# `"usage": null` as a member of a chunk object (never inside a string, where its quotes would be escaped).
+_NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|(?<=[{,])\s*"usage"\s*:\s*null\s*,')
 
 
 class _Choice:
@@ -100,12 +103,22 @@ class StreamTap:
             return b""
         events = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
         self._buffer = events.pop()
-        return b"".join(event + b"\n\n" for event in events if self._event(event))
+        return b"".join(self._forwarded(event) for event in events)
 
     def flush(self) -> bytes:
         """What is left when the upstream closed: a last event that lacked its blank line."""
         rest, self._buffer = self._buffer.strip(), b""
-        return rest + b"\n\n" if rest and self._event(rest) else b""
+        return self._forwarded(rest) if rest else b""
+
+    def _forwarded(self, event: bytes) -> bytes:
+        """The event as the client gets it: as it came, unless the gateway added usage the client did not ask
+        for; then the usage chunk is dropped and the `"usage": null` OpenAI puts on every other chunk removed,
+        so the client sees the wire it asked for."""
+        if not self._event(event):
+            return b""
+        if self.strip_usage and b'"usage"' in event:
+            event = _NULL_USAGE.sub(b"", event)
+        return event + b"\n\n"
 
     def _event(self, event: bytes) -> bool:
         """Parse one event; False when it must not reach the client (the usage chunk it did not ask for)."""

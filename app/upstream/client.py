@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 LARGE_READ_SIZE = 1024 * 1024  # reads of an answer of unknown size, counted against MAX_RESPONSE_BYTES
+PASSED_PREFIXES = ("x-ratelimit-", "openai-", "retry-after")
 # Certificates verified against the same CA bundle requests itself would use.
 _TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
@@ -70,6 +71,12 @@ class UpstreamResult:
     _release: Any = None
     max_bytes: int = 0  # MAX_RESPONSE_BYTES (0: no bound)
     scrub: Callable[[bytes], bytes] | None = None  # applied to error bodies passed on (upstream keys cut out)
+
+    def passed_headers(self) -> dict[str, str]:
+        """The upstream's own headers a client may read: rate limits (`x-ratelimit-*`), `openai-*` (processing
+        time, organization, version, project) and `Retry-After`. The gateway's headers of the same name win."""
+        return {name: value for name, value in self.response.headers.items()
+                if name.lower().startswith(PASSED_PREFIXES) and _PRINTABLE_HEADER.fullmatch(value)}
 
     def read(self) -> bytes:
         """The whole body, for non-streamed answers: at most `max_bytes` of it, or UpstreamResponseTooLarge."""

@@ -23,10 +23,14 @@ if __name__ == "__main__":
 #        | {"kind": "length"} | {"kind": "huge", "bytes": n, "chunked": false} (a complete 200 answer of about n
 #        bytes, written 1 MiB at a time, never held whole)
 #        | {"kind": "headers", "headers": {...}} (the normal answer with these headers added: OpenAI's x-ratelimit-*,
-#        openai-processing-ms, openai-organization...), each optionally with "key" (only requests with that
-#        Bearer key), "model" (only requests for that model: providers limit and overload per model), "paths"
-#        (only these paths; without it a fault skips GET /v1/models), "times" (uses, default 1, -1 = forever) and
-#        "seconds" (wait first). Status faults may also set "message", "type", "code" and "headers".
+#        openai-processing-ms, openai-organization...)
+#        | {"kind": "queue", "seconds": s, "interval": s} (DeepSeek under load: the head at once, then while the
+#        request waits its turn blank lines before a JSON body, or `: keep-alive` comments before a stream's events;
+#        "silent": true sends the head alone and nothing else for the seconds), each optionally with "key" (only
+#        requests with that Bearer key), "model" (only requests for that model: providers limit and overload per
+#        model), "paths" (only these paths; without it a fault skips GET /v1/models), "times" (uses, default 1,
+#        -1 = forever) and "seconds" (wait first). Status faults may also set "message", "type", "code" and
+#        "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -67,7 +71,9 @@ DEFAULT_DIMENSIONS = 384
 REQUEST_LOG_SIZE = 10_000
 MODELS_CREATED = 1_700_000_000
 SYSTEM_FINGERPRINT = "fp_mock"
-FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers"})
+FAULT_KINDS = frozenset(
+    {"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers", "queue"}
+)
 HUGE_PIECE = 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
 JSON_HEADERS = (("Content-Type", "application/json"),)
@@ -279,7 +285,7 @@ def validate_fault(fault: Any) -> Json:
     times = fault.setdefault("times", 1)
     if not isinstance(times, int) or times == 0 or times < -1:
         raise MockError(400, "'times' must be a positive integer or -1 (forever)")
-    for name in ("seconds", "delay", "after_chunks", "retry_after"):
+    for name in ("seconds", "delay", "after_chunks", "retry_after", "interval"):
         value = fault.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise MockError(400, f"'{name}' must be a number >= 0")
@@ -299,7 +305,7 @@ def normalise_path(path: str) -> str:
 
 def fault_wait(fault: Json | None) -> float:
     """Seconds a fault holds the answer back: its "seconds" (any kind may carry it; delay/latency default 1)."""
-    if fault is None:
+    if fault is None or fault["kind"] == "queue":  # a queue waits after the head, not before it
         return 0.0
     return float(fault.get("seconds", 1.0 if fault["kind"] in ("delay", "latency") else 0.0))
 
@@ -418,7 +424,7 @@ class MockUpstream:
                 status, headers, body = self.api(environ, path)
         except MockError as exc:
             status, headers, body = json_response(exc.status, exc.body)
-        start_response(status, headers)
+        environ["mock.write"] = start_response(status, headers)  # write(b"") sends the head before any body
         return body
 
     # -- API requests ------------------------------------------------------------------------------------------
@@ -458,6 +464,10 @@ class MockUpstream:
             gevent.sleep(wait)
         if fault is None or fault["kind"] in ("delay", "latency"):
             return handler(request, None)
+        if fault["kind"] == "queue":
+            status, headers, chunks = handler(request, None)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]  # chunked, as DeepSeek's
+            return status, headers, self.queued(chunks, fault, stream, environ)
         if fault["kind"] == "headers":
             status, headers, chunks = handler(request, None)
             return status, [*headers, *((str(k), str(v)) for k, v in (fault.get("headers") or {}).items())], chunks
@@ -491,6 +501,24 @@ class MockUpstream:
                         del self.faults[i]
                 return fault
         return None
+
+    @staticmethod
+    def queued(chunks: Iterable[bytes], fault: Json, stream: bool, environ: Environ) -> Iterator[bytes]:
+        """DeepSeek while a request waits to be scheduled: blank lines (plain) or `: keep-alive` comments (stream)
+        every `interval` seconds for `seconds`, then the answer. With "silent": true, the head alone, then
+        nothing for `seconds`."""
+        seconds, interval = float(fault.get("seconds", 1.0)), float(fault.get("interval", 0.5)) or 0.5
+        if fault.get("silent"):
+            environ["mock.write"](b"")
+            gevent.sleep(seconds)
+            yield from chunks
+            return
+        filler = b": keep-alive\n\n" if stream else b"\n"
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            yield filler
+            gevent.sleep(min(interval, max(0.0, seconds - (time.monotonic() - started))))
+        yield from chunks
 
     @staticmethod
     def reset_after(chunks: Iterable[bytes], after: int, environ: Environ) -> Iterator[bytes]:

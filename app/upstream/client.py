@@ -130,6 +130,8 @@ class UpstreamResult:
         """
         raw = self.response
         limit, total = self.max_bytes, 0
+        if limit and (_declared_length(raw) or 0) > limit and not raw.headers.get("content-encoding"):
+            raise self._too_large()  # refused before a byte of it is read (and before the client got a head)
         try:
             if raw.chunked and raw.supports_chunked_reads():
                 chunks = raw.read_chunked(decode_content=True)

@@ -26,11 +26,13 @@ if __name__ == "__main__":
 #        openai-processing-ms, openai-organization...)
 #        | {"kind": "queue", "seconds": s, "interval": s} (DeepSeek under load: the head at once, then while the
 #        request waits its turn blank lines before a JSON body, or `: keep-alive` comments before a stream's events;
-#        "silent": true sends the head alone and nothing else for the seconds), each optionally with "key" (only
-#        requests with that Bearer key), "model" (only requests for that model: providers limit and overload per
-#        model), "paths" (only these paths; without it a fault skips GET /v1/models), "times" (uses, default 1,
-#        -1 = forever) and "seconds" (wait first). Status faults may also set "message", "type", "code" and
-#        "headers".
+#        "silent": true sends the head alone and nothing else for the seconds)
+#        | {"kind": "wire", "crlf": true, "split": n, "gzip": true} (the same answer, framed otherwise: SSE lines
+#        ended by CRLF, the body in writes of n bytes that cut events and lines anywhere, Content-Encoding: gzip),
+#        each optionally with "key" (only requests with that Bearer key), "model" (only requests for that model:
+#        providers limit and overload per model), "paths" (only these paths; without it a fault skips GET
+#        /v1/models), "times" (uses, default 1, -1 = forever) and "seconds" (wait first). Status faults may also
+#        set "message", "type", "code" and "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -51,6 +53,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -72,7 +75,7 @@ REQUEST_LOG_SIZE = 10_000
 MODELS_CREATED = 1_700_000_000
 SYSTEM_FINGERPRINT = "fp_mock"
 FAULT_KINDS = frozenset(
-    {"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers", "queue"}
+    {"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers", "queue", "wire"}
 )
 HUGE_PIECE = 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
@@ -285,7 +288,7 @@ def validate_fault(fault: Any) -> Json:
     times = fault.setdefault("times", 1)
     if not isinstance(times, int) or times == 0 or times < -1:
         raise MockError(400, "'times' must be a positive integer or -1 (forever)")
-    for name in ("seconds", "delay", "after_chunks", "retry_after", "interval"):
+    for name in ("seconds", "delay", "after_chunks", "retry_after", "interval", "split"):
         value = fault.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise MockError(400, f"'{name}' must be a number >= 0")
@@ -380,6 +383,28 @@ def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None 
     return status_line(status), headers, [data]
 
 
+def reframed(headers: list[tuple[str, str]], chunks: Iterable[bytes], *, crlf: bool, split: int,
+             compress: bool) -> tuple[list[tuple[str, str]], Iterator[bytes]]:
+    """An answer's bytes as other servers frame them: CRLF line ends (SSE allows CR, LF or CRLF), writes of
+    `split` bytes cutting events anywhere, gzip (each write flushed, so a stream still flows)."""
+    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    if compress:
+        headers.append(("Content-Encoding", "gzip"))
+
+    def body() -> Iterator[bytes]:
+        encoder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if compress else None
+        for chunk in chunks:
+            if crlf:
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            pieces_ = [chunk[i : i + split] for i in range(0, len(chunk), split)] if split > 0 else [chunk]
+            for piece in pieces_:
+                yield encoder.compress(piece) + encoder.flush(zlib.Z_SYNC_FLUSH) if encoder else piece
+        if encoder:
+            yield encoder.flush()
+
+    return headers, body()
+
+
 def abort_connection(environ: Environ) -> None:
     """Reset the TCP connection: linger 0 makes the coming close send RST instead of a clean FIN.
 
@@ -468,6 +493,10 @@ class MockUpstream:
             status, headers, chunks = handler(request, None)
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]  # chunked, as DeepSeek's
             return status, headers, self.queued(chunks, fault, stream, environ)
+        if fault["kind"] == "wire":
+            status, headers, chunks = handler(request, None)
+            return (status, *reframed(headers, chunks, crlf=bool(fault.get("crlf")), split=int(fault.get("split", 0)),
+                                      compress=bool(fault.get("gzip"))))
         if fault["kind"] == "headers":
             status, headers, chunks = handler(request, None)
             return status, [*headers, *((str(k), str(v)) for k, v in (fault.get("headers") or {}).items())], chunks

@@ -137,3 +137,21 @@ def test_a_hit_carries_every_field_of_the_miss(client: openai.OpenAI, shape_name
     if shape_name == "n-2":
         assert sorted(hit["choices"]) == [0, 1]
     assert miss["system_fingerprint"] and miss["usage"]
+
+
+@pytest.mark.parametrize("framing", [{"crlf": True}, {"split": 7}, {"gzip": True},
+                                     {"crlf": True, "split": 3, "gzip": True}],
+                         ids=["crlf", "split-7", "gzip", "all"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_upstream_framing_does_not_change_the_answer(client: openai.OpenAI, upstream: MockUpstream,
+                                                     framing: dict, stream: bool) -> None:
+    """CRLF line ends, events cut across writes and a gzip body give the same answer, cached whole."""
+    shape = SHAPES["deepseek-reasoner"]
+    question = f"framed {uuid.uuid4().hex}"
+    upstream.faults({"kind": "wire", **framing})
+    miss, miss_cache = ask(client, shape, question, stream)
+    hit, hit_cache = ask(client, shape, question, not stream)
+    assert (miss_cache, hit_cache) == ("MISS", "HIT")
+    assert miss["choices"][0]["content"] == f"Mock answer to: {question}"
+    assert miss["choices"][0]["reasoning_content"] and miss["usage"]["total_tokens"] > 0
+    assert hit == miss

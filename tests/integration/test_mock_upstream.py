@@ -384,3 +384,15 @@ def test_logprobs_and_per_model_faults(url: str) -> None:
     queue(url, {"model": "gpt-4o", "status": 429, "times": -1})
     assert chat(url).status_code == 200
     assert chat(url, {**CHAT, "model": "gpt-4o"}).status_code == 429
+
+
+def test_wire_framing_fault(url: str) -> None:
+    """The "wire" fault: gzip-encoded, CRLF-ended SSE in 5-byte writes, decoding to the usual stream."""
+    queue(url, {"kind": "wire", "crlf": True, "split": 5, "gzip": True})
+    response = chat(url, {**CHAT, "stream": True}, stream=True)
+    assert response.headers["Content-Encoding"] == "gzip"
+    text = response.content.decode()  # requests decodes the gzip
+    assert "\r\n\r\n" in text and "\n\n" not in text.replace("\r\n", "")
+    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+              for e in text.split("\r\n\r\n") if e.startswith("data: {")]
+    assert "".join(deltas) == ANSWER

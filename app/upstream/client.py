@@ -242,13 +242,13 @@ class UpstreamClient:
                 response = self._open(method, backend, path, payload(backend), _headers(key, request_id), retry)
             except (HTTPError, OSError) as exc:
                 self.pool.release(key)
-                attempts += retry.total + 1  # urllib3 gave up: every attempt it had was used
+                attempts += retry.total + 1  # urllib3 gave up: at most every attempt it had was used
                 spent += retry.total + 1
                 error = _map_send_error(exc)
                 if isinstance(error, UpstreamTimeout) and not _is_connect_timeout(exc):
                     # It may be generating already: another key would pay twice.
                     raise _final(error, attempts) from exc
-                self.pool.health.record_failure(key.key_id)
+                self.pool.health.record_failure(key.key_id)  # once: urllib3 does not say how many attempts failed
                 self._on_retry("connection", 1)
                 last_error = error
                 continue

@@ -6,6 +6,7 @@ orders (plain or streamed miss, then plain or streamed hit), the hit is compared
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -29,17 +30,15 @@ ORDERS = [(False, False), (False, True), (True, False), (True, True)]
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
+def client(upstream_server: MockUpstream) -> Iterator[openai.OpenAI]:
+    """The SDK in front of a gateway with the exact cache on (and L2 off: hits here are exact)."""
     gw = Gateway(base_env(upstream_server, UPSTREAM_API_KEYS=f"sk-fidelity-{uuid.uuid4().hex}"))
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture(scope="module")
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client", max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-client", max_retries=0, timeout=30)
+    try:
+        yield sdk
+    finally:
+        sdk.close()
+        gw.stop()
 
 
 def extra(obj: Any, name: str) -> Any:
@@ -113,6 +112,12 @@ def ask(client: openai.OpenAI, shape: dict[str, Any], question: str, stream: boo
     return (from_stream(parsed) if stream else from_plain(parsed)), raw.headers["x-cache"]
 
 
+def settle(streamed: bool) -> None:
+    """A streamed answer is stored once its last bytes left: the contract is visible within 100 ms, not at once."""
+    if streamed:
+        time.sleep(0.15)
+
+
 @pytest.mark.parametrize(("miss_stream", "hit_stream"), ORDERS, ids=["plain-plain", "plain-stream", "stream-plain",
                                                                      "stream-stream"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -122,6 +127,7 @@ def test_a_hit_carries_every_field_of_the_miss(client: openai.OpenAI, shape_name
     shape = SHAPES[shape_name]
     question = f"{shape.get('question', 'tell me about')} {uuid.uuid4().hex}"
     miss, miss_cache = ask(client, shape, question, miss_stream)
+    settle(miss_stream)
     hit, hit_cache = ask(client, shape, question, hit_stream)
     assert (miss_cache, hit_cache) == ("MISS", "HIT")
     assert hit == miss
@@ -150,6 +156,7 @@ def test_upstream_framing_does_not_change_the_answer(client: openai.OpenAI, upst
     question = f"framed {uuid.uuid4().hex}"
     upstream.faults({"kind": "wire", **framing})
     miss, miss_cache = ask(client, shape, question, stream)
+    settle(stream)
     hit, hit_cache = ask(client, shape, question, not stream)
     assert (miss_cache, hit_cache) == ("MISS", "HIT")
     assert miss["choices"][0]["content"] == f"Mock answer to: {question}"

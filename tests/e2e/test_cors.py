@@ -17,59 +17,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env, free_port, missing_tool, openai_error
+from tests.support import Gateway, MockUpstream, base_env, missing_tool, openai_error
 
 CLIENT_KEY = f"sk-cors-{uuid.uuid4().hex}"
-ALLOWED_PORT = free_port()
-ALLOWED = f"http://127.0.0.1:{ALLOWED_PORT}"
 OTHER = "http://evil.example"
 SDK_HEADERS = "authorization, content-type, x-stainless-lang, x-stainless-retry-count, openai-organization"
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
-    gw = Gateway(base_env(upstream_server, UPSTREAM_API_KEYS=f"sk-cors-up-{uuid.uuid4().hex}",
-                          AUTH_DISABLED="false", GATEWAY_API_KEYS=CLIENT_KEY, CORS_ALLOW_ORIGINS=ALLOWED,
-                          CACHE_ENABLED="false"))
-    yield gw
-    gw.stop()
-
-
-def preflight(gw: Gateway, origin: str) -> requests.Response:
-    return requests.options(gw.url + "/v1/chat/completions", timeout=10, headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": SDK_HEADERS})
-
-
-def test_preflight_from_an_allowed_origin_needs_no_key(gateway: Gateway) -> None:
-    """OPTIONS from an allowed origin: 204 allowing POST and the SDK's headers, without a key."""
-    response = preflight(gateway, ALLOWED)
-    assert response.status_code == 204
-    assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
-    assert "POST" in response.headers["Access-Control-Allow-Methods"]
-    assert response.headers["Access-Control-Allow-Headers"] == SDK_HEADERS
-
-
-def test_preflight_from_another_origin_is_refused(gateway: Gateway) -> None:
-    """OPTIONS from an origin not listed: a 403 OpenAI error without any Access-Control-Allow-* header."""
-    response = preflight(gateway, OTHER)
-    openai_error(response, 403)
-    assert not [h for h in response.headers if h.lower().startswith("access-control-allow")]
-
-
-def test_answers_expose_the_gateway_headers(gateway: Gateway) -> None:
-    """A request from an allowed origin (200 or 401) names the origin and exposes request id, cache, limits."""
-    for headers, status in (({"Authorization": f"Bearer {CLIENT_KEY}"}, 200), ({}, 401)):
-        response = requests.post(gateway.url + "/v1/chat/completions", timeout=10, headers={"Origin": ALLOWED,
-                                 **headers}, json={"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]})
-        assert response.status_code == status
-        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
-        exposed = response.headers["Access-Control-Expose-Headers"]
-        for name in ("x-request-id", "x-cache", "x-ratelimit-remaining-requests", "retry-after"):
-            assert name in exposed
-    other = requests.post(gateway.url + "/v1/chat/completions", timeout=10, headers={
-        "Origin": OTHER, "Authorization": f"Bearer {CLIENT_KEY}"},
-        json={"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]})
-    assert "Access-Control-Allow-Origin" not in other.headers
 
 
 PAGE = """<!doctype html><html><body><script>
@@ -93,13 +45,15 @@ PAGE = """<!doctype html><html><body><script>
 class PageServer:
     """A page on its own origin whose script calls the gateway and posts what happened back here."""
 
-    def __init__(self, port: int, gateway_url: str) -> None:
+    def __init__(self) -> None:
         self.results: list[dict[str, Any]] = []
-        page = (PAGE % {"gateway": gateway_url, "key": CLIENT_KEY}).encode()
+        self.gateway_url = ""
         results = self.results
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                page = (PAGE % {"gateway": server.gateway_url, "key": CLIENT_KEY}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(page)))
@@ -114,14 +68,75 @@ class PageServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{port}/"
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = self.origin + "/"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def allowed_page() -> Iterator[PageServer]:
+    """The page on the allowed origin, bound before the gateway starts so its port is known and held."""
+    page = PageServer()
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream_server: MockUpstream, allowed_page: PageServer) -> Iterator[Gateway]:
+    gw = Gateway(base_env(upstream_server, UPSTREAM_API_KEYS=f"sk-cors-up-{uuid.uuid4().hex}",
+                          AUTH_DISABLED="false", GATEWAY_API_KEYS=CLIENT_KEY, CORS_ALLOW_ORIGINS=allowed_page.origin,
+                          CACHE_ENABLED="false"))
+    allowed_page.gateway_url = gw.url
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def allowed(allowed_page: PageServer) -> str:
+    return allowed_page.origin
+
+
+def preflight(gw: Gateway, origin: str) -> requests.Response:
+    return requests.options(gw.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": SDK_HEADERS})
+
+
+def test_preflight_from_an_allowed_origin_needs_no_key(gateway: Gateway, allowed: str) -> None:
+    """OPTIONS from an allowed origin: 204 allowing POST and the SDK's headers, without a key."""
+    response = preflight(gateway, allowed)
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == allowed
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == SDK_HEADERS
+
+
+def test_preflight_from_another_origin_is_refused(gateway: Gateway) -> None:
+    """OPTIONS from an origin not listed: a 403 OpenAI error without any Access-Control-Allow-* header."""
+    response = preflight(gateway, OTHER)
+    openai_error(response, 403)
+    assert not [h for h in response.headers if h.lower().startswith("access-control-allow")]
+
+
+def test_answers_expose_the_gateway_headers(gateway: Gateway, allowed: str) -> None:
+    """A request from an allowed origin (200 or 401) names the origin and exposes request id, cache, limits."""
+    for headers, status in (({"Authorization": f"Bearer {CLIENT_KEY}"}, 200), ({}, 401)):
+        response = requests.post(gateway.url + "/v1/chat/completions", timeout=10, headers={"Origin": allowed,
+                                 **headers}, json={"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]})
+        assert response.status_code == status
+        assert response.headers["Access-Control-Allow-Origin"] == allowed
+        exposed = response.headers["Access-Control-Expose-Headers"]
+        for name in ("x-request-id", "x-cache", "x-ratelimit-remaining-requests", "retry-after"):
+            assert name in exposed
+    other = requests.post(gateway.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": OTHER, "Authorization": f"Bearer {CLIENT_KEY}"},
+        json={"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]})
+    assert "Access-Control-Allow-Origin" not in other.headers
 
 
 def browse(url: str, page: PageServer, timeout: float = 30) -> dict[str, Any]:
@@ -150,19 +165,17 @@ def browse(url: str, page: PageServer, timeout: float = 30) -> dict[str, Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_browser_fetch_from_allowed_and_other_origin(gateway: Gateway, upstream: MockUpstream) -> None:
+def test_browser_fetch_from_allowed_and_other_origin(gateway: Gateway, allowed_page: PageServer,
+                                                     upstream: MockUpstream) -> None:
     """Headless Chromium: the allowed origin's fetch gets the answer and the exposed headers; the same page on
     another origin (another port) is refused by the browser, and nothing reaches the upstream for it."""
-    allowed = PageServer(ALLOWED_PORT, gateway.url)
-    try:
-        result = browse(allowed.url, allowed)
-    finally:
-        allowed.close()
+    result = browse(allowed_page.url, allowed_page)
     assert result["ok"] is True, result
     assert result["status"] == 200 and result["content"] == "Mock answer to: from a browser"
     assert result["requestId"] and result["cache"] == "BYPASS"
     upstream.reset()
-    other = PageServer(free_port(), gateway.url)
+    other = PageServer()
+    other.gateway_url = gateway.url
     try:
         result = browse(other.url, other)
     finally:

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 65536
 LARGE_READ_SIZE = 1024 * 1024  # reads of an answer of unknown size, counted against MAX_RESPONSE_BYTES
 PASSED_PREFIXES = ("x-ratelimit-", "openai-", "retry-after")
+# Upstream statuses the openai SDKs would retry on their own; the gateway has already applied its budget to them.
+CLIENT_RETRIED = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 # Certificates verified against the same CA bundle requests itself would use.
 _TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
@@ -270,8 +272,10 @@ class UpstreamClient:
                 result.retries = attempts - 1
                 is_last = is_last or spent >= budget
                 accepted = self._accept(result, key, model, is_last, listing=method == "GET", used=used)
-                if accepted and result.status >= 400 and (attempts > 1 or result.final):
-                    # The gateway already retried (or nothing will help): the SDKs must not retry on top.
+                if accepted and result.status >= 400 and (
+                        result.status in CLIENT_RETRIED or attempts > 1 or result.final):
+                    # The gateway's retry budget already covered this failure (or nothing will help): a client's
+                    # own retries (the openai SDKs retry 408, 409, 429 and 5xx twice) would multiply it.
                     result.extra_headers["x-should-retry"] = "false"
             finally:
                 # Whatever is not handed to the caller (a refused key moved past, or the error raised for the
@@ -397,8 +401,9 @@ def _for_backend(backend: Backend, body: dict[str, Any], raw_body: bytes, model:
 
 
 def _final(error: GatewayError, attempts: int) -> GatewayError:
-    """The gateway's own error after it tried: a client retrying on top would multiply the attempts."""
-    if attempts > 1:
+    """The gateway's own error after trying the upstream within its retry budget: a client retrying on top would
+    multiply the attempts (and, after a read timeout, possibly pay twice for one answer)."""
+    if attempts >= 1:
         error.headers["x-should-retry"] = "false"
     return error
 

@@ -58,3 +58,29 @@ def test_out_of_credit_is_one_attempt_per_key(client: openai.OpenAI, upstream: M
     assert info.value.status_code == fault["status"]
     assert sorted(r["key"] for r in upstream.requests()) == sorted({r["key"] for r in upstream.requests()})
     assert len(upstream.requests()) == 2
+
+
+@pytest.fixture(scope="module")
+def no_retry_gateway(upstream_server: MockUpstream) -> Iterator[Gateway]:
+    gw = Gateway(base_env(upstream_server, UPSTREAM_API_KEYS=f"sk-sdkretry-0-{uuid.uuid4().hex}",
+                          UPSTREAM_MAX_RETRIES="0", CACHE_ENABLED="false"))
+    yield gw
+    gw.stop()
+
+
+def test_no_gateway_retries_means_one_attempt(no_retry_gateway: Gateway, upstream: MockUpstream) -> None:
+    """UPSTREAM_MAX_RETRIES=0: a 503 and a connection reset each cost one upstream attempt, whatever the SDK's
+    default retries."""
+    sdk = openai.OpenAI(base_url=no_retry_gateway.url + "/v1", api_key="sk-client", timeout=30)
+    try:
+        upstream.faults({"status": 503, "times": -1})
+        with pytest.raises(openai.InternalServerError):
+            ask(sdk)
+        assert len(upstream.requests()) == 1
+        upstream.reset()
+        upstream.faults({"kind": "reset", "times": -1})
+        with pytest.raises(openai.APIStatusError) as info:
+            ask(sdk)
+        assert info.value.status_code == 502 and len(upstream.requests()) == 1
+    finally:
+        sdk.close()

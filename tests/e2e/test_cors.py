@@ -78,13 +78,18 @@ class PageServer:
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> PageServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture(scope="module")
 def allowed_page() -> Iterator[PageServer]:
     """The page on the allowed origin, bound before the gateway starts so its port is known and held."""
-    page = PageServer()
-    yield page
-    page.close()
+    with PageServer() as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +179,8 @@ def test_browser_fetch_from_allowed_and_other_origin(gateway: Gateway, allowed_p
     assert result["status"] == 200 and result["content"] == "Mock answer to: from a browser"
     assert result["requestId"] and result["cache"] == "BYPASS"
     upstream.reset()
-    other = PageServer()
-    other.gateway_url = gateway.url
-    try:
+    with PageServer() as other:
+        other.gateway_url = gateway.url
         result = browse(other.url, other)
-    finally:
-        other.close()
     assert result["ok"] is False and "Failed to fetch" in result["error"]
     assert upstream.requests() == []

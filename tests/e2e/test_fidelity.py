@@ -6,6 +6,7 @@ orders (plain or streamed miss, then plain or streamed hit), the hit is compared
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,3 +163,32 @@ def test_upstream_framing_does_not_change_the_answer(client: openai.OpenAI, upst
     assert miss["choices"][0]["content"] == f"Mock answer to: {question}"
     assert miss["choices"][0]["reasoning_content"] and miss["usage"]["total_tokens"] > 0
     assert hit == miss
+
+
+def test_async_sdk_sees_the_same_hit(client: openai.OpenAI, upstream: MockUpstream) -> None:
+    """The async SDK: a streamed DeepSeek reasoner miss, then a plain and a streamed hit, all field for field."""
+    shape = SHAPES["deepseek-reasoner"]
+    question = f"async {uuid.uuid4().hex}"
+
+    async def run() -> list[dict[str, Any]]:
+        sdk = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="sk-client", max_retries=0, timeout=30)
+        out = []
+        try:
+            for stream in (True, False, True):
+                messages = [{"role": "user", "content": question}]
+                if stream:
+                    chunks = [c async for c in await sdk.chat.completions.create(
+                        model=shape["model"], messages=messages, stream=True)]
+                    out.append(from_stream(chunks))
+                    await asyncio.sleep(0.15)
+                else:
+                    out.append(from_plain(await sdk.chat.completions.create(model=shape["model"],
+                                                                            messages=messages)))
+        finally:
+            await sdk.close()
+        return out
+
+    miss, plain_hit, stream_hit = asyncio.run(run())
+    assert miss["choices"][0]["reasoning_content"] and miss["usage"]["prompt_cache_miss_tokens"] > 0
+    assert plain_hit == miss and stream_hit == miss
+    assert len(upstream.requests()) == 1  # the two others were hits

@@ -19,6 +19,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env, missing_tool, openai_error
 
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis]
+
 CLIENT_KEY = f"sk-cors-{uuid.uuid4().hex}"
 OTHER = "http://evil.example"
 SDK_HEADERS = "authorization, content-type, x-stainless-lang, x-stainless-retry-count, openai-organization"

@@ -17,6 +17,8 @@ import pytest
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis]
+
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 

@@ -16,6 +16,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env, openai_error
 
+pytestmark = [pytest.mark.e2e, pytest.mark.gunicorn, pytest.mark.redis]
+
 CLIENT_KEY = f"sk-wire-client-{uuid.uuid4().hex}"
 MAX_BODY = 200_000
 

@@ -13,6 +13,8 @@ import requests
 
 from tests.support import Gateway, MockUpstream, base_env
 
+pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
+
 QUEUE = {"kind": "queue", "seconds": 3, "interval": 0.5}
 
 

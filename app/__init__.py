@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.gateway import Gateway
     from app.observability import metrics
     from app.observability.logging import configure_logging
-    from app.proxy import admin, admin_keys, body, context, errors, routes, system
+    from app.proxy import admin, admin_keys, body, context, cors, errors, routes, system
     from app.redis_client import background_ping, build_redis
     from app.upstream.client import UpstreamClient
     from app.upstream.http import build_retry, build_session
@@ -77,9 +77,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         trusted_networks=context.parse_networks(settings.trusted_proxies),
         pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies), keys=keys,
     )
-    app.wsgi_app = context.close_on_failure(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = context.canonical_paths(context.close_on_failure(app.wsgi_app))  # type: ignore[method-assign]
     app.before_request(context.start_request)
     app.after_request(context.finish_request)
+    cors.register_cors(app, settings.cors_allow_origins)  # after start_request: a preflight is logged too
     errors.register_error_handlers(app)
     app.register_blueprint(routes.bp)
     app.register_blueprint(system.bp)

@@ -86,9 +86,11 @@ class Authenticator:
         """The key's tenant; `budget` is the request's Redis time, for a run-time key's one look-up."""
         if self.disabled:
             return self._anonymous
-        if not authorization or not authorization.startswith("Bearer "):
+        # The scheme is case-insensitive (RFC 9110): `bearer ...` is as good as `Bearer ...`.
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        key = authorization[7:].strip()
+        key = token.strip()
         presented = digest(key)
         match: Tenant | None = None
         for known, tenant in self._tenants.items():  # every digest compared: no early exit to time

@@ -118,6 +118,25 @@ def _networks(value: str) -> tuple[str, ...]:
     return entries
 
 
+def _origins(value: str) -> tuple[str, ...]:
+    """Browser origins allowed to call the API: `*`, or `scheme://host[:port]` each (lower-cased, no path)."""
+    origins = []
+    for entry in _csv(value):
+        if entry == "*":
+            origins.append(entry)
+            continue
+        try:
+            parts = urlsplit(entry)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an origin (scheme://host[:port])") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{entry!r} is not an origin (scheme://host[:port]) or '*'")
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(origins)
+
+
 def _existing_file(value: str) -> str:
     if not Path(value).is_file():
         raise ValueError("file not found")
@@ -270,6 +289,10 @@ class Settings:
     trusted_proxies: tuple[str, ...] = setting((), "addresses/CIDRs whose `X-Forwarded-For` is believed (client "
                                                "address in logs; e.g. 127.0.0.1,10.0.0.0/8)", parse=_networks,
                                                section="operations")
+    cors_allow_origins: tuple[str, ...] = setting((), "browser origins allowed to call the API: comma-separated "
+                                                  "`scheme://host[:port]`, or `*` (preflights need no key; other "
+                                                  "origins get no CORS headers); empty: CORS off",
+                                                  parse=_origins)
     prometheus_multiproc_dir: str | None = setting(None, "metrics directory shared by the workers, wiped at start",
                                                    shown="a fresh temp dir")
     log_level: str = setting("INFO", "logging level",

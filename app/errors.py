@@ -76,6 +76,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class RateLimited(GatewayError):
     """Refused by the gateway's own limits, or every upstream key is cooling down."""
 

@@ -21,10 +21,18 @@ if __name__ == "__main__":
 # FAULT: {"status": 429, "retry_after": 1} | {"kind": "delay" | "latency", "seconds": s}
 #        | {"kind": "reset", "after_chunks": n} | {"kind": "slow_chunks", "delay": s} | {"kind": "garbage"}
 #        | {"kind": "length"} | {"kind": "huge", "bytes": n, "chunked": false} (a complete 200 answer of about n
-#        bytes, written 1 MiB at a time, never held whole), each optionally with "key" (only requests with that
-#        Bearer key), "paths" (only these paths; without it a fault skips GET /v1/models), "times" (uses,
-#        default 1, -1 = forever) and "seconds" (wait first). Status faults may also set "message", "type",
-#        "code" and "headers".
+#        bytes, written 1 MiB at a time, never held whole)
+#        | {"kind": "headers", "headers": {...}} (the normal answer with these headers added: OpenAI's x-ratelimit-*,
+#        openai-processing-ms, openai-organization...)
+#        | {"kind": "queue", "seconds": s, "interval": s} (DeepSeek under load: the head at once, then while the
+#        request waits its turn blank lines before a JSON body, or `: keep-alive` comments before a stream's events;
+#        "silent": true sends the head alone and nothing else for the seconds)
+#        | {"kind": "wire", "crlf": true, "split": n, "gzip": true} (the same answer, framed otherwise: SSE lines
+#        ended by CRLF, the body in writes of n bytes that cut events and lines anywhere, Content-Encoding: gzip),
+#        each optionally with "key" (only requests with that Bearer key), "model" (only requests for that model:
+#        providers limit and overload per model), "paths" (only these paths; without it a fault skips GET
+#        /v1/models), "times" (uses, default 1, -1 = forever) and "seconds" (wait first). Status faults may also
+#        set "message", "type", "code" and "headers".
 #
 # Run: python tools/mock_upstream.py --port 9100 [--latency 0.05] [--chunk-delay 0.01] [--keys k1,k2]
 # It is built on gevent's pywsgi (HTTP/1.1 keep-alive, one greenlet per connection) and the standard library only,
@@ -45,6 +53,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -65,7 +74,9 @@ DEFAULT_DIMENSIONS = 384
 REQUEST_LOG_SIZE = 10_000
 MODELS_CREATED = 1_700_000_000
 SYSTEM_FINGERPRINT = "fp_mock"
-FAULT_KINDS = frozenset({"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge"})
+FAULT_KINDS = frozenset(
+    {"status", "delay", "latency", "reset", "slow_chunks", "garbage", "length", "huge", "headers", "queue", "wire"}
+)
 HUGE_PIECE = 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
 JSON_HEADERS = (("Content-Type", "application/json"),)
@@ -86,6 +97,7 @@ _NO_KEY = (
 _ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", None, "Mock bad request."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    402: ("unknown_error", "invalid_request_error", "Insufficient Balance"),  # DeepSeek: out of balance
     403: ("invalid_request_error", "unsupported_country_region_territory", "Country or region not supported."),
     404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
     429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests (mock)."),
@@ -276,7 +288,7 @@ def validate_fault(fault: Any) -> Json:
     times = fault.setdefault("times", 1)
     if not isinstance(times, int) or times == 0 or times < -1:
         raise MockError(400, "'times' must be a positive integer or -1 (forever)")
-    for name in ("seconds", "delay", "after_chunks", "retry_after"):
+    for name in ("seconds", "delay", "after_chunks", "retry_after", "interval", "split"):
         value = fault.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise MockError(400, f"'{name}' must be a number >= 0")
@@ -296,7 +308,7 @@ def normalise_path(path: str) -> str:
 
 def fault_wait(fault: Json | None) -> float:
     """Seconds a fault holds the answer back: its "seconds" (any kind may carry it; delay/latency default 1)."""
-    if fault is None:
+    if fault is None or fault["kind"] == "queue":  # a queue waits after the head, not before it
         return 0.0
     return float(fault.get("seconds", 1.0 if fault["kind"] in ("delay", "latency") else 0.0))
 
@@ -304,6 +316,8 @@ def fault_wait(fault: Json | None) -> float:
 def fault_matches(fault: Json, request: Request) -> bool:
     """Whether a queued fault applies to this request (key and path filters; models only when asked for)."""
     if "key" in fault and fault["key"] != request.key:
+        return False
+    if "model" in fault and not (isinstance(request.body, dict) and request.body.get("model") == fault["model"]):
         return False
     if "paths" in fault:
         return request.path in fault["paths"]
@@ -369,6 +383,28 @@ def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None 
     return status_line(status), headers, [data]
 
 
+def reframed(headers: list[tuple[str, str]], chunks: Iterable[bytes], *, crlf: bool, split: int,
+             compress: bool) -> tuple[list[tuple[str, str]], Iterator[bytes]]:
+    """An answer's bytes as other servers frame them: CRLF line ends (SSE allows CR, LF or CRLF), writes of
+    `split` bytes cutting events anywhere, gzip (each write flushed, so a stream still flows)."""
+    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    if compress:
+        headers.append(("Content-Encoding", "gzip"))
+
+    def body() -> Iterator[bytes]:
+        encoder = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if compress else None
+        for chunk in chunks:
+            if crlf:
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            pieces_ = [chunk[i : i + split] for i in range(0, len(chunk), split)] if split > 0 else [chunk]
+            for piece in pieces_:
+                yield encoder.compress(piece) + encoder.flush(zlib.Z_SYNC_FLUSH) if encoder else piece
+        if encoder:
+            yield encoder.flush()
+
+    return headers, body()
+
+
 def abort_connection(environ: Environ) -> None:
     """Reset the TCP connection: linger 0 makes the coming close send RST instead of a clean FIN.
 
@@ -413,7 +449,7 @@ class MockUpstream:
                 status, headers, body = self.api(environ, path)
         except MockError as exc:
             status, headers, body = json_response(exc.status, exc.body)
-        start_response(status, headers)
+        environ["mock.write"] = start_response(status, headers)  # write(b"") sends the head before any body
         return body
 
     # -- API requests ------------------------------------------------------------------------------------------
@@ -453,6 +489,17 @@ class MockUpstream:
             gevent.sleep(wait)
         if fault is None or fault["kind"] in ("delay", "latency"):
             return handler(request, None)
+        if fault["kind"] == "queue":
+            status, headers, chunks = handler(request, None)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]  # chunked, as DeepSeek's
+            return status, headers, self.queued(chunks, fault, stream, environ)
+        if fault["kind"] == "wire":
+            status, headers, chunks = handler(request, None)
+            return (status, *reframed(headers, chunks, crlf=bool(fault.get("crlf")), split=int(fault.get("split", 0)),
+                                      compress=bool(fault.get("gzip"))))
+        if fault["kind"] == "headers":
+            status, headers, chunks = handler(request, None)
+            return status, [*headers, *((str(k), str(v)) for k, v in (fault.get("headers") or {}).items())], chunks
         if fault["kind"] == "status":
             return error_response(fault["status"], fault)
         if fault["kind"] == "garbage":
@@ -485,6 +532,24 @@ class MockUpstream:
         return None
 
     @staticmethod
+    def queued(chunks: Iterable[bytes], fault: Json, stream: bool, environ: Environ) -> Iterator[bytes]:
+        """DeepSeek while a request waits to be scheduled: blank lines (plain) or `: keep-alive` comments (stream)
+        every `interval` seconds for `seconds`, then the answer. With "silent": true, the head alone, then
+        nothing for `seconds`."""
+        seconds, interval = float(fault.get("seconds", 1.0)), float(fault.get("interval", 0.5)) or 0.5
+        if fault.get("silent"):
+            environ["mock.write"](b"")
+            gevent.sleep(seconds)
+            yield from chunks
+            return
+        filler = b": keep-alive\n\n" if stream else b"\n"
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            yield filler
+            gevent.sleep(min(interval, max(0.0, seconds - (time.monotonic() - started))))
+        yield from chunks
+
+    @staticmethod
     def reset_after(chunks: Iterable[bytes], after: int, environ: Environ) -> Iterator[bytes]:
         """Pass on the first `after` writes of a stream, then reset the connection."""
         for i, chunk in enumerate(chunks):
@@ -511,7 +576,10 @@ class MockUpstream:
             answer: Answer = ToolCallAnswer(tool["function"]["name"], tool_arguments(tool))
         else:
             answer = TextAnswer.cut("Mock answer to: " + question, max_tokens, fault)
-        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body))
+        logprobs = None
+        if body.get("logprobs") is True:
+            logprobs = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
+        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body), logprobs=logprobs)
         if request.stream:
             return "200 OK", list(SSE_HEADERS), self.paced(reply.events(), fault)
         return json_response(200, reply.completion())
@@ -689,6 +757,9 @@ class StreamFrames:
     def usage_event(self, usage: Json) -> bytes:
         return self.head + b'[],"usage":' + encode(usage) + b"}\n\n"
 
+    def event_with_usage(self, choices: list[Json], usage: Json) -> bytes:
+        return self.head + encode(choices) + b',"usage":' + encode(usage) + b"}\n\n"
+
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> Json:
     return {
@@ -698,17 +769,53 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> Json:
     }
 
 
-class ChatReply:
-    """One chat completion, rendered whole (chat.completion) or as SSE chunks (chat.completion.chunk)."""
+def deepseek_usage(usage: Json, reasoning_tokens: int) -> Json:
+    """DeepSeek's usage: OpenAI's three counts plus its context-cache split (hit + miss = prompt) and, for the
+    reasoner, the reasoning tokens inside completion_tokens."""
+    return {
+        **usage,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_cache_hit_tokens": 0,
+        "prompt_cache_miss_tokens": usage["prompt_tokens"],
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
 
-    def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool) -> None:
+
+def token_logprobs(text: str, top: int) -> list[Json]:
+    """OpenAI's logprobs.content for a text: one entry per piece (the mock's token), with `top` alternatives."""
+    entries = []
+    for i, piece in enumerate(pieces(text) if text else []):
+        logprob = -round(0.01 * (i % 7 + 1), 4)
+        tokens = [piece, *(f"alt{k}" for k in range(1, top))][:top]
+        alternatives = [{"token": t, "logprob": logprob - k, "bytes": list(t.encode())} for k, t in enumerate(tokens)]
+        entries.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                        "top_logprobs": alternatives})
+    return entries
+
+
+class ChatReply:
+    """One chat completion, rendered whole (chat.completion) or as SSE chunks (chat.completion.chunk).
+
+    Model-shaped like the providers: `deepseek-*` models answer with DeepSeek's usage (context-cache split) and,
+    streamed, put usage on the last chunk whether or not it was asked for; `deepseek-reasoner` thinks first
+    (`reasoning_content`, streamed before the content). `logprobs: true` (+ `top_logprobs`) adds OpenAI's logprobs.
+    """
+
+    def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool,
+                 logprobs: int | None = None) -> None:
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.model = model
         self.n = n
         self.answer = answer
         self.include_usage = include_usage
-        self.usage = usage_of(prompt_tokens, answer.tokens * n)
+        self.deepseek = model.startswith("deepseek")
+        self.reasoning = "Thinking about the question first." if model == "deepseek-reasoner" else None
+        self.logprobs = logprobs  # None: not asked; else the number of top alternatives
+        reasoning_tokens = count_tokens(self.reasoning) if self.reasoning else 0
+        self.usage = usage_of(prompt_tokens, (answer.tokens + reasoning_tokens) * n)
+        if self.deepseek:
+            self.usage = deepseek_usage(self.usage, reasoning_tokens * n)
 
     def _message(self) -> Json:
         if isinstance(self.answer, ToolCallAnswer):
@@ -717,26 +824,42 @@ class ChatReply:
                 "type": "function",
                 "function": {"name": self.answer.name, "arguments": self.answer.arguments},
             }
-            return {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
-        return {"role": "assistant", "content": self.answer.text, "refusal": None}
+            message: Json = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        else:
+            message = {"role": "assistant", "content": self.answer.text, "refusal": None}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+    def _logprobs(self, text: str) -> Json | None:
+        if self.logprobs is None:
+            return None
+        return {"content": token_logprobs(text, self.logprobs), "refusal": None}
 
     def completion(self) -> Json:
         message = self._message()
+        text = message.get("content") or ""
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": i, "message": message, "logprobs": None, "finish_reason": self.answer.finish_reason}
+                {"index": i, "message": message, "logprobs": self._logprobs(text),
+                 "finish_reason": self.answer.finish_reason}
                 for i in range(self.n)
             ],
             "usage": self.usage,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-    def _deltas(self) -> Iterator[Json]:
-        """The deltas of one choice: role first, then the content (or the call's arguments) piece by piece."""
+    def _deltas(self) -> Iterator[tuple[Json, Json | None]]:
+        """The deltas of one choice with their logprobs: role first, the reasoning, then the content (or the call's
+        arguments) piece by piece."""
+        if self.reasoning is not None:
+            yield {"role": "assistant", "content": None, "reasoning_content": ""}, None
+            for piece in pieces(self.reasoning):
+                yield {"content": None, "reasoning_content": piece}, None
         if isinstance(self.answer, ToolCallAnswer):
             head = {
                 "index": 0,
@@ -744,13 +867,17 @@ class ChatReply:
                 "type": "function",
                 "function": {"name": self.answer.name, "arguments": ""},
             }
-            yield {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}
+            yield {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}, None
             for piece in pieces(self.answer.arguments):
-                yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None
             return
-        yield {"role": "assistant", "content": "", "refusal": None}
+        if self.reasoning is None:
+            yield {"role": "assistant", "content": "", "refusal": None}, None
         for piece in pieces(self.answer.text):
-            yield {"content": piece}
+            delta: Json = {"content": piece}
+            if self.reasoning is not None:
+                delta["reasoning_content"] = None
+            yield delta, self._logprobs(piece)
 
     def events(self) -> Iterator[bytes]:
         envelope = {
@@ -760,17 +887,20 @@ class ChatReply:
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
-        frames = StreamFrames(envelope, usage_null=self.include_usage)
-        for delta in self._deltas():
+        frames = StreamFrames(envelope, usage_null=self.include_usage and not self.deepseek)
+        for delta, logprobs in self._deltas():
             yield frames.event(
-                [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(self.n)]
+                [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None} for i in range(self.n)]
             )
         finish = self.answer.finish_reason
-        yield frames.event(
-            [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish} for i in range(self.n)]
-        )
-        if self.include_usage:
-            yield frames.usage_event(self.usage)
+        last = [{"index": i, "delta": {"content": ""} if self.deepseek else {}, "logprobs": None,
+                 "finish_reason": finish} for i in range(self.n)]
+        if self.deepseek:  # DeepSeek: usage rides on the last chunk, asked for or not
+            yield frames.event_with_usage(last, self.usage)
+        else:
+            yield frames.event(last)
+            if self.include_usage:
+                yield frames.usage_event(self.usage)
         yield SSE_DONE
 
 

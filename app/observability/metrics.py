@@ -62,7 +62,7 @@ TOKENS_SAVED = Counter("gateway_tokens_saved_total", "Tokens a cache hit did not
 RATELIMITED = Counter("gateway_ratelimited_total", "Requests refused by the gateway's limits.", ["dimension"])
 REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed (the gateway degraded).", ["component"])
 
-KEY_STATE_VALUES = {"ok": 0, "cooling": 1, "disabled": 2}
+KEY_STATE_VALUES = {"ok": 0, "cooling": 1, "disabled": 2, "ejected": 3}
 
 
 class KeyStateCollector:
@@ -73,7 +73,8 @@ class KeyStateCollector:
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "gateway_upstream_key_state", "Upstream key state: 0 ok, 1 cooling down, 2 disabled.",
+            "gateway_upstream_key_state",
+            "Upstream key state: 0 ok, 1 cooling down (429, some model), 2 disabled, 3 ejected after failures.",
             labels=["backend", "key_id"],
         )
         for backend, key_id, state in self._states():

@@ -79,7 +79,7 @@ def finish_request(response: Response) -> Response:
     if rec.cache is not None:  # only requests that reached the cache step: a refusal is no BYPASS
         response.headers["X-Cache"] = "HIT" if rec.cache in ("L0", "L1", "L2") else rec.cache
     for name, value in g.get("gw_limit_headers", {}).items():
-        response.headers.setdefault(name, value)
+        response.headers[name] = value  # the tenant's own limits win over the upstream's headers of that name
     callbacks: list[Callable[[], None]] = g.gw_on_close
     closer = _Closer(rec, callbacks)
     response.call_on_close(closer)
@@ -102,6 +102,32 @@ class _Closer:
         if not self._done:
             self._done = True
             _close(self._rec, self._callbacks)
+
+
+# DeepSeek documents `https://api.deepseek.com` (no /v1) as a base URL; clients built on it call these paths.
+_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/models")
+
+
+def canonical_path(path: str) -> str:
+    """`/chat/completions`, `/v1/chat/completions/` and the like -> the one path the routes know."""
+    if len(path) > 1 and path.endswith("/"):
+        path = path.rstrip("/") or "/"
+    if path in _API_PATHS or path.startswith("/models/"):
+        path = "/v1" + path
+    return path
+
+
+def canonical_paths(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI middleware: every later step (routing, auth, metrics labels, the log line) sees the canonical path."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        canonical = canonical_path(path)
+        if canonical != path:
+            environ["PATH_INFO"] = canonical
+        return wsgi_app(environ, start_response)
+
+    return app
 
 
 def close_on_failure(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,7 +160,7 @@ def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
 def _observe(rec: RequestRecord) -> None:
     if not rec.path.startswith("/v1/"):
         return
-    route = ROUTE_LABELS.get(rec.path, "other")
+    route = ROUTE_LABELS.get(rec.path) or ("models" if rec.path.startswith("/v1/models/") else "other")
     cache = rec.cache or NO_CACHE_STEP
     metrics.REQUESTS.labels(route, str(rec.status), cache).inc()
     metrics.REQUEST_DURATION.labels(route, cache).observe(rec.latency_ms / 1000.0)

@@ -43,7 +43,11 @@ def register_error_handlers(app: Flask) -> None:
             404: "Unknown route: see /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.",
             413: "The request body is larger than the gateway accepts (MAX_BODY_BYTES).",
         }.get(status, exc.description or exc.name)
-        return json_error(status, error_body(message, error_type, code))
+        headers = {}
+        valid_methods = getattr(exc, "valid_methods", None)
+        if status == 405 and valid_methods:
+            headers["Allow"] = ", ".join(valid_methods)  # RFC 9110: a 405 says which methods the resource takes
+        return json_error(status, error_body(message, error_type, code), headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

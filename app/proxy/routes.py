@@ -10,15 +10,17 @@ import json
 import logging
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
+from werkzeug.datastructures import Headers
 
-from app.errors import GatewayError, UpstreamBadResponse
+from app.errors import GatewayError, NotFound, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
-from app.proxy.sse import StreamTap, replay, sse_error
-from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
+from app.proxy.sse import StreamTap, replay, replayable, sse_error
+from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, decode_body, parse_request
 from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
 
@@ -61,7 +63,8 @@ def _parsed(route: str) -> ParsedRequest:
     """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
     parsed = g.get("gw_parsed")
     if parsed is None:
-        body = read_body(services().pending_bodies, g.gw_tenant.name)
+        body = decode_body(read_body(services().pending_bodies, g.gw_tenant.name),
+                           request.headers.get("Content-Encoding"), services().settings.max_body_bytes)
         parsed = g.gw_parsed = parse_request(route, body)
     return parsed
 
@@ -107,7 +110,23 @@ def models() -> Response:
     result = gw.upstream.get("/v1/models", record().request_id)
     _note_upstream(result)
     return Response(result.read(), status=result.status, content_type=result.content_type,
-                    headers=result.extra_headers)
+                    headers=_headers(result))
+
+
+@bp.get("/v1/models/<path:model_id>")
+def model(model_id: str) -> Response:
+    """One model (the SDK's `models.retrieve`): from the configuration when it names models, else the upstream's."""
+    gw = services()
+    configured = gw.upstream.pool.model_ids()
+    if configured:
+        if model_id not in configured:
+            raise NotFound(f"The model `{model_id}` does not exist or is not served here.", code="model_not_found")
+        body = {"id": model_id, "object": "model", "created": 0, "owned_by": "gateway"}
+        return Response(json.dumps(body), status=200, content_type="application/json")
+    result = gw.upstream.get("/v1/models/" + quote(model_id, safe="/:@"), record().request_id)
+    _note_upstream(result)
+    return Response(result.read(), status=result.status, content_type=result.content_type,
+                    headers=_headers(result))
 
 
 def _forward(route: str) -> Response:
@@ -143,19 +162,100 @@ def _forward(route: str) -> Response:
     if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
         tap = StreamTap(route, strip_usage=strip_usage)
         return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
-                        headers={**SSE_HEADERS, **result.extra_headers})
-    content = result.read()
-    if result.status == 200 and len(content) > gw.settings.cache_max_entry_bytes:
+                        headers=_headers(result, SSE_HEADERS))
+    if result.status == 200:
+        return _answer(result, route, plan, rec, gw.cache, gw.settings.cache_max_entry_bytes)
+    return Response(result.read(), status=result.status, content_type=result.content_type,
+                    headers=_headers(result))
+
+
+def _answer(result: UpstreamResult, route: str, plan: Any, rec: RequestRecord, cache: Any,
+            max_entry: int) -> Response:
+    """A 200 JSON answer. When the upstream starts it with whitespace and the rest is still to come (DeepSeek
+    sends blank lines while a request waits its turn, for minutes under load), it is passed through as it
+    arrives, so a client behind an idle timeout sees those bytes as soon as they come; the copy to parse and
+    cache is assembled on the side. Otherwise it is read whole first (the JSON itself comes quickly once it
+    starts), so an answer over MAX_RESPONSE_BYTES or one that is not JSON is still a clean 502.
+
+    An answer over CACHE_MAX_ENTRY_BYTES is neither kept nor parsed: its usage is read from its end.
+    """
+    chunks = result.iter_raw()
+    try:
+        first = next((data for data in chunks if data), b"")
+    except BaseException:
+        result.close()
+        raise
+    if first and not first.strip() and result.response.length_remaining != 0:
+        return Response(_pass_through(result, first, chunks, _Settle(route, plan, rec, cache, max_entry)),
+                        status=200, content_type=result.content_type, headers=_headers(result))
+    try:
+        content = first + b"".join(chunks)  # bounded by MAX_RESPONSE_BYTES: over it, a 502 before any byte left
+    finally:
+        result.close()
+    if len(content) > max_entry:
         # Too large to store: nothing needs it parsed, and parsing megabytes would stall this worker's other
         # requests. Passed on as it came, its usage read from the end.
         _note_usage(rec, _usage_at_end(content))
-    elif result.status == 200:
+    else:
+        _Settle(route, plan, rec, cache, max_entry).parsed(_json_answer(content), content)
+    return Response(content, status=200, content_type=result.content_type, headers=_headers(result))
+
+
+class _Settle:
+    """What happens to a complete answer: its usage noted, and stored when it is small and replayable."""
+
+    TAIL_BYTES = 8192  # what is kept of an answer too large to store: twice the window `_usage_at_end` reads
+
+    def __init__(self, route: str, plan: Any, rec: RequestRecord, cache: Any, max_entry: int) -> None:
+        self.route, self.plan, self.rec, self.cache, self.max_entry = route, plan, rec, cache, max_entry
+
+    def parsed(self, answer: dict[str, Any], content: bytes) -> None:
+        _note_usage(self.rec, answer.get("usage"))
+        if self.plan is not None and replayable(answer, self.route):
+            self.cache.store(self.plan, answer, content)
+
+
+def _pass_through(result: UpstreamResult, first: bytes, chunks: Iterator[bytes], settle: _Settle) -> Iterator[bytes]:
+    """The answer's bytes as they arrive; parsed and stored once complete. Runs outside the request context.
+
+    Only up to CACHE_MAX_ENTRY_BYTES is kept for that (then only the tail, for the usage). A connection that
+    breaks mid-body, or an answer that grows past MAX_RESPONSE_BYTES, is raised, so the client's connection is
+    cut rather than ended cleanly on a truncated body that would pose as complete.
+    """
+    parts, size, tail = [first], len(first), b""
+    try:
+        yield first
+        for data in chunks:
+            size += len(data)
+            if parts is not None and size <= settle.max_entry:
+                parts.append(data)
+            else:
+                tail = (b"".join(parts or ()) + tail + data)[-settle.TAIL_BYTES:]
+                parts = None
+            yield data
+    except GatewayError as exc:
+        settle.rec.error = exc.message
+        raise
+    finally:
+        result.close()
+    if parts is None:
+        _note_usage(settle.rec, _usage_at_end(tail))
+        return
+    content = b"".join(parts).strip()
+    try:
         answer = _json_answer(content)
-        _note_usage(rec, answer.get("usage"))
-        if plan is not None:
-            gw.cache.store(plan, answer, content)
-    return Response(content, status=result.status, content_type=result.content_type,
-                    headers=result.extra_headers)
+    except UpstreamBadResponse as exc:  # already passed on as it came: nothing to cache or count
+        settle.rec.error = exc.message
+        return
+    settle.parsed(answer, content)
+
+
+def _headers(result: UpstreamResult, own: dict[str, str] | None = None) -> Headers:
+    """The upstream's passed-on headers, then the gateway's own, which replace any of the same name."""
+    headers = Headers(result.passed_headers())
+    for name, value in {**(own or {}), **result.extra_headers}.items():
+        headers[name] = value
+    return headers
 
 
 def _client_wants_usage(body: dict[str, Any]) -> bool:
@@ -169,6 +269,9 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord
     Runs after the view returned, outside the request context: everything it needs is passed in.
     """
     try:
+        # An empty first item makes gunicorn send the head now, as the upstream's arrived, not with the first
+        # complete event (the worker does not hold an event stream's head back).
+        yield b""
         for data in result.iter_raw():
             out = tap.feed(data)
             if out:
@@ -186,7 +289,7 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord
         result.close()
         _note_usage(rec, tap.usage)
         answer = tap.answer()
-        if answer is not None and plan is not None:
+        if answer is not None and plan is not None and replayable(answer, tap.route):
             cache.store(plan, answer, None)
 
 

@@ -7,12 +7,13 @@ knows, at the end, whether the answer finished cleanly, its usage, and the compl
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from app.proxy.validation import CHAT
+from app.proxy.validation import CHAT, COMPLETIONS
 
 CLEAN_FINISH = frozenset({"stop", "tool_calls", "function_call"})
 REPLAY_PIECE_CHARS = 64
@@ -28,6 +29,53 @@ def sse_error(message: str, error_type: str = "upstream_error", code: str | None
     return sse_event({"error": {"message": message, "type": error_type, "param": None, "code": code}})
 
 
+# What the tap and the replay know how to carry. Anything else with a value makes an answer unfollowable: it is
+# passed on untouched on the miss, but never cached (a hit would come back without it).
+_CHUNK_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
+                         "service_tier"})
+_ANSWER_KEYS = _CHUNK_KEYS
+_CARRIED_KEYS = ("system_fingerprint", "service_tier")  # top-level fields every chunk of a replay repeats
+_DELTA_KEYS = frozenset({"role", "content", "reasoning_content", "refusal", "tool_calls"})
+_MESSAGE_KEYS = _DELTA_KEYS
+_CHAT_CHOICE_KEYS = frozenset({"index", "delta", "message", "logprobs", "finish_reason"})
+_TEXT_CHOICE_KEYS = frozenset({"index", "text", "logprobs", "finish_reason"})
+_EMPTY = (None, [], {}, "")
+# `"usage": null` as a member of a chunk object (never inside a string, where its quotes would be escaped).
+_NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|(?<=[{,])\s*"usage"\s*:\s*null\s*,')
+
+
+class _Choice:
+    """One choice of a stream, assembled as its deltas go by."""
+
+    __slots__ = ("role", "text", "reasoning", "refusal", "tool_calls", "logprobs", "finish_reason", "seen")
+
+    def __init__(self) -> None:
+        self.role = "assistant"
+        self.text: list[str] = []
+        self.reasoning: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.seen: set[str] = set()  # delta fields the upstream sent, even as null
+
+    def add_logprobs(self, logprobs: Any, route: str) -> None:
+        """Chat: `content`/`refusal` token lists, concatenated. Completions: parallel lists, concatenated."""
+        if logprobs is None:
+            return
+        if not isinstance(logprobs, dict):
+            raise TypeError("logprobs that are not an object")
+        if self.logprobs is None:
+            self.logprobs = {}
+        for name, value in logprobs.items():
+            if value is None:
+                self.logprobs.setdefault(name, None)
+            elif isinstance(value, list):
+                self.logprobs[name] = (self.logprobs.get(name) or []) + value
+            else:
+                raise TypeError("a logprobs field that is not a list")
+
+
 class StreamTap:
     """Incremental parser of OpenAI chat/completions SSE, fed the raw bytes as they go by."""
 
@@ -37,13 +85,16 @@ class StreamTap:
         self._buffer = b""
         self.done = False
         self.errored = False
-        self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.usage_with_choices = False  # usage came on a chunk with choices (DeepSeek), not a chunk of its own
         self._first: dict[str, Any] | None = None
-        self._text: list[str] = []
-        self._role = "assistant"
-        self._tool_calls: dict[int, dict[str, Any]] = {}
-        self._extra_choices = False
+        self._carried: dict[str, Any] = {}
+        self._choices: dict[int, _Choice] = {}
+
+    @property
+    def finish_reason(self) -> str | None:
+        first = self._choices.get(0)
+        return first.finish_reason if first is not None else None
 
     def feed(self, data: bytes) -> bytes:
         """Take the bytes that arrived; give back the complete events to forward, in order."""
@@ -52,12 +103,22 @@ class StreamTap:
             return b""
         events = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
         self._buffer = events.pop()
-        return b"".join(event + b"\n\n" for event in events if self._event(event))
+        return b"".join(self._forwarded(event) for event in events)
 
     def flush(self) -> bytes:
         """What is left when the upstream closed: a last event that lacked its blank line."""
         rest, self._buffer = self._buffer.strip(), b""
-        return rest + b"\n\n" if rest and self._event(rest) else b""
+        return self._forwarded(rest) if rest else b""
+
+    def _forwarded(self, event: bytes) -> bytes:
+        """The event as the client gets it: as it came, unless the gateway added usage the client did not ask
+        for; then the usage chunk is dropped and the `"usage": null` OpenAI puts on every other chunk removed,
+        so the client sees the wire it asked for."""
+        if not self._event(event):
+            return b""
+        if self.strip_usage and b'"usage"' in event:
+            event = _NULL_USAGE.sub(b"", event)
+        return event + b"\n\n"
 
     def _event(self, event: bytes) -> bool:
         """Parse one event; False when it must not reach the client (the usage chunk it did not ask for)."""
@@ -72,7 +133,7 @@ class StreamTap:
             try:
                 chunk = json.loads(data)
                 self._chunk(chunk)
-            except (ValueError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError, KeyError):
                 # Not the shape OpenAI sends: the bytes still go to the client untouched (this is a tap, not
                 # a filter), but an answer the gateway could not follow is never cached or trusted for usage.
                 self.errored = True
@@ -85,104 +146,217 @@ class StreamTap:
         if not isinstance(chunk, dict):
             self.errored = True
             return
-        if "error" in chunk:
+        if "error" in chunk or _unknown(chunk, _CHUNK_KEYS):
             self.errored = True
             return
         if self._first is None:
             self._first = chunk
+        for name in _CARRIED_KEYS:
+            if chunk.get(name) is not None:
+                self._carried[name] = chunk[name]
+        choices = chunk.get("choices") or []
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+            self.usage_with_choices = bool(choices)
+        for choice in choices:
             if not isinstance(choice, dict):
                 raise TypeError("a choice that is not an object")
-            if choice.get("index", 0) != 0:
-                self._extra_choices = True
-                continue
+            if _unknown(choice, _CHAT_CHOICE_KEYS if self.route == CHAT else _TEXT_CHOICE_KEYS):
+                raise TypeError("a choice field the replay cannot carry")
+            index = choice.get("index", 0)
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError("a choice index that is not an integer")
+            state = self._choices.setdefault(index, _Choice())
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                state.finish_reason = choice["finish_reason"]
+            state.add_logprobs(choice.get("logprobs"), self.route)
             if self.route == CHAT:
-                self._delta(_object(choice.get("delta")))
+                self._delta(state, _object(choice.get("delta")))
             elif isinstance(choice.get("text"), str):
-                self._text.append(choice["text"])
+                state.text.append(choice["text"])
 
-    def _delta(self, delta: dict[str, Any]) -> None:
+    def _delta(self, state: _Choice, delta: dict[str, Any]) -> None:
+        if _unknown(delta, _DELTA_KEYS):
+            raise TypeError("a delta field the replay cannot carry")
+        state.seen.update(delta)
         if isinstance(delta.get("role"), str):
-            self._role = delta["role"]
+            state.role = delta["role"]
         if isinstance(delta.get("content"), str):
-            self._text.append(delta["content"])
+            state.text.append(delta["content"])
+        for name in ("reasoning_content", "refusal"):
+            value = delta.get(name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} that is not a string")
+        if isinstance(delta.get("reasoning_content"), str):
+            state.reasoning = (state.reasoning or []) + [delta["reasoning_content"]]
+        if isinstance(delta.get("refusal"), str):
+            state.refusal = (state.refusal or []) + [delta["refusal"]]
         for call in delta.get("tool_calls") or []:
             call = _object(call)
-            slot = self._tool_calls.setdefault(
+            slot = state.tool_calls.setdefault(
                 call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             )
             if call.get("id"):
                 slot["id"] = call["id"]
+            if call.get("type"):
+                slot["type"] = call["type"]
             function = _object(call.get("function"))
             slot["function"]["name"] += function.get("name") or ""  # TypeError unless a string: caught above
             slot["function"]["arguments"] += function.get("arguments") or ""
 
     @property
     def clean(self) -> bool:
-        """Finished as the upstream meant it to: a final reason worth caching and `[DONE]`."""
-        return self.done and not self.errored and not self._extra_choices and self.finish_reason in CLEAN_FINISH
+        """Finished as the upstream meant it to: every choice with a final reason worth caching, and `[DONE]`."""
+        return (self.done and not self.errored and bool(self._choices)
+                and all(c.finish_reason in CLEAN_FINISH for c in self._choices.values()))
 
     def answer(self) -> dict[str, Any] | None:
         """The non-streamed answer equivalent to what went by; None unless the stream ended cleanly."""
         if not self.clean or self._first is None:
             return None
-        text = "".join(self._text)
         base = {"id": self._first.get("id"), "created": self._first.get("created"), "model": self._first.get("model")}
+        choices = [self._assembled(index, self._choices[index]) for index in sorted(self._choices)]
         if self.route == CHAT:
-            message: dict[str, Any] = {"role": self._role, "content": text if text or not self._tool_calls else None}
-            if self._tool_calls:
-                message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-            answer = {**base, "object": "chat.completion", "choices": [choice]}
+            answer = {**base, "object": "chat.completion", "choices": choices}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
-            answer = {**base, "object": "text_completion", "choices": [choice]}
+            answer = {**base, "object": "text_completion", "choices": choices}
         if self.usage is not None:
             answer["usage"] = self.usage
+        answer.update(self._carried)
         return answer
+
+    def _assembled(self, index: int, state: _Choice) -> dict[str, Any]:
+        text = "".join(state.text)
+        if self.route != CHAT:
+            return {"index": index, "text": text, "logprobs": state.logprobs, "finish_reason": state.finish_reason}
+        message: dict[str, Any] = {"role": state.role, "content": text if text or not state.tool_calls else None}
+        if state.reasoning is not None or "reasoning_content" in state.seen:
+            message["reasoning_content"] = "".join(state.reasoning) if state.reasoning is not None else None
+        if state.refusal is not None or "refusal" in state.seen:
+            message["refusal"] = "".join(state.refusal) if state.refusal is not None else None
+        if state.tool_calls:
+            message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
+        return {"index": index, "message": message, "logprobs": state.logprobs, "finish_reason": state.finish_reason}
+
+
+def replayable(answer: dict[str, Any], route: str) -> bool:
+    """Whether `replay` (and a plain hit) can give back every field of this answer; what fails is not cached.
+
+    Known fields only (or unknown ones without a value), a message per chat choice, and for legacy completions
+    no logprobs (their character offsets are not re-cut faithfully).
+    """
+    if route not in (CHAT, COMPLETIONS):
+        return True
+    if _unknown(answer, _ANSWER_KEYS | {"error"}):
+        return False
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        if route == CHAT:
+            message = choice.get("message")
+            if _unknown(choice, _CHAT_CHOICE_KEYS) or not isinstance(message, dict) or _unknown(message, _MESSAGE_KEYS):
+                return False
+            if not isinstance(choice.get("logprobs") or {}, dict):
+                return False
+        elif _unknown(choice, _TEXT_CHOICE_KEYS) or choice.get("logprobs") is not None:
+            return False
+    return True
+
+
+def _unknown(obj: dict[str, Any], known: frozenset[str]) -> bool:
+    """A field outside `known` that carries a value (null, empty and "" carry nothing a client would miss)."""
+    return any(key not in known and value not in _EMPTY for key, value in obj.items())
 
 
 def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterator[bytes]:
-    """A cached answer as a fresh stream: role chunk, content pieces, finish chunk, usage, `[DONE]`."""
+    """A cached answer as a fresh stream: per choice the role, reasoning, content (with its logprobs), refusal,
+    tool calls and finish chunks; then usage where the provider puts it, and `[DONE]`.
+
+    Usage: a chunk of its own when the client asked for it (`stream_options.include_usage`); otherwise on the
+    finish chunk when the answer has DeepSeek's usage shape (DeepSeek always sends usage on its last chunk).
+    """
     completion_id = ("chatcmpl-" if route == CHAT else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    model = answer.get("model")
-    obj = "chat.completion.chunk" if route == CHAT else "text_completion"
+    envelope: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk" if route == CHAT
+                                else "text_completion", "created": created, "model": answer.get("model")}
+    for name in _CARRIED_KEYS:
+        if answer.get(name) is not None:
+            envelope[name] = answer[name]
+    usage = answer.get("usage")
+    usage_on_last = bool(usage) and not include_usage and _deepseek_usage(usage)
+    null_usage = {"usage": None} if include_usage else {}
 
-    def chunk(choice: dict[str, Any]) -> bytes:
-        return sse_event({"id": completion_id, "object": obj, "created": created, "model": model,
-                          "choices": [choice]})
-
-    for choice in answer.get("choices") or [{}]:
-        yield from (chunk(piece) for piece in _replay_choice(choice, route))
-    if include_usage and answer.get("usage"):
-        yield sse_event({"id": completion_id, "object": obj, "created": created, "model": model, "choices": [],
-                         "usage": answer["usage"]})
+    choices = answer.get("choices") or [{}]
+    for n, choice in enumerate(choices):
+        pieces = list(_replay_choice(choice, route))
+        for i, piece in enumerate(pieces):
+            last = n == len(choices) - 1 and i == len(pieces) - 1
+            extra = {"usage": usage} if last and usage_on_last else null_usage
+            yield sse_event({**envelope, "choices": [piece], **extra})
+    if include_usage and usage:
+        yield sse_event({**envelope, "choices": [], "usage": usage})
     yield sse_event("[DONE]")
+
+
+def _deepseek_usage(usage: Any) -> bool:
+    return isinstance(usage, dict) and "prompt_cache_hit_tokens" in usage
 
 
 def _replay_choice(choice: dict[str, Any], route: str) -> Iterator[dict[str, Any]]:
     """One choice of a cached answer as stream choices; an `n > 1` answer replays each under its index."""
     index = choice.get("index", 0)
     finish = choice.get("finish_reason") or "stop"
-    if route == CHAT:
-        message = choice.get("message") or {}
-        yield {"index": index, "delta": {"role": message.get("role", "assistant"), "content": ""},
-               "logprobs": None, "finish_reason": None}
-        for piece in _pieces(message.get("content")):
-            yield {"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
-        for i, call in enumerate(message.get("tool_calls") or []):
-            yield {"index": index, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
-                   "finish_reason": None}
-        yield {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
-    else:
+    logprobs = choice.get("logprobs")
+    if route != CHAT:
         for piece in _pieces(choice.get("text")):
             yield {"index": index, "text": piece, "logprobs": None, "finish_reason": None}
         yield {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
+        return
+    message = choice.get("message") or {}
+    # The first delta as providers send it: content "" when text follows, null before reasoning or a tool call.
+    reasoning = message.get("reasoning_content")
+    head: dict[str, Any] = {"role": message.get("role", "assistant"),
+                            "content": "" if isinstance(message.get("content"), str) and not reasoning else None}
+    if "reasoning_content" in message:
+        head["reasoning_content"] = "" if reasoning else None
+    if "refusal" in message:
+        head["refusal"] = None
+    yield {"index": index, "delta": head, "logprobs": None, "finish_reason": None}
+    for piece in _pieces(message.get("reasoning_content")):
+        yield {"index": index, "delta": {"content": None, "reasoning_content": piece}, "logprobs": None,
+               "finish_reason": None}
+    for name in ("content", "refusal"):
+        tokens = (logprobs or {}).get(name) if isinstance(logprobs, dict) else None
+        for piece, piece_logprobs in _with_logprobs(message.get(name), tokens):
+            chunk_logprobs = None
+            if piece_logprobs is not None:
+                chunk_logprobs = {**dict.fromkeys(logprobs), name: piece_logprobs}  # the fields it had
+            yield {"index": index, "delta": {name: piece}, "logprobs": chunk_logprobs, "finish_reason": None}
+    for i, call in enumerate(message.get("tool_calls") or []):
+        yield {"index": index, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
+               "finish_reason": None}
+    yield {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
+
+
+def _with_logprobs(text: Any, tokens: Any) -> Iterator[tuple[str, list[Any] | None]]:
+    """Text pieces, each with the logprobs of its tokens: one piece per token when the tokens spell the text
+    (as the provider streamed it), else the text in fixed pieces with every token on the first."""
+    if not isinstance(text, str):
+        return
+    if isinstance(tokens, list) and tokens and all(isinstance(t, dict) and isinstance(t.get("token"), str)
+                                                   for t in tokens):
+        if "".join(t["token"] for t in tokens) == text:
+            for token in tokens:
+                yield token["token"], [token]
+            return
+        for i, piece in enumerate(_pieces(text)):
+            yield piece, tokens if i == 0 else []
+        return
+    for piece in _pieces(text):
+        yield piece, None
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import BadRequest
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
 ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
@@ -36,6 +37,33 @@ class ParsedRequest:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(raw: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
+    """A `Content-Encoding: gzip` (or deflate) body, decoded; the size limit holds for the decoded body too.
+
+    Any other encoding is a 415 naming it, rather than "not valid UTF-8" about compressed bytes.
+    """
+    encoding = (content_encoding or "").strip().lower()
+    if not encoding or encoding == "identity":
+        return raw
+    wbits = _ENCODINGS.get(encoding)
+    if wbits is None:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported: send the body as is, "
+                                   "or gzip/deflate it.")
+    decoder = zlib.decompressobj(wbits)
+    try:
+        data = decoder.decompress(raw, max_bytes + 1)
+    except zlib.error:
+        raise BadRequest(f"The request body is not valid {encoding} data.", code="invalid_content_encoding") from None
+    if len(data) > max_bytes or decoder.unconsumed_tail:
+        raise PayloadTooLarge("The decoded request body is larger than the gateway accepts (MAX_BODY_BYTES).")
+    if not decoder.eof:
+        raise BadRequest(f"The request body is a truncated {encoding} stream.", code="invalid_content_encoding")
+    return data
 
 
 def parse_request(route: str, raw: bytes) -> ParsedRequest:

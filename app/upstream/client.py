@@ -43,13 +43,16 @@ from app.errors import (
     UpstreamUnreachable,
 )
 from app.observability import metrics
-from app.upstream.http import retry_after_seconds
+from app.upstream.http import PEEKED_BODY, is_insufficient_quota, retry_after_seconds
 from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 LARGE_READ_SIZE = 1024 * 1024  # reads of an answer of unknown size, counted against MAX_RESPONSE_BYTES
+PASSED_PREFIXES = ("x-ratelimit-", "openai-", "retry-after")
+# Upstream statuses the openai SDKs would retry on their own; the gateway has already applied its budget to them.
+CLIENT_RETRIED = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 # Certificates verified against the same CA bundle requests itself would use.
 _TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
@@ -66,9 +69,16 @@ class UpstreamResult:
     retries: int
     upstream_ms: float
     extra_headers: dict[str, str] = field(default_factory=dict)
+    final: bool = False  # no retry can help (out of credit): the client is told not to retry
     _release: Any = None
     max_bytes: int = 0  # MAX_RESPONSE_BYTES (0: no bound)
     scrub: Callable[[bytes], bytes] | None = None  # applied to error bodies passed on (upstream keys cut out)
+
+    def passed_headers(self) -> dict[str, str]:
+        """The upstream's own headers a client may read: rate limits (`x-ratelimit-*`), `openai-*` (processing
+        time, organization, version, project) and `Retry-After`. The gateway's headers of the same name win."""
+        return {name: value for name, value in self.response.headers.items()
+                if name.lower().startswith(PASSED_PREFIXES) and _PRINTABLE_HEADER.fullmatch(value)}
 
     def read(self) -> bytes:
         """The whole body, for non-streamed answers: at most `max_bytes` of it, or UpstreamResponseTooLarge."""
@@ -87,6 +97,9 @@ class UpstreamResult:
 
     def _read_bounded(self) -> bytes:
         raw = self.response
+        peeked = getattr(raw, PEEKED_BODY, None)
+        if peeked is not None:  # the retry policy read (the start of) this error body already
+            return peeked + (raw.read(decode_content=True) or b"")
         limit = self.max_bytes
         length = _declared_length(raw)
         if not limit or (length is not None and length <= limit and not raw.headers.get("content-encoding")):
@@ -119,6 +132,8 @@ class UpstreamResult:
         """
         raw = self.response
         limit, total = self.max_bytes, 0
+        if limit and (_declared_length(raw) or 0) > limit and not raw.headers.get("content-encoding"):
+            raise self._too_large()  # refused before a byte of it is read (and before the client got a head)
         try:
             if raw.chunked and raw.supports_chunked_reads():
                 chunks = raw.read_chunked(decode_content=True)
@@ -201,26 +216,43 @@ class UpstreamClient:
 
     def _request(self, method: str, path: str, model: str | None, request_id: str,
                  payload: Callable[[Backend], bytes | None]) -> UpstreamResult:
+        """Try the candidates in order within one budget of `UPSTREAM_MAX_RETRIES + 1` attempts in all.
+
+        urllib3 retries one key; each key gets the budget left minus one attempt reserved for every key after
+        it, so a failing key leaves room to try the others. Every attempt that failed (5xx, connection) or was
+        retried is charged to the budget; moving past a key that refused (401/403, a 429 or no credit) is not,
+        as another key may serve at once. So failures never cost more than the budget, and the client, told
+        `x-should-retry: false`, does not multiply them with its own retries.
+        """
         candidates, soonest = self.pool.candidates(model)
         if not candidates:
             raise self._no_candidate(model, soonest)
+        adapter_retry = self.session.get_adapter(candidates[0][0].base_url).max_retries
+        budget = max(1, (adapter_retry.total or 0) + 1)
         last_error: GatewayError | None = None
-        retries = 0
+        attempts = spent = 0
         for index, (backend, key) in enumerate(candidates):
+            left = budget - spent
+            if left <= 0:
+                break
+            reserve = min(len(candidates) - index - 1, left - 1)
+            retry = adapter_retry.new(total=left - 1 - reserve)
             is_last = index == len(candidates) - 1
             started = time.perf_counter()
             self.pool.acquire(key)
             try:
-                response = self._open(method, backend, path, payload(backend), _headers(key, request_id))
+                response = self._open(method, backend, path, payload(backend), _headers(key, request_id), retry)
             except (HTTPError, OSError) as exc:
                 self.pool.release(key)
+                attempts += retry.total + 1  # urllib3 gave up: at most every attempt it had was used
+                spent += retry.total + 1
                 error = _map_send_error(exc)
                 if isinstance(error, UpstreamTimeout) and not _is_connect_timeout(exc):
-                    raise error from exc  # it may be generating already: another key would pay twice
-                self.pool.health.record_failure(key.key_id)
+                    # It may be generating already: another key would pay twice.
+                    raise _final(error, attempts) from exc
+                self.pool.health.record_failure(key.key_id)  # once: urllib3 does not say how many attempts failed
                 self._on_retry("connection", 1)
                 last_error = error
-                retries += 1
                 continue
             except BaseException:
                 self.pool.release(key)  # a gevent Timeout or the worker stopping: no answer to account for
@@ -228,15 +260,23 @@ class UpstreamClient:
             result = UpstreamResult(
                 status=response.status,
                 content_type=_content_type(response.headers.get("content-type")),
-                response=response, backend=backend.name, key_id=key.key_id, retries=retries,
+                response=response, backend=backend.name, key_id=key.key_id, retries=attempts,
                 upstream_ms=(time.perf_counter() - started) * 1000.0,
                 _release=lambda key=key: self.pool.release(key),
             )
             accepted = False
             try:
-                retries += self._count_retries(response)
-                result.retries = retries
-                accepted = self._accept(result, key, is_last, listing=method == "GET")
+                used = self._count_retries(response) + 1
+                attempts += used
+                spent += used if response.status >= 500 else used - 1
+                result.retries = attempts - 1
+                is_last = is_last or spent >= budget
+                accepted = self._accept(result, key, model, is_last, listing=method == "GET", used=used)
+                if accepted and result.status >= 400 and (
+                        result.status in CLIENT_RETRIED or attempts > 1 or result.final):
+                    # The gateway's retry budget already covered this failure (or nothing will help): a client's
+                    # own retries (the openai SDKs retry 408, 409, 429 and 5xx twice) would multiply it.
+                    result.extra_headers["x-should-retry"] = "false"
             finally:
                 # Whatever is not handed to the caller (a refused key moved past, or the error raised for the
                 # last one) frees its connection and its in-flight count here.
@@ -244,13 +284,12 @@ class UpstreamClient:
                     result.close()
             if accepted:
                 return result
-            retries += 1
         if last_error is None:  # every candidate was tried; the loop returns on the last one otherwise
             last_error = UpstreamUnreachable("no upstream answered")
-        raise last_error
+        raise _final(last_error, attempts)
 
     def _open(self, method: str, backend: Backend, path: str, body: bytes | None,
-              headers: dict[str, str]) -> HTTPResponse:
+              headers: dict[str, str], retry: Any) -> HTTPResponse:
         """One urlopen on the session adapter's pool for this backend, with the adapter's Retry."""
         adapter = self.session.get_adapter(backend.base_url)
         route = self._routes.get(backend.base_url)
@@ -259,7 +298,7 @@ class UpstreamClient:
             route = self._routes[backend.base_url] = (pool, parse_url(backend.base_url).path or "")
         pool, prefix = route
         return pool.urlopen(
-            method, _url(prefix, path), body=body, headers=headers, retries=adapter.max_retries,
+            method, _url(prefix, path), body=body, headers=headers, retries=retry,
             timeout=self._timeout, redirect=False, assert_same_host=False, preload_content=False,
             decode_content=True,
         )
@@ -270,18 +309,27 @@ class UpstreamClient:
             self._on_retry(reason, 1)
         return len(reasons)
 
-    def _accept(self, result: UpstreamResult, key: UpstreamKey, is_last: bool, *, listing: bool = False) -> bool:
+    def _accept(self, result: UpstreamResult, key: UpstreamKey, model: str | None, is_last: bool, *,
+                listing: bool = False, used: int = 1) -> bool:
         """Update the key's health; True when this answer goes to the client, False to try the next key.
 
         A 403 to the model list (`listing`) does not take the key out: a key restricted to inference (OpenAI's
-        restricted keys can be) may be refused the list and still serve every chat request.
+        restricted keys can be) may be refused the list and still serve every chat request. Running out of
+        credit (DeepSeek's 402, a 429 `insufficient_quota`) is final for this key, not a rate limit: the key is
+        tried after others from now on, the request moves to another key if there is one, and nothing rests.
         """
         status = result.status
         health = self.pool.health
+        if status == 402 or (status == 429 and is_insufficient_quota(result.response)):
+            health.deplete(key.key_id)
+            log.warning("upstream key %s is out of credit (%s)", key.key_id, status,
+                        extra={"upstream_key_id": key.key_id, "upstream_status": status})
+            result.final = True
+            return is_last
         if status == 429:
             retry_after = retry_after_seconds(result.response.headers.get("Retry-After"))
-            until = health.cool_down(key.key_id, retry_after)
-            log.warning("upstream key %s rate limited, cooling down", key.key_id,
+            until = health.cool_down(key.key_id, retry_after, model=model)
+            log.warning("upstream key %s rate limited for %s, cooling down", key.key_id, model,
                         extra={"upstream_key_id": key.key_id, "cooldown_s": round(until - time.time(), 1)})
             self._on_retry("429", 1)
             if is_last:
@@ -303,10 +351,11 @@ class UpstreamClient:
                 )
             return False
         if status >= 500:
-            health.record_failure(key.key_id)
+            for _ in range(used):  # every attempt urllib3 made on this key failed the same way
+                health.record_failure(key.key_id, model or "")
             self._on_retry("5xx", 1)
             return is_last
-        health.record_success(key.key_id)
+        health.record_success(key.key_id, model or "")
         return True
 
     def _no_candidate(self, model: str | None, soonest: float) -> GatewayError:
@@ -349,6 +398,14 @@ def _for_backend(backend: Backend, body: dict[str, Any], raw_body: bytes, model:
     if model is None or model not in backend.model_map:
         return raw_body
     return json.dumps({**body, "model": backend.upstream_model(model)}).encode()
+
+
+def _final(error: GatewayError, attempts: int) -> GatewayError:
+    """The gateway's own error after trying the upstream within its retry budget: a client retrying on top would
+    multiply the attempts (and, after a read timeout, possibly pay twice for one answer)."""
+    if attempts >= 1:
+        error.headers["x-should-retry"] = "false"
+    return error
 
 
 def retry_reasons(response: HTTPResponse) -> list[str]:

@@ -7,6 +7,7 @@ retried before its first byte reaches the client.
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import time
 
@@ -31,6 +32,8 @@ class UpstreamRetry(Retry):
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # noqa: ANN001, ANN201
         if response is not None and response.status == 429:
+            if is_insufficient_quota(response):
+                raise MaxRetryError(_pool, url, reason=None)  # out of credit: waiting will not bring it back
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is not None and wait > self.retry_after_max:
                 raise MaxRetryError(_pool, url, reason=None)  # urllib3 hands the 429 back untouched
@@ -40,6 +43,37 @@ class UpstreamRetry(Retry):
         # urllib3's own parser raises InvalidHeader on a value it cannot read, which fails the whole request.
         wait = retry_after_seconds(response.headers.get("Retry-After"))
         return None if wait is None else min(wait, self.retry_after_max)
+
+
+# OpenAI's "out of credit" 429s: type `insufficient_quota`, code naming the cause (or the type again).
+QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
+                         "project_spend_limit_exceeded", "organization_usage_limit_exceeded"})
+
+
+PEEKED_BODY = "gateway_peeked_body"  # where a 429's body read by `is_insufficient_quota` is kept on the response
+PEEK_MAX_BYTES = 65536
+
+
+def is_insufficient_quota(response) -> bool:  # noqa: ANN001 - a urllib3 HTTPResponse
+    """A 429 that means "out of credit" (OpenAI's `insufficient_quota` code or type), not "slow down".
+
+    The (small) error body is read once, at most PEEK_MAX_BYTES of it, and kept on the response under
+    PEEKED_BODY, so it is still passed on.
+    """
+    if response.status != 429:
+        return False
+    body = getattr(response, PEEKED_BODY, None)
+    if body is None:
+        body = response.read(PEEK_MAX_BYTES + 1, decode_content=True) or b""
+        setattr(response, PEEKED_BODY, body)
+    if len(body) > PEEK_MAX_BYTES:
+        return False  # no provider's quota error is this large
+    try:
+        body = json.loads(body)
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and (error.get("code") in QUOTA_CODES or error.get("type") in QUOTA_CODES)
 
 
 def retry_after_seconds(header: str | None, now: float | None = None) -> float | None:

@@ -1,8 +1,8 @@
 """Backends, their keys, and which key a request should use next.
 
 Choice: backends that serve the model, in weighted-random order; inside a backend, keys that are not
-cooling down, preferring the fewest requests in flight (per worker) relative to the key's weight.
-Cooldowns are shared through Redis (`KeyHealth`) so every worker and pod stops using a limited key.
+cooling down for that model nor ejected, preferring the fewest requests in flight (per worker) relative to the
+key's weight. Cooldowns are shared through Redis (`KeyHealth`) so every worker and pod stops using a limited key.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from app.config import ConfigError, http_base_url, read_yaml_file
 log = logging.getLogger(__name__)
 
 DISABLED = float("inf")  # a key taken out (401/403) until an operator restores it
-FAILURE_COOLDOWN = 5.0  # seconds a key rests after repeated 5xx / connection errors
-FAILURES_BEFORE_COOLDOWN = 3
+# Outlier ejection (Envoy's consecutive_5xx, base_ejection_time, max_ejection_time, panic threshold).
+EJECT_AFTER_FAILURES = 3  # consecutive 5xx (per key and model) or connection failures (per key)
+EJECT_BASE_SECONDS = 5.0  # the n-th ejection in a row lasts n times this...
+EJECT_MAX_SECONDS = 300.0  # ...up to this
+PANIC_THRESHOLD = 0.5  # below this share of healthy keys, ejected keys are used again (after the healthy ones)
+DEPLETED_SECONDS = 60.0  # a key out of credit is tried last for this long
 BACKOFF_COOLDOWN_MAX = 300.0
 # Longest rest a Retry-After can buy a key. Upstreams may ask for hours (a spent daily quota); past this the key
 # is tried again, and one that is still limited costs one request that moves on to another key.
@@ -177,10 +181,18 @@ def _model_map(value: Any, where: str) -> dict[str, str]:
 
 
 class KeyHealth:
-    """Cooldowns per key id, shared through one Redis hash, read at most once a second per worker.
+    """What the upstream said about each key, per model where the provider limits per model.
 
-    Reading the hash on every request would add a Redis round trip to each; a one-second-old view is
-    enough, and a worker that sees a 429 itself marks the key locally at once.
+    Three kinds of state, as the providers and Envoy's outlier detection have them:
+    - rate-limit cooldowns (429 with or without Retry-After) per (key, model): OpenAI limits per model and
+      DeepSeek overloads per model, so one model's 429 never rests the key for another model. Shared through
+      one Redis hash (field `key_id|model`), read at most once a second per worker;
+    - disabled keys (401/403) for every model, until an operator restores them (field `key_id`, shared);
+    - outlier ejection for failures (5xx per (key, model), connection failures per key): after
+      `EJECT_AFTER_FAILURES` consecutive failures the pair is ejected for `EJECT_BASE_SECONDS` times the number
+      of its ejections (capped at `EJECT_MAX_SECONDS`). Ejection is this worker's own view, as each Envoy's is,
+      and never removes the last usable key: the pool's panic threshold puts ejected keys back in use.
+    A credit-exhausted key (402, 429 `insufficient_quota`) is only demoted: tried after keys that still have credit.
     """
 
     REDIS_KEY = "gw:upstream:cooldown"
@@ -190,8 +202,11 @@ class KeyHealth:
     def __init__(self, redis_client: Any | None) -> None:
         self._redis = redis_client
         self._until: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
         self._strikes: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
+        self._ejections: dict[str, int] = {}
+        self._ejected: dict[str, float] = {}
+        self._depleted: dict[str, float] = {}
         self._refreshed = 0.0
         self._refreshing = False
         self._lock = threading.Lock()
@@ -202,58 +217,90 @@ class KeyHealth:
         self._marks = 0
         self._marked_at: dict[str, int] = {}
 
-    def cooling_until(self, key_id: str, now: float) -> float:
+    def cooling_until(self, key_id: str, now: float, model: str | None = None) -> float:
+        """When the key may serve `model` again after a 429 (DISABLED when rejected); 0.0 when it may now."""
         self._maybe_refresh(now)
-        until = self._until.get(key_id, 0.0)
+        until = max(self._until.get(key_id, 0.0), self._until.get(_field(key_id, model), 0.0))
         return until if until > now else 0.0
 
-    def cool_down(self, key_id: str, seconds: float | None, now: float | None = None) -> float:
-        """Rest a key for `seconds` (Retry-After) or an exponential backoff when the upstream gave none."""
+    def cool_down(self, key_id: str, seconds: float | None, now: float | None = None,
+                  model: str | None = None) -> float:
+        """Rest a key for one model for `seconds` (Retry-After), or an exponential backoff when none was given."""
         now = time.time() if now is None else now
+        name = _field(key_id, model)
         if seconds is None or math.isnan(seconds):
-            strikes = self._strikes.get(key_id, 0) + 1
-            self._strikes[key_id] = strikes
+            strikes = self._strikes.get(name, 0) + 1
+            self._strikes[name] = strikes
             seconds = min(BACKOFF_COOLDOWN_MAX, 2.0 ** min(strikes, 32))  # 2.0**1024 would overflow
         # A Retry-After of hours, or one too large for a float, must not take the key out for good.
         until = now + min(max(seconds, 0.001), RETRY_AFTER_COOLDOWN_MAX)
-        self._set(key_id, until)
+        self._set(name, until)
         return until
 
     def disable(self, key_id: str) -> None:
+        """401/403: the credentials are bad for every model."""
         self._set(key_id, DISABLED)
 
-    def record_failure(self, key_id: str) -> bool:
-        """5xx / connection error; returns True when it put the key in a short cooldown."""
-        count = self._failures.get(key_id, 0) + 1
-        self._failures[key_id] = count
-        if count >= FAILURES_BEFORE_COOLDOWN:
-            self._failures[key_id] = 0
-            self._set(key_id, time.time() + FAILURE_COOLDOWN)
-            return True
-        return False
+    def record_failure(self, key_id: str, model: str | None = None, now: float | None = None) -> bool:
+        """A 5xx for `model` (or, with model None, a connection failure of the key); True when it ejected."""
+        now = time.time() if now is None else now
+        name = _scope(key_id, model)
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        if count < EJECT_AFTER_FAILURES:
+            return False
+        self._failures[name] = 0
+        ejections = self._ejections.get(name, 0) + 1
+        self._ejections[name] = ejections
+        self._ejected[name] = now + min(EJECT_MAX_SECONDS, EJECT_BASE_SECONDS * ejections)
+        return True
 
-    def record_success(self, key_id: str) -> None:
-        if self._failures.get(key_id) or self._strikes.get(key_id):
-            self._failures.pop(key_id, None)
-            self._strikes.pop(key_id, None)
+    def ejected_until(self, key_id: str, now: float, model: str | None = None) -> float:
+        until = max(self._ejected.get(_scope(key_id, None), 0.0), self._ejected.get(_scope(key_id, model), 0.0))
+        return until if until > now else 0.0
+
+    def record_success(self, key_id: str, model: str | None = None) -> None:
+        """An answer: the failure streaks end; each success takes one step off the ejection multiplier."""
+        for name in (_scope(key_id, None), _scope(key_id, model)):
+            self._failures.pop(name, None)
+            if name in self._ejections and not self._ejected.get(name, 0.0) > time.time():
+                self._ejections[name] -= 1
+                if self._ejections[name] <= 0:
+                    del self._ejections[name]
+        self._strikes.pop(_field(key_id, model), None)
+
+    def deplete(self, key_id: str, now: float | None = None) -> None:
+        """Out of credit (402, insufficient_quota): tried after the keys that still have some, for a while."""
+        self._depleted[key_id] = (time.time() if now is None else now) + DEPLETED_SECONDS
+
+    def depleted(self, key_id: str, now: float) -> bool:
+        return self._depleted.get(key_id, 0.0) > now
 
     def state(self, key_id: str, now: float) -> str:
-        until = self.cooling_until(key_id, now)
-        return "disabled" if until == DISABLED else ("cooling" if until else "ok")
+        """The key's worst state over its models, for the key-state gauge."""
+        self._maybe_refresh(now)
+        if self._until.get(key_id) == DISABLED:
+            return "disabled"
+        prefix = key_id + "|"
+        if any(until > now for name, until in self._until.items() if name == key_id or name.startswith(prefix)):
+            return "cooling"
+        if any(until > now for name, until in self._ejected.items() if name == key_id or name.startswith(prefix)):
+            return "ejected"
+        return "ok"
 
-    def _set(self, key_id: str, until: float) -> None:
-        self._until[key_id] = until
+    def _set(self, name: str, until: float) -> None:
+        self._until[name] = until
         self._marks += 1
-        self._marked_at[key_id] = self._marks
+        self._marked_at[name] = self._marks
         if self._redis is None:
             return
         try:
-            self._redis.hset(self.REDIS_KEY, key_id, "disabled" if until == DISABLED else repr(until))
+            self._redis.hset(self.REDIS_KEY, name, "disabled" if until == DISABLED else repr(until))
         except Exception as exc:  # noqa: BLE001 - Redis down: the local view still protects this worker
-            self._unshared.add(key_id)
+            self._unshared.add(name)
             log.warning("upstream key state not shared, Redis unavailable: %s", type(exc).__name__)
         else:
-            self._unshared.discard(key_id)
+            self._unshared.discard(name)
 
     def _maybe_refresh(self, now: float) -> None:
         if self._redis is None or now - self._refreshed < self.REFRESH_SECONDS:
@@ -288,28 +335,46 @@ class KeyHealth:
                 log.debug("upstream key states not refreshed: %s", type(exc).__name__)
                 return
         fresh: dict[str, float] = {}
-        for raw_id, raw_until in shared.items():
-            key_id = raw_id.decode(errors="replace") if isinstance(raw_id, bytes) else raw_id
+        for raw_name, raw_until in shared.items():
+            name = raw_name.decode(errors="replace") if isinstance(raw_name, bytes) else raw_name
             until = _shared_until(raw_until)
             if until is None:
                 log.warning("ignored an unreadable upstream key state in Redis (%s)", self.REDIS_KEY)
                 continue
-            fresh[key_id] = until
-        for key_id, until in self._until.items():
-            if until > now and key_id not in fresh and (
-                key_id in self._unshared or self._marked_at.get(key_id, 0) > marks_before
+            fresh[name] = until
+        for name, until in self._until.items():
+            if until > now and name not in fresh and (
+                name in self._unshared or self._marked_at.get(name, 0) > marks_before
             ):
-                fresh[key_id] = until  # a mark Redis has not seen yet; any other one was restored
+                fresh[name] = until  # a mark Redis has not seen yet; any other one was restored
         self._until = fresh
 
     def restore(self, key_id: str) -> None:
-        """Operator action: put a disabled or cooling key back in service everywhere."""
-        self._until.pop(key_id, None)
-        self._unshared.discard(key_id)
-        self._failures.pop(key_id, None)
-        self._strikes.pop(key_id, None)
+        """Operator action: put a disabled or cooling key back in service everywhere, for every model."""
+        prefix = key_id + "|"
+
+        def mine(name: str) -> bool:
+            return name == key_id or name.startswith(prefix)
+
+        for table in (self._until, self._strikes, self._failures, self._ejections, self._ejected):
+            for name in [n for n in table if mine(n)]:
+                del table[name]
+        self._depleted.pop(key_id, None)
+        self._unshared = {n for n in self._unshared if not mine(n)}
         if self._redis is not None:
-            self._redis.hdel(self.REDIS_KEY, key_id)
+            names = [n for n in self._redis.hkeys(self.REDIS_KEY)
+                     if mine(n.decode(errors="replace") if isinstance(n, bytes) else n)]
+            self._redis.hdel(self.REDIS_KEY, key_id, *names)
+
+
+def _field(key_id: str, model: str | None) -> str:
+    """The Redis field of a per-model cooldown; a request without a model (the model list) has its own."""
+    return f"{key_id}|{model or ''}"
+
+
+def _scope(key_id: str, model: str | None) -> str:
+    """Ejection scope: the key for one model (5xx), or the whole key (model None: its connection failed)."""
+    return key_id if model is None else f"{key_id}|{model}"
 
 
 class UpstreamPool:
@@ -334,21 +399,35 @@ class UpstreamPool:
     def candidates(
         self, model: str | None, now: float | None = None
     ) -> tuple[list[tuple[Backend, UpstreamKey]], float]:
-        """Usable (backend, key) pairs in preference order, and the soonest recovery when none is usable."""
+        """Usable (backend, key) pairs in preference order, and the soonest recovery when none is usable.
+
+        Keys cooling down for this model (the upstream's 429) or disabled are left out. Ejected keys are left
+        out too, unless fewer than `PANIC_THRESHOLD` of the remaining keys are healthy (Envoy's panic mode):
+        then they follow the healthy ones, so a failing upstream's only key is never benched. Keys out of
+        credit come after every other usable key.
+        """
         now = time.time() if now is None else now
         serving = [b for b in self.backends if b.serves(model)]
-        ordered: list[tuple[Backend, UpstreamKey]] = []
+        healthy: list[tuple[Backend, UpstreamKey]] = []
+        ejected: list[tuple[Backend, UpstreamKey]] = []
         soonest = float("inf")
         for backend in _weighted_order(serving):
             usable = []
             for key in backend.keys:
-                until = self.health.cooling_until(key.key_id, now)
+                until = self.health.cooling_until(key.key_id, now, model)
                 if until:
                     soonest = min(soonest, until)
+                elif self.health.ejected_until(key.key_id, now, model):
+                    ejected.append((backend, key))
                 else:
                     usable.append(key)
             usable.sort(key=lambda k: (self._in_flight.get(k.key_id, 0) / k.weight, random.random()))
-            ordered.extend((backend, key) for key in usable)
+            healthy.extend((backend, key) for key in usable)
+        ordered = healthy
+        if ejected and len(healthy) < PANIC_THRESHOLD * (len(healthy) + len(ejected)):
+            ordered = healthy + ejected
+        if any(self.health.depleted(key.key_id, now) for _b, key in ordered):
+            ordered = sorted(ordered, key=lambda pair: self.health.depleted(pair[1].key_id, now))  # stable
         return ordered, soonest
 
     def acquire(self, key: UpstreamKey) -> None:

@@ -358,3 +358,41 @@ def test_keep_alive(url: str) -> None:
         assert conn.sock is not None
     finally:
         conn.close()
+
+
+def test_deepseek_shapes(url: str) -> None:
+    """deepseek-reasoner: reasoning_content plain and streamed first; DeepSeek usage (cache split), on the last
+    chunk of a stream that did not ask for usage."""
+    body = {"model": "deepseek-reasoner", "messages": [{"role": "user", "content": "why"}]}
+    plain = chat(url, body).json()
+    message = plain["choices"][0]["message"]
+    assert message["reasoning_content"] and message["content"] == "Mock answer to: why"
+    usage = plain["usage"]
+    assert usage["prompt_cache_hit_tokens"] + usage["prompt_cache_miss_tokens"] == usage["prompt_tokens"]
+    assert usage["completion_tokens_details"]["reasoning_tokens"] > 0
+    events = [json.loads(line[6:]) for line in chat(url, {**body, "stream": True}).text.split("\n\n")
+              if line.startswith("data: {")]
+    assert events[1]["choices"][0]["delta"]["reasoning_content"] and events[1]["choices"][0]["delta"]["content"] is None
+    assert events[-1]["usage"] == usage and events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprobs_and_per_model_faults(url: str) -> None:
+    """logprobs: true with top_logprobs gives one entry per token; a fault with "model" hits only that model."""
+    body = {**CHAT, "logprobs": True, "top_logprobs": 2}
+    logprobs = chat(url, body).json()["choices"][0]["logprobs"]["content"]
+    assert "".join(t["token"] for t in logprobs) == ANSWER and len(logprobs[0]["top_logprobs"]) == 2
+    queue(url, {"model": "gpt-4o", "status": 429, "times": -1})
+    assert chat(url).status_code == 200
+    assert chat(url, {**CHAT, "model": "gpt-4o"}).status_code == 429
+
+
+def test_wire_framing_fault(url: str) -> None:
+    """The "wire" fault: gzip-encoded, CRLF-ended SSE in 5-byte writes, decoding to the usual stream."""
+    queue(url, {"kind": "wire", "crlf": True, "split": 5, "gzip": True})
+    response = chat(url, {**CHAT, "stream": True}, stream=True)
+    assert response.headers["Content-Encoding"] == "gzip"
+    text = response.content.decode()  # requests decodes the gzip
+    assert "\r\n\r\n" in text and "\n\n" not in text.replace("\r\n", "")
+    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+              for e in text.split("\r\n\r\n") if e.startswith("data: {")]
+    assert "".join(deltas) == ANSWER

@@ -157,3 +157,12 @@ def test_redis_budget_and_burst_settings() -> None:
     for bad in ("0", "1.5", "-1"):
         with pytest.raises(ConfigError, match="RATE_LIMIT_BURST"):
             Settings.from_env({"RATE_LIMIT_BURST": bad})
+
+
+def test_cors_origins_are_checked_and_normalised() -> None:
+    """CORS_ALLOW_ORIGINS: origins lower-cased without a trailing slash, `*` kept; a path or a bare host is refused."""
+    s = settings(CORS_ALLOW_ORIGINS="https://App.Example.com/, http://127.0.0.1:3000,*")
+    assert s.cors_allow_origins == ("https://app.example.com", "http://127.0.0.1:3000", "*")
+    for bad in ("app.example.com", "https://a.example/x", "ftp://a.example", "https://:80"):
+        with pytest.raises(ConfigError, match="CORS_ALLOW_ORIGINS"):
+            settings(CORS_ALLOW_ORIGINS=bad)

@@ -82,3 +82,12 @@ def test_the_worker_class_is_gunicorns_gevent_worker(conf: ModuleType) -> None:
     from gunicorn.workers.ggevent import GeventWorker
 
     assert issubclass(conf.worker_class, GeventWorker)
+
+
+def test_an_event_stream_head_is_not_held(conf: ModuleType, pair: tuple[socket.socket, socket.socket]) -> None:
+    """A stream's head leaves at once: its first event may be seconds away (a request queued upstream)."""
+    server, client = pair
+    wrapped = conf._HeadWithBodySocket(server)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+    wrapped.sendall(head)
+    assert received(client) == [head]

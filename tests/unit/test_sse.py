@@ -111,7 +111,9 @@ def test_completions_stream_is_reconstructed() -> None:
     pytest.param(event(chat_chunk({"content": "Hi"})) + b"data: {not json\n\n" + chat_stream([]), id="bad-json"),
     pytest.param(event(chat_chunk({"content": "Hi"}, "stop") | {"choices": [
         {"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"},
-        {"index": 1, "delta": {"content": "b"}, "finish_reason": "stop"}]}) + event("[DONE]"), id="n-2"),
+        {"index": 1, "delta": {"content": "b"}, "finish_reason": "length"}]}) + event("[DONE]"), id="n-2-one-cut"),
+    pytest.param(event(chat_chunk({"content": "Hi", "audio": {"id": "a1"}})) + chat_stream(["Hi"]),
+                 id="unknown-delta-field"),
     pytest.param(event({"choices": [1]}) + chat_stream(["Hi"]), id="choice-not-object"),
     pytest.param(event({"choices": [{"index": 0, "delta": "Hi"}]}) + chat_stream(["Hi"]), id="delta-not-object"),
     pytest.param(event(chat_chunk({"tool_calls": ["x"]})) + chat_stream(["Hi"]), id="tool-call-not-object"),
@@ -120,7 +122,7 @@ def test_completions_stream_is_reconstructed() -> None:
     pytest.param(event(chat_chunk({"tool_calls": [{"index": [0]}]})) + chat_stream(["Hi"]), id="index-unhashable"),
 ])
 def test_unfinished_or_failed_stream_is_not_clean(data: bytes) -> None:
-    """Truncated, cut by length, errored, multi-choice or misshapen streams give no answer to cache; whatever
+    """Truncated, cut by length, errored, misshapen or carrying fields a replay would lose: no answer to cache; whatever
     the shape, every event still reaches the client unchanged (the tap never cuts a stream it cannot follow)."""
     tap, out = tap_all(data)
     assert not tap.clean
@@ -252,3 +254,54 @@ def test_sse_error_is_an_openai_error_event() -> None:
     (payload,) = parse_events(sse_error("gone", "upstream_error", "stream_interrupted"))
     assert payload == {"error": {"message": "gone", "type": "upstream_error", "param": None,
                                  "code": "stream_interrupted"}}
+
+
+def test_every_field_of_a_stream_is_assembled() -> None:
+    """reasoning_content, logprobs, refusal, n > 1, system_fingerprint and DeepSeek's usage on the last chunk
+    all reach the assembled answer; replaying it and tapping again gives the same answer back."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, "prompt_cache_hit_tokens": 0,
+             "prompt_cache_miss_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 2}}
+    top = {"id": "chatcmpl-ds", "object": "chat.completion.chunk", "created": 7, "model": "deepseek-reasoner",
+           "system_fingerprint": "fp_ds"}
+    lp = [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]
+
+    def chunk(choices: list, **extra: object) -> bytes:
+        return event({**top, "choices": choices, **extra})
+
+    data = b"".join([
+        chunk([{"index": i, "delta": {"role": "assistant", "content": None, "reasoning_content": ""},
+                "logprobs": None, "finish_reason": None} for i in (0, 1)]),
+        chunk([{"index": i, "delta": {"content": None, "reasoning_content": "think"}, "logprobs": None,
+                "finish_reason": None} for i in (0, 1)]),
+        chunk([{"index": i, "delta": {"content": "Hi", "reasoning_content": None}, "logprobs": {"content": lp},
+                "finish_reason": None} for i in (0, 1)]),
+        chunk([{"index": i, "delta": {"content": ""}, "logprobs": None, "finish_reason": "stop"} for i in (0, 1)],
+              usage=usage),
+        event("[DONE]"),
+    ])
+    answer = answer_from(data)
+    assert answer["system_fingerprint"] == "fp_ds" and answer["usage"] == usage
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    for choice in answer["choices"]:
+        assert choice["message"]["reasoning_content"] == "think" and choice["message"]["content"] == "Hi"
+        assert choice["logprobs"] == {"content": lp}
+    events = parse_events(b"".join(replay(answer, CHAT, include_usage=False)))
+    assert [c for c in events[:-1] if c.get("usage")][-1] is events[-2]  # DeepSeek: usage on the last chunk
+    again = answer_from(b"".join(replay(answer, CHAT, include_usage=False)))
+    assert {k: v for k, v in again.items() if k not in ("id", "created")} == {
+        k: v for k, v in answer.items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize(("answer", "ok"), [
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x", "annotations": []},
+                   "finish_reason": "stop"}]}, True),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x", "audio": {"id": "a"}},
+                   "finish_reason": "stop"}]}, False),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}],
+      "prompt_filter_results": [{"prompt_index": 0}]}, False),
+])
+def test_replayable_refuses_what_a_hit_would_lose(answer: dict, ok: bool) -> None:
+    """An answer carrying a field the replay cannot give back is not cached; empty unknown fields are harmless."""
+    from app.proxy.sse import replayable
+
+    assert replayable(answer, CHAT) is ok

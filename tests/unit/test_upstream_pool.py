@@ -183,10 +183,10 @@ def test_candidates_skip_cooling_keys_and_report_the_soonest_recovery() -> None:
     k1, k2 = key("k1"), key("k2")
     health = KeyHealth(None)
     pool = UpstreamPool([Backend("a", "http://a", (k1, k2))], health)
-    health.cool_down(k1.key_id, 30, now=1000.0)
+    health.cool_down(k1.key_id, 30, now=1000.0, model="m")
     ordered, _ = pool.candidates("m", now=1001.0)
     assert [k.key_id for _b, k in ordered] == [k2.key_id]
-    health.cool_down(k2.key_id, 10, now=1000.0)
+    health.cool_down(k2.key_id, 10, now=1000.0, model="m")
     ordered, soonest = pool.candidates("m", now=1001.0)
     assert ordered == [] and soonest == 1010.0
     ordered, _ = pool.candidates("m", now=1011.0)
@@ -223,13 +223,61 @@ def test_backoff_without_retry_after_grows() -> None:
     assert health.cool_down("k", None, now=0.0) == 2.0
 
 
-def test_repeated_failures_cool_a_key_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FAILURES_BEFORE_COOLDOWN 5xx in a row put the key aside for FAILURE_COOLDOWN seconds."""
-    monkeypatch.setattr(pool_module.time, "time", lambda: 100.0)
+def test_consecutive_failures_eject_for_a_growing_interval() -> None:
+    """EJECT_AFTER_FAILURES 5xx in a row eject (key, model) for EJECT_BASE_SECONDS; the next ejection lasts longer."""
     health = KeyHealth(None)
-    results = [health.record_failure("k") for _ in range(pool_module.FAILURES_BEFORE_COOLDOWN)]
+    n = pool_module.EJECT_AFTER_FAILURES
+    results = [health.record_failure("k", "m", now=100.0) for _ in range(n)]
     assert results[-1] is True and not any(results[:-1])
-    assert health.cooling_until("k", 100.0) == 100.0 + pool_module.FAILURE_COOLDOWN
+    assert health.ejected_until("k", 100.0, "m") == 100.0 + pool_module.EJECT_BASE_SECONDS
+    assert health.ejected_until("k", 100.0, "other") == 0.0  # another model of the key is not ejected
+    assert health.cooling_until("k", 100.0, "m") == 0.0  # an ejection is not a rate limit
+    for _ in range(n):
+        health.record_failure("k", "m", now=200.0)
+    assert health.ejected_until("k", 200.0, "m") == 200.0 + 2 * pool_module.EJECT_BASE_SECONDS
+    for _ in range(n):  # a connection failure ejects the whole key
+        health.record_failure("k", None, now=300.0)
+    assert health.ejected_until("k", 300.0, "other") == 300.0 + pool_module.EJECT_BASE_SECONDS
+
+
+def test_ejection_never_benches_the_last_healthy_key() -> None:
+    """Panic threshold: an ejected only key stays in use; of two keys, one ejected is left out."""
+    k1, k2 = key("k1"), key("k2")
+    health = KeyHealth(None)
+    for _ in range(pool_module.EJECT_AFTER_FAILURES):
+        health.record_failure(k1.key_id, "m", now=1000.0)
+    single = UpstreamPool([Backend("a", "http://a", (k1,))], health)
+    assert [k.key_id for _b, k in single.candidates("m", now=1001.0)[0]] == [k1.key_id]
+    pair = UpstreamPool([Backend("a", "http://a", (k1, k2))], health)
+    assert [k.key_id for _b, k in pair.candidates("m", now=1001.0)[0]] == [k2.key_id]
+    assert len(pair.candidates("other", now=1001.0)[0]) == 2
+    for _ in range(pool_module.EJECT_AFTER_FAILURES):
+        health.record_failure(k2.key_id, "m", now=1000.0)
+    assert len(pair.candidates("m", now=1001.0)[0]) == 2  # every key ejected: panic, all in use
+
+
+def test_per_model_cooldown_and_key_wide_disable() -> None:
+    """A 429 for one model rests the key for that model only; a 401 disables it for every model."""
+    k1 = key("k1")
+    health = KeyHealth(None)
+    pool = UpstreamPool([Backend("a", "http://a", (k1,))], health)
+    health.cool_down(k1.key_id, 30, now=1000.0, model="a")
+    assert pool.candidates("a", now=1001.0)[0] == []
+    assert len(pool.candidates("b", now=1001.0)[0]) == 1
+    health.disable(k1.key_id)
+    assert pool.candidates("b", now=1001.0)[0] == []
+    health.restore(k1.key_id)
+    assert len(pool.candidates("a", now=1001.0)[0]) == 1
+
+
+def test_a_key_out_of_credit_is_tried_last() -> None:
+    """402 / insufficient_quota: the key is not rested, only put behind the keys that still have credit."""
+    k1, k2 = key("k1"), key("k2")
+    health = KeyHealth(None)
+    pool = UpstreamPool([Backend("a", "http://a", (k1, k2))], health)
+    health.deplete(k1.key_id, now=1000.0)
+    for _ in range(5):
+        assert [k.key_id for _b, k in pool.candidates("m", now=1001.0)[0]] == [k2.key_id, k1.key_id]
 
 
 def test_states() -> None:
@@ -271,7 +319,7 @@ def test_every_key_cooling_is_429_with_retry_after() -> None:
     """With every key cooling down, the client is told when to come back."""
     key = UpstreamKey(secret="sk-a", key_id="a")
     client = client_for(Backend(name="b", base_url="http://127.0.0.1:9", keys=(key,)))
-    client.pool.health.cool_down("a", 5.0)
+    client.pool.health.cool_down("a", 5.0, model="mock-gpt")
     with pytest.raises(RateLimited) as info:
         send(client, "mock-gpt")
     assert 1 <= int(info.value.headers["Retry-After"]) <= 5

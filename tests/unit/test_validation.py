@@ -126,3 +126,35 @@ def test_embeddings_input_is_checked_and_never_streamed() -> None:
     assert parse_request(EMBEDDINGS, b'{"model": "e", "input": ["x", "y"]}').model == "e"
     for value in (None, [], 3):
         assert "input" in bad_request(EMBEDDINGS, json.dumps({"model": "e", "input": value}).encode()).message
+
+
+def test_decode_body_gzip_deflate_and_limits() -> None:
+    """gzip/deflate bodies decode; the limit applies to the decoded size; truncated or unknown encodings refuse."""
+    import gzip
+    import zlib
+
+    from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+    from app.proxy.validation import decode_body
+
+    data = b'{"model": "m"}'
+    assert decode_body(gzip.compress(data), "GZIP", 100) == data
+    assert decode_body(zlib.compress(data), "deflate", 100) == data
+    assert decode_body(data, None, 100) == data and decode_body(data, "identity", 100) == data
+    with pytest.raises(PayloadTooLarge):
+        decode_body(gzip.compress(b" " * 10_000_000), "gzip", 1000)  # a bomb is cut after the limit
+    with pytest.raises(BadRequest):
+        decode_body(gzip.compress(data)[:-12], "gzip", 100)
+    with pytest.raises(UnsupportedMediaType, match="'br'"):
+        decode_body(data, "br", 100)
+
+
+@pytest.mark.parametrize(("path", "canonical"), [
+    ("/chat/completions", "/v1/chat/completions"), ("/v1/chat/completions/", "/v1/chat/completions"),
+    ("/models/deepseek-chat", "/v1/models/deepseek-chat"), ("/embeddings/", "/v1/embeddings"),
+    ("/healthz", "/healthz"), ("/admin/cache/", "/admin/cache"), ("/", "/"),
+])
+def test_canonical_paths(path: str, canonical: str) -> None:
+    """DeepSeek-style paths without /v1 and trailing slashes map to the routes' own paths."""
+    from app.proxy.context import canonical_path
+
+    assert canonical_path(path) == canonical

@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import Gateway, MockUpstream, RedisServer, wait_until  # noqa: E402
+from tools.bench import worker_pids  # noqa: E402 - the workers, not the master's slot releaser
 from tools.bench_client import ParseError, ResponseParser  # noqa: E402
 
 MODEL = "mock-gpt"
@@ -331,19 +332,6 @@ def redis_client(server: RedisServer, timeout: float = 5.0) -> Any:
     import redis
 
     return redis.Redis.from_url(server.url, socket_timeout=timeout)
-
-
-def worker_pids(master: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                pids.append(int(entry))
-    return pids
 
 
 def rss_mb(pid: int) -> float:

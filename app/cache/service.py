@@ -283,14 +283,16 @@ class CacheService:
                     return None
                 vector = plan.learned[candidate.entry_id] = computed[0]
             similarity = float(plan.vector @ vector)
-            repair = repair_typos(text, candidate.text)
-            if repair is not None:
-                repaired = self._embed([repair])
-                if repaired is not None:
-                    similarity = max(similarity, float(repaired[0] @ vector))
-            best = similarity if best is None else max(best, similarity)
             verdict = decide(text, candidate.text, similarity=similarity,
                              static_similarity=candidate.static_similarity, threshold=plan.threshold)
+            repair = None if verdict.ok else repair_typos(text, candidate.text)
+            if repair is not None:  # only when it could change the answer: one more model run
+                repaired = self._embed([repair])
+                if repaired is not None and float(repaired[0] @ vector) > similarity:
+                    similarity = float(repaired[0] @ vector)
+                    verdict = decide(text, candidate.text, similarity=similarity,
+                                     static_similarity=candidate.static_similarity, threshold=plan.threshold)
+            best = similarity if best is None else max(best, similarity)
             if not verdict.ok:
                 self._refused(plan, verdict.rule, verdict.reason)
                 continue

@@ -97,10 +97,11 @@ def _cached_embed(embedder: LocalEmbedder, texts: list[str], cache: Path | None,
     if cache is not None and cache.exists():
         saved = np.load(cache)
         known = dict(zip(saved["keys"].tolist(), saved["vectors"], strict=True))
-    missing = [t for t, k in zip(texts, keys, strict=True) if k not in known]
+    missing = [(t, k) for t, k in zip(texts, keys, strict=True) if k not in known]
     if missing:
         started = time.perf_counter()
-        for k, v in zip([keys[texts.index(t)] for t in missing], embedder.embed(missing), strict=True):
+        vectors = embedder.embed([t for t, _ in missing])
+        for (_, k), v in zip(missing, vectors, strict=True):
             known[k] = v
         if log:
             print(f"embedded {len(missing)} texts in {time.perf_counter() - started:.0f}s", file=sys.stderr)

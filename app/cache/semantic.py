@@ -185,7 +185,7 @@ class SemanticStore:
         ids = self._redis.zrangebyscore(self._log_key(partition), index.synced_score, "+inf", withscores=True)
         index.synced_at = now
         for entry_id in index.expired(now):
-            self._forget(partition, index, entry_id)
+            self._forget(index, entry_id)
         new = [(_text(member), score) for member, score in ids if _text(member) not in index]
         if ids:
             index.synced_score = max(score for _, score in ids)
@@ -211,7 +211,7 @@ class SemanticStore:
         if content is None:
             index = self._indexes.get(partition)
             if index is not None:
-                self._forget(partition, index, entry_id)
+                self._forget(index, entry_id)
         return content
 
     def put(self, partition: str, entry_id: str, static: np.ndarray, transformer: np.ndarray | None, text: str,
@@ -261,26 +261,24 @@ class SemanticStore:
             # oldest rows of the worker go. Either way the other partitions keep theirs.
             if index.live > self.bounds.max_rows // HOT_SHARE or index.live * 4 > self.rows * 3:
                 victim = index.oldest()
-                if victim is not None and self._forget(partition, index, victim):
+                if victim is not None and self._forget(index, victim):
                     self.evicted += 1
                     continue
             if not self._order:
                 break
             old_partition, old_id = self._order.popleft()
             old_index = self._indexes.get(old_partition)
-            if old_index is not None and self._forget(old_partition, old_index, old_id):
+            if old_index is not None and self._forget(old_index, old_id):
                 self.evicted += 1
         if len(self._order) > 2 * max(self.rows, 1024):  # ids of rows already forgotten another way
             self._order = deque(item for item in self._order if self._live(*item))
 
-    def _forget(self, partition: str, index: PartitionIndex, entry_id: str) -> bool:
+    def _forget(self, index: PartitionIndex, entry_id: str) -> bool:
         text = index.drop(entry_id)
         if text is None:
             return False
         self.rows -= 1
         self.bytes -= self._row_bytes(index.dim, text)
-        if index.live == 0 and partition in self._indexes and len(self._indexes) > 1:
-            index.synced_at = 0.0  # an empty index is cheap; it stays so its sync position is kept
         return True
 
     def _live(self, partition: str, entry_id: str) -> bool:

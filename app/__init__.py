@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from app.auth import Authenticator
+    from app.cache.service import CacheService
+    from app.ratelimit.admission import Admission
+    from app.redis_client import RedisClient
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -94,7 +97,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 REDIS_PROBES_TO_CLOSE = 3
 
 
-def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
+def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> CacheService:
     from app.cache.local import LocalCache
     from app.cache.semantic import IndexBounds
     from app.cache.service import CacheOptions, CacheService
@@ -125,7 +128,8 @@ def _build_cache(settings: Settings, redis: object, breaker: Breaker) -> object:
                         embedder, static, breaker)
 
 
-def _build_admission(settings: Settings, redis: object, auth: Authenticator, breaker: Breaker) -> object | None:
+def _build_admission(settings: Settings, redis: RedisClient, auth: Authenticator,
+                     breaker: Breaker) -> Admission | None:
     """A limiter only when some tenant has a limit, or may get one (keys issued at run time carry their own
     limits): otherwise admission costs nothing at all."""
     from app.ratelimit.admission import Admission

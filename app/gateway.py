@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from app.auth import Authenticator
-from app.config import Settings
-from app.upstream.client import UpstreamClient
+if TYPE_CHECKING:  # the services' modules are imported by `create_app` when they are built, not by every reader
+    from app.auth import Authenticator
+    from app.cache.service import CacheService
+    from app.config import Settings
+    from app.keys.service import KeyService
+    from app.proxy.body import PendingBodies
+    from app.proxy.context import Network
+    from app.ratelimit.admission import Admission
+    from app.redis_client import RedisClient
+    from app.upstream.client import UpstreamClient
 
 
 @dataclass
 class Gateway:
     settings: Settings
-    redis: Any
+    redis: RedisClient
     auth: Authenticator
     upstream: UpstreamClient
-    cache: Any = None  # app.cache.service.CacheService, or None when caching is off
-    limiter: Any = None  # app.proxy.limits.Admission, or None when no limit is configured
-    trusted_networks: tuple[Any, ...] = ()
-    pending_bodies: Any = None  # app.proxy.body.PendingBodies: request bodies still arriving, per tenant
-    keys: Any = None  # app.keys.service.KeyService (run-time keys), or None when authentication is off
+    pending_bodies: PendingBodies  # request bodies still arriving, per tenant
+    cache: CacheService | None = None  # None when caching is off
+    limiter: Admission | None = None  # None when no tenant has (or may get) a limit
+    trusted_networks: tuple[Network, ...] = ()
+    keys: KeyService | None = None  # run-time keys; None when authentication is off

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 from redis.backoff import NoBackoff
@@ -19,6 +19,8 @@ from redis.retry import Retry
 
 from app.concurrency import gevent_patched
 
+# The worker's client: a plain Redis or a cluster (REDIS_CLUSTER); both offer every command the gateway uses.
+RedisClient: TypeAlias = redis.Redis | RedisCluster
 # What "Redis failed" looks like from redis-py: its own errors, plus the cluster client's, which are not
 # RedisError subclasses. Anything else is a bug in the caller and must not pass for an outage.
 REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
@@ -38,7 +40,7 @@ def _queue_class() -> type:
     return LifoQueue
 
 
-def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout: float) -> Any:
+def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout: float) -> RedisClient:
     """A `redis.Redis` on a BlockingConnectionPool, or a `RedisCluster` when REDIS_CLUSTER=true."""
     common: dict[str, Any] = dict(
         socket_timeout=socket_timeout,

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from app.api import CHAT, COMPLETIONS
+
 # Fields that never change what the model answers.
 DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 
@@ -45,14 +47,14 @@ def semantic_parts(route: str, tenant: str, body: dict[str, Any]) -> SemanticPar
     Everything except the last user turn's text — tenant, model, parameters, system prompt, every earlier
     turn — goes into the partition, so a follow-up in another conversation can never match.
     """
-    if route == "chat":
+    if route == CHAT:
         messages = body.get("messages") or []
         last = messages[-1] if messages else None
         if not isinstance(last, dict) or last.get("role") != "user":
             return None
         text = message_text(last.get("content"))
         rest = {**body, "messages": [*messages[:-1], {k: v for k, v in last.items() if k != "content"}]}
-    elif route == "completions":
+    elif route == COMPLETIONS:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return None

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from app.api import CHAT, CLEAN_FINISH, EMBEDDINGS, ParsedRequest
 from app.breaker import Breaker
 from app.cache.exact import EMBEDDINGS_PREFIX, ENTRY_PREFIX, ExactStore, Generations
 from app.cache.keys import SemanticParts, digest, exact_key, semantic_parts
@@ -27,11 +28,10 @@ from app.embeddings.base import Embedder, EmbeddingError
 from app.embeddings.static import StaticEmbedder
 from app.errors import BadRequest
 from app.observability import metrics
-from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
+from app.redis_client import REDIS_FAILURES, RedisBudget, RedisClient, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
 
-CACHEABLE_FINISH = frozenset({"stop", "tool_calls", "function_call"})
 MAX_TTL_SECONDS = 30 * 86400
 MISS, BYPASS = "MISS", "BYPASS"
 #: Prompts longer than this many tokens are past what the transformer reads (it truncates at 256): two prompts that
@@ -108,7 +108,7 @@ class SemanticWrite:
 
 
 class CacheService:
-    def __init__(self, redis_client: Any, options: CacheOptions, local: LocalCache,
+    def __init__(self, redis_client: RedisClient, options: CacheOptions, local: LocalCache,
                  embedder: Embedder | None, static: StaticEmbedder | None = None,
                  breaker: Breaker | None = None, background: bool | None = None) -> None:
         self.options = options
@@ -139,7 +139,7 @@ class CacheService:
 
     # -- planning (no I/O) -------------------------------------------------------------------------------
 
-    def plan(self, parsed: Any, tenant: str, cache_control: str | None, ttl_header: str | None,
+    def plan(self, parsed: ParsedRequest, tenant: str, cache_control: str | None, ttl_header: str | None,
              min_similarity: str | None = None) -> CachePlan:
         directives = {d.strip().lower() for d in (cache_control or "").split(",")}
         no_store = "no-store" in directives
@@ -201,7 +201,7 @@ class CacheService:
     def _keys(self, plan: CachePlan) -> tuple[str, str | None]:
         """The exact key and, when L2 applies, the partition: both carry the scope's generation."""
         tag = self.generations.tag(plan.tenant, plan.model)
-        prefix = EMBEDDINGS_PREFIX if plan.route == "embeddings" else ENTRY_PREFIX
+        prefix = EMBEDDINGS_PREFIX if plan.route == EMBEDDINGS else ENTRY_PREFIX
         partition = f"{tag}:{self._space}:{plan.semantic.partition}" if plan.semantic is not None else None
         return f"{prefix}{tag}:{exact_key(plan.route, plan.tenant, plan.body)}", partition
 
@@ -479,15 +479,15 @@ def _stored_answer(content: bytes) -> dict[str, Any]:
 def _complete(route: str, answer: dict[str, Any]) -> bool:
     if "error" in answer:
         return False
-    if route == "embeddings":
+    if route == EMBEDDINGS:
         return isinstance(answer.get("data"), list) and bool(answer["data"])
     choices = answer.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
-    if not all(isinstance(c, dict) and c.get("finish_reason") in CACHEABLE_FINISH for c in choices):
+    if not all(isinstance(c, dict) and c.get("finish_reason") in CLEAN_FINISH for c in choices):
         return False
     # Only an answer the replay can turn back into a stream: a chat choice needs its message object.
-    return route != "chat" or all(isinstance(c.get("message"), dict) for c in choices)
+    return route != CHAT or all(isinstance(c.get("message"), dict) for c in choices)
 
 
 def _min_similarity(header: str | None) -> float:

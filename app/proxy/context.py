@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Response, current_app, g, request
 
+from app.api import BY_NAME, ENDPOINTS, MODELS
 from app.gateway import Gateway
 from app.observability import metrics
 from app.observability.record import RequestRecord
@@ -22,12 +23,8 @@ from app.redis_client import RedisBudget
 log = logging.getLogger(__name__)
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-ROUTE_LABELS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/models": "models",
-}
+ROUTE_LABELS = {endpoint.path: endpoint.label for endpoint in ENDPOINTS}
+MODEL_PATH_PREFIX, MODEL_LABEL = BY_NAME[MODELS].path + "/", BY_NAME[MODELS].label  # /v1/models/{id} counts as models
 
 NO_CACHE_STEP = "NONE"  # the metrics' cache label of a request refused or failed before the cache step
 
@@ -105,7 +102,7 @@ class _Closer:
 
 
 # DeepSeek documents `https://api.deepseek.com` (no /v1) as a base URL; clients built on it call these paths.
-_API_PATHS = ("/chat/completions", "/completions", "/embeddings", "/models")
+_API_PATHS = tuple(endpoint.path.removeprefix("/v1") for endpoint in ENDPOINTS)
 
 
 def canonical_path(path: str) -> str:
@@ -160,7 +157,7 @@ def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
 def _observe(rec: RequestRecord) -> None:
     if not rec.path.startswith("/v1/"):
         return
-    route = ROUTE_LABELS.get(rec.path) or ("models" if rec.path.startswith("/v1/models/") else "other")
+    route = ROUTE_LABELS.get(rec.path) or (MODEL_LABEL if rec.path.startswith(MODEL_PATH_PREFIX) else "other")
     cache = rec.cache or NO_CACHE_STEP
     metrics.REQUESTS.labels(route, str(rec.status), cache).inc()
     metrics.REQUEST_DURATION.labels(route, cache).observe(rec.latency_ms / 1000.0)

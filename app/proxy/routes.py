@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import Headers
 
+from app.api import FORWARDED, Endpoint, ParsedRequest
 from app.errors import GatewayError, NotFound, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
 from app.proxy.sse import StreamTap, replay, replayable, sse_error
-from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, decode_body, parse_request
+from app.proxy.validation import decode_body, parse_request
 from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
+
+if TYPE_CHECKING:
+    from app.cache.service import CacheHit, CachePlan, CacheService
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,6 @@ bp = Blueprint("proxy", __name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-
-ENDPOINT_ROUTES = {"proxy.chat_completions": CHAT, "proxy.completions": COMPLETIONS, "proxy.embeddings": EMBEDDINGS}
 
 
 @bp.before_request
@@ -45,13 +47,13 @@ def admit() -> None:
     tenant = gw.auth.authenticate(request.headers.get("Authorization"), redis_budget())
     g.gw_tenant = tenant
     rec.tenant = tenant.name
-    route = ENDPOINT_ROUTES.get(request.endpoint or "")
+    endpoint = FORWARDED_VIEWS.get(request.endpoint or "")
     admission = gw.limiter
-    if admission is None or route is None:
+    if admission is None or endpoint is None:
         return
     model, max_tokens = None, None
     if admission.needs_model(tenant):
-        parsed = _parsed(route)
+        parsed = _parsed(endpoint)
         model, max_tokens = parsed.model, parsed.body.get("max_tokens")
     ticket = admission.admit(tenant, request_id=rec.request_id, model=model, budget=redis_budget(),
                              estimated_tokens=estimate_tokens(request.content_length or 0, max_tokens))
@@ -59,13 +61,13 @@ def admit() -> None:
     on_close(lambda: admission.finish(ticket, _tokens_paid(rec)))
 
 
-def _parsed(route: str) -> ParsedRequest:
+def _parsed(endpoint: Endpoint) -> ParsedRequest:
     """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
     parsed = g.get("gw_parsed")
     if parsed is None:
         body = decode_body(read_body(services().pending_bodies, g.gw_tenant.name),
                            request.headers.get("Content-Encoding"), services().settings.max_body_bytes)
-        parsed = g.gw_parsed = parse_request(route, body)
+        parsed = g.gw_parsed = parse_request(endpoint.name, body)
     return parsed
 
 
@@ -83,19 +85,18 @@ def _tokens_paid(rec: RequestRecord) -> int | None:
     return (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
 
 
-@bp.post("/v1/chat/completions")
-def chat_completions() -> Response:
-    return _forward(CHAT)
+def _forward_view(endpoint: Endpoint) -> Callable[[], Response]:
+    def view() -> Response:
+        return _forward(endpoint)
+
+    view.__name__ = endpoint.name
+    return view
 
 
-@bp.post("/v1/completions")
-def completions() -> Response:
-    return _forward(COMPLETIONS)
-
-
-@bp.post("/v1/embeddings")
-def embeddings() -> Response:
-    return _forward(EMBEDDINGS)
+# Every endpoint with a body is forwarded the same way: one view each, named after it (`proxy.chat`, ...).
+for _endpoint in FORWARDED.values():
+    bp.add_url_rule(_endpoint.path, endpoint=_endpoint.name, view_func=_forward_view(_endpoint), methods=["POST"])
+FORWARDED_VIEWS = {f"{bp.name}.{endpoint.name}": endpoint for endpoint in FORWARDED.values()}
 
 
 @bp.get("/v1/models")
@@ -129,16 +130,16 @@ def model(model_id: str) -> Response:
                     headers=_headers(result))
 
 
-def _forward(route: str) -> Response:
+def _forward(endpoint: Endpoint) -> Response:
     gw = services()
     rec = record()
-    parsed = _parsed(route)
+    parsed = _parsed(endpoint)
     rec.model, rec.stream = parsed.model, parsed.stream
     g.gw_tenant.check_model(parsed.model)
 
     plan = None
     rec.cache = "BYPASS"  # reached the cache step: BYPASS unless the cache says otherwise
-    if gw.cache is not None:
+    if gw.cache is not None and endpoint.cacheable:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
                              request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"))
         plan.redis_budget = redis_budget()
@@ -150,7 +151,7 @@ def _forward(route: str) -> Response:
 
     body, raw = parsed.body, parsed.raw
     strip_usage = False
-    if parsed.stream and route != EMBEDDINGS and not _client_wants_usage(body):
+    if parsed.stream and not _client_wants_usage(body):
         # Ask for usage in the last chunk (token accounting) and hide that chunk from the client.
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         raw = json.dumps(body).encode()
@@ -160,17 +161,17 @@ def _forward(route: str) -> Response:
                               request_id=rec.request_id)
     _note_upstream(result)
     if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
-        tap = StreamTap(route, strip_usage=strip_usage)
+        tap = StreamTap(endpoint.name, strip_usage=strip_usage)
         return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
                         headers=_headers(result, SSE_HEADERS))
     if result.status == 200:
-        return _answer(result, route, plan, rec, gw.cache, gw.settings.cache_max_entry_bytes)
+        return _answer(result, endpoint.name, plan, rec, gw.cache, gw.settings.cache_max_entry_bytes)
     return Response(result.read(), status=result.status, content_type=result.content_type,
                     headers=_headers(result))
 
 
-def _answer(result: UpstreamResult, route: str, plan: Any, rec: RequestRecord, cache: Any,
-            max_entry: int) -> Response:
+def _answer(result: UpstreamResult, route: str, plan: CachePlan | None, rec: RequestRecord,
+            cache: CacheService | None, max_entry: int) -> Response:
     """A 200 JSON answer. When the upstream starts it with whitespace and the rest is still to come (DeepSeek
     sends blank lines while a request waits its turn, for minutes under load), it is passed through as it
     arrives, so a client behind an idle timeout sees those bytes as soon as they come; the copy to parse and
@@ -206,12 +207,13 @@ class _Settle:
 
     TAIL_BYTES = 8192  # what is kept of an answer too large to store: twice the window `_usage_at_end` reads
 
-    def __init__(self, route: str, plan: Any, rec: RequestRecord, cache: Any, max_entry: int) -> None:
+    def __init__(self, route: str, plan: CachePlan | None, rec: RequestRecord, cache: CacheService | None,
+                 max_entry: int) -> None:
         self.route, self.plan, self.rec, self.cache, self.max_entry = route, plan, rec, cache, max_entry
 
     def parsed(self, answer: dict[str, Any], content: bytes) -> None:
         _note_usage(self.rec, answer.get("usage"))
-        if self.plan is not None and replayable(answer, self.route):
+        if self.plan is not None and self.cache is not None and replayable(answer, self.route):
             self.cache.store(self.plan, answer, content)
 
 
@@ -263,7 +265,8 @@ def _client_wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord, cache: Any) -> Iterator[bytes]:
+def _relay(result: UpstreamResult, tap: StreamTap, plan: CachePlan | None, rec: RequestRecord,
+           cache: CacheService | None) -> Iterator[bytes]:
     """Pass events on as they arrive; a stream that breaks ends with an error event, never silently.
 
     Runs after the view returned, outside the request context: everything it needs is passed in.
@@ -289,11 +292,11 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: Any, rec: RequestRecord
         result.close()
         _note_usage(rec, tap.usage)
         answer = tap.answer()
-        if answer is not None and plan is not None and replayable(answer, tap.route):
+        if answer is not None and plan is not None and cache is not None and replayable(answer, tap.route):
             cache.store(plan, answer, None)
 
 
-def _from_cache(parsed: ParsedRequest, hit: Any) -> Response:
+def _from_cache(parsed: ParsedRequest, hit: CacheHit) -> Response:
     rec = record()
     rec.similarity = hit.similarity
     usage = hit.answer.get("usage") or {}

@@ -13,9 +13,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from app.proxy.validation import CHAT, COMPLETIONS
+from app.api import CHAT, CLEAN_FINISH, COMPLETIONS
 
-CLEAN_FINISH = frozenset({"stop", "tool_calls", "function_call"})
 REPLAY_PIECE_CHARS = 64
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
+from app.api import FORWARDED, ParsedRequest
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-
-CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
-ROUTE_PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
-
 
 # The top-level fields the gateway reads (routing, allow-list, cache key, limits). The provider may read a
 # duplicated key another way than Python's last-one-wins, so a body repeating one of them is refused.
@@ -23,16 +19,6 @@ MAX_N = 128
 
 # A JSON escape of a UTF-16 surrogate; only such an escape can put a lone surrogate into a parsed string.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    route: str
-    path: str
-    body: dict[str, Any]
-    raw: bytes
-    model: str
-    stream: bool
 
 
 def _reject_constant(name: str) -> Any:
@@ -94,15 +80,11 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
         stream = False
     if not isinstance(stream, bool):
         raise _field("stream", "a boolean")
-    if route == CHAT:
-        _check_messages(body.get("messages"))
-    elif route == COMPLETIONS:
-        _check_prompt(body.get("prompt"))
-    elif route == EMBEDDINGS:
-        _check_input(body.get("input"))
-        stream = False
+    endpoint = FORWARDED[route]
+    _BODY_CHECKS[endpoint.body_field](body.get(endpoint.body_field))  # type: ignore[index]
     _check_numbers(body)
-    return ParsedRequest(route=route, path=ROUTE_PATHS[route], body=body, raw=raw, model=model, stream=stream)
+    return ParsedRequest(route=route, path=endpoint.path, body=body, raw=raw, model=model,
+                         stream=stream and endpoint.streams)
 
 
 def _check_duplicates(text: str) -> None:
@@ -169,6 +151,10 @@ def _check_input(value: Any) -> None:
     if isinstance(value, str) or (isinstance(value, list) and value):
         return
     raise _field("input", "a string or a non-empty array")
+
+
+# The check of each endpoint's input field (`Endpoint.body_field`).
+_BODY_CHECKS = {"messages": _check_messages, "prompt": _check_prompt, "input": _check_input}
 
 
 def _is_number(value: Any) -> bool:

@@ -10,9 +10,10 @@ from types import ModuleType
 
 import pytest
 
+from app.api import CHAT
 from app.errors import BadRequest
 from app.proxy.routes import _usage_at_end
-from app.proxy.validation import CHAT, parse_request
+from app.proxy.validation import parse_request
 from app.upstream.scrub import KeyScrubber
 from tests.support import load_gunicorn_conf
 

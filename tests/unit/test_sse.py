@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from app.api import CHAT, COMPLETIONS
 from app.proxy.sse import StreamTap, replay, sse_error
-from app.proxy.validation import CHAT, COMPLETIONS
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 

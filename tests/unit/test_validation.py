@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from app.api import CHAT, COMPLETIONS, EMBEDDINGS
 from app.errors import BadRequest
-from app.proxy.validation import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+from app.proxy.validation import parse_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

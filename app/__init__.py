@@ -27,7 +27,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.auth import TenantLimits, build_authenticator
     from app.concurrency import gevent_patched
     from app.gateway import Gateway
-    from app.observability import metrics
     from app.observability.logging import configure_logging
     from app.proxy import admin, admin_keys, body, context, cors, errors, routes, system
     from app.redis_client import background_ping, build_redis
@@ -55,7 +54,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = UpstreamClient(session, pool,
                               connect_timeout=settings.upstream_connect_timeout,
                               read_timeout=settings.upstream_read_timeout,
-                              on_retry=lambda reason, count: metrics.UPSTREAM_RETRIES.labels(reason).inc(count),
                               max_response_bytes=settings.max_response_bytes,
                               scrub=KeyScrubber(k.secret for b in backends for k in b.keys if k.secret).scrub)
 

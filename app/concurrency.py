@@ -3,15 +3,20 @@
 Under gunicorn's gevent worker every request is a greenlet on one hub: work that only prepares the future (storing a
 cache entry for the next request) must not hold the client's answer, and must never grow without bound. Outside
 gevent (unit tests, tools) the same calls run inline, so the code paths stay the same.
+
+This is the only module of `app/` that imports gevent, and it does so inside the functions: importing it patches
+nothing, and the gunicorn worker has patched the process before the app is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def gevent_patched() -> bool:
@@ -21,6 +26,66 @@ def gevent_patched() -> bool:
     except ImportError:  # gevent is a runtime dependency; without it nothing can be patched
         return False
     return bool(monkey.is_module_patched("socket"))
+
+
+def spawn(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a greenlet of its own (gevent worker only); the greenlet, to join or kill.
+
+    Pass plain data, never the request context: the greenlet outlives the request.
+    """
+    import gevent
+
+    return gevent.spawn(fn, *args)
+
+
+def sleep(seconds: float) -> None:
+    """Yield to the other greenlets for ``seconds`` (a background greenlet's pause)."""
+    import gevent
+
+    gevent.sleep(seconds)
+
+
+def offload(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the hub's thread pool, waited for without blocking the other greenlets (CPU work that
+    releases the GIL, such as model inference). Only inside a gevent worker; elsewhere call ``fn`` itself."""
+    import gevent
+
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
+def new_event() -> Any:
+    """An event greenlets can wait on with a timeout (gevent's; only inside a gevent worker)."""
+    from gevent.event import Event
+
+    return Event()
+
+
+def timeout(seconds: float, exception: BaseException | None = None) -> Any:
+    """A gevent.Timeout when gevent has patched the sockets (the only place it can interrupt a call), else None."""
+    if not gevent_patched():
+        return None
+    from gevent import Timeout
+
+    return Timeout(seconds, exception)
+
+
+def lifo_queue_class() -> type:
+    """The LIFO queue a connection pool should wait on: gevent's when patched, so waiting greenlets yield."""
+    if gevent_patched():
+        from gevent.queue import LifoQueue
+
+        return LifoQueue
+    from queue import LifoQueue
+
+    return LifoQueue
+
+
+def original(module: str, name: str) -> Any:
+    """The standard library's own ``module.name`` even where gevent patched it (for a zero-timeout check that
+    must not switch to the hub)."""
+    from gevent import monkey
+
+    return monkey.get_original(module, name)
 
 
 class BackgroundQueue:
@@ -63,11 +128,10 @@ class BackgroundQueue:
         return 0 if self._queue is None else self._queue.qsize()
 
     def _start(self) -> None:
-        import gevent
         from gevent.queue import Queue
 
         self._queue = Queue()
-        self._consumer = gevent.spawn(self._drain)
+        self._consumer = spawn(self._drain)
 
     def _drain(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from app.concurrency import gevent_patched
+from app.concurrency import lifo_queue_class, spawn, timeout
 
 # The worker's client: a plain Redis or a cluster (REDIS_CLUSTER); both offer every command the gateway uses.
 RedisClient: TypeAlias = redis.Redis | RedisCluster
@@ -27,17 +27,6 @@ REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterExc
 POOL_WAIT_SECONDS = 0.2
 CONNECT_TIMEOUT_SECONDS = 0.5
 HEALTH_CHECK_SECONDS = 30
-
-
-def _queue_class() -> type:
-    """gevent's LIFO queue when gevent is patched in, so waiting greenlets yield instead of blocking."""
-    if gevent_patched():
-        from gevent.queue import LifoQueue
-
-        return LifoQueue
-    from queue import LifoQueue
-
-    return LifoQueue
 
 
 def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout: float) -> RedisClient:
@@ -55,7 +44,7 @@ def build_redis(url: str, *, cluster: bool, max_connections: int, socket_timeout
         url,
         max_connections=max_connections,
         timeout=POOL_WAIT_SECONDS,
-        queue_class=_queue_class(),
+        queue_class=lifo_queue_class(),  # gevent's when patched: a greenlet waiting for a connection yields
         **common,
     )
     return redis.Redis(connection_pool=pool)
@@ -70,9 +59,39 @@ class BudgetSpent(redis.TimeoutError):
     """
 
 
+# Failures that mean Redis cannot serve anyone right now, whatever was asked: unreachable or slow, loading,
+# failing over (READONLY, CLUSTERDOWN, TRYAGAIN), out of memory. BUSY (another script past lua-time-limit) too,
+# though redis-py has no class for it. Any other error answer (a script error, WRONGTYPE, a bad argument) is about
+# the one call.
+_DOWN: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.InvalidResponse,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    RedisClusterException,  # slots not covered, no node reachable
+)
+BUDGET, DOWN, CALL = "budget", "down", "call"
+
+
+def redis_failure(exc: BaseException) -> str | None:
+    """What a failure says about Redis, the one place that tells: None when it is no Redis failure at all (a bug,
+    to be raised); BUDGET when only this request's Redis time ran out (`BudgetSpent`: it says little about Redis);
+    DOWN when Redis cannot serve anyone now; CALL when Redis answered this one call with an error."""
+    if isinstance(exc, BudgetSpent):
+        return BUDGET
+    if isinstance(exc, _DOWN) or (isinstance(exc, redis.RedisError) and str(exc).startswith("BUSY ")):
+        return DOWN
+    if isinstance(exc, REDIS_FAILURES):
+        return CALL
+    return None
+
+
 def opens_breaker(exc: BaseException) -> bool:
     """Whether a Redis failure says Redis is down or slow for everyone (not only that one request's budget ran out)."""
-    return not isinstance(exc, BudgetSpent)
+    return redis_failure(exc) != BUDGET
 
 
 class RedisBudget:
@@ -102,16 +121,16 @@ class RedisBudget:
             raise BudgetSpent("this request's Redis time budget is spent")
         started = time.monotonic()
         allowed = self.left
-        timeout = _gevent_timeout(allowed)
+        cut = timeout(allowed)
         try:
-            if timeout is None:
+            if cut is None:
                 yield
                 return
             try:
-                with timeout:
+                with cut:
                     yield
             except BaseException as exc:
-                if exc is not timeout:
+                if exc is not cut:
                     raise
                 # redis-py has closed the connection the cut call was using (it does on any BaseException).
                 if allowed < self.seconds / 2:
@@ -126,34 +145,23 @@ def bounded(budget: RedisBudget | None) -> AbstractContextManager[None]:
     return nullcontext() if budget is None else budget.bound()
 
 
-def _gevent_timeout(seconds: float) -> Any:
-    """A gevent.Timeout when gevent has patched the sockets (the only place it can interrupt a call), else None."""
-    if not gevent_patched():
-        return None
-    from gevent import Timeout
-
-    return Timeout(seconds)
-
-
-def background_ping(client: Any, timeout: float) -> Callable[[Any], None]:
-    """A breaker prober for Redis: a PING in a greenlet of its own, cut after `timeout`, reported to the breaker.
+def background_ping(client: RedisClient, seconds: float) -> Callable[[Any], None]:
+    """A breaker prober for Redis: a PING in a greenlet of its own, cut after `seconds`, reported to the breaker.
 
     Only where gevent runs greenlets (the gunicorn worker); elsewhere give the breaker no prober.
     """
 
     def probe(breaker: Any) -> None:
-        import gevent
-
         def ping() -> None:
             started = time.time()
             try:
-                with gevent.Timeout(timeout, redis.TimeoutError("Redis probe timed out")):
+                with timeout(seconds, redis.TimeoutError("Redis probe timed out")) or nullcontext():
                     client.ping()
             except REDIS_FAILURES:
                 breaker.failed(time.time())
             else:
                 breaker.succeeded(started)
 
-        gevent.spawn(ping)
+        spawn(ping)
 
     return probe

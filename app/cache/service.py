@@ -23,7 +23,7 @@ from app.cache.lexicon import verifier_model
 from app.cache.local import LocalCache, LocalEntry
 from app.cache.semantic import Candidate, IndexBounds, SemanticStore
 from app.cache.verify import decide, normalise, repair_typos, rule_check
-from app.concurrency import BackgroundQueue
+from app.concurrency import BackgroundQueue, new_event
 from app.embeddings.base import Embedder, EmbeddingError
 from app.embeddings.static import StaticEmbedder
 from app.errors import BadRequest
@@ -131,9 +131,7 @@ class CacheService:
         self._last_hit: OrderedDict[str, float] = OrderedDict()  # partition -> time of its last L2 hit
         self._loaded: Any = None
         if self.load_jobs.background:
-            from gevent.event import Event
-
-            self._loaded = Event()
+            self._loaded = new_event()
         # Vectors of different models never share a partition.
         self._space = digest([self.embedder.model_id, self.static.model_id])[:8] if self.embedder is not None else ""
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from app.concurrency import gevent_patched
+from app.concurrency import gevent_patched, offload
 from app.embeddings.base import EmbeddingError, l2_normalise
 
 T = TypeVar("T")
@@ -112,9 +112,7 @@ class LocalEmbedder:
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._offload:
-            import gevent
-
-            return gevent.get_hub().threadpool.apply(fn, args)
+            return offload(fn, *args)
         return fn(*args)
 
     def _load(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from app.auth import Authenticator, Tenant, TenantLimits, digest
 from app.breaker import Breaker
-from app.concurrency import gevent_patched
+from app.concurrency import gevent_patched, sleep, spawn
 from app.errors import BadRequest, GatewayError, NotFound, ServiceUnavailable, Unauthorized
 from app.keys.store import KeyConflict, KeyStore, Record
 from app.observability import metrics
@@ -149,16 +149,12 @@ class KeyService:
     def _note_used(self, key_id: str, now: float) -> None:
         self._used[key_id] = now
         if self.background and self._flusher is None:
-            import gevent
-
-            self._flusher = gevent.spawn(self._flush_used)
+            self._flusher = spawn(self._flush_used)
 
     def _flush_used(self) -> None:
         """Write the last-use times every few seconds, off the request path, while the breaker lets it."""
-        import gevent
-
         while True:
-            gevent.sleep(LAST_USED_FLUSH_SECONDS)
+            sleep(LAST_USED_FLUSH_SECONDS)
             if not self._used:
                 continue
             started = time.time()

@@ -19,13 +19,12 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
-from app.concurrency import gevent_patched
+from app.concurrency import gevent_patched, sleep, spawn
 from app.errors import RateLimited, ServiceUnavailable
 from app.observability import metrics
 from app.ratelimit.limiter import (
@@ -145,7 +144,7 @@ class Admission:
             )
         ticket = Ticket(headers=decision.headers, reservation=decision.reservation, budget=budget)
         if self.renew_leases and decision.reservation is not None and decision.reservation.concurrency_keys:
-            ticket.renewer = _spawn(self._renew, decision.reservation)
+            ticket.renewer = spawn(self._renew, decision.reservation)
         return ticket
 
     def finish(self, ticket: Ticket, actual_tokens: int | None) -> None:
@@ -187,15 +186,13 @@ class Admission:
     def _owe(self, reservation: Reservation, actual_tokens: int | None) -> None:
         self._owed.append((reservation, actual_tokens))
         if self.renew_leases and self._payer is None:
-            self._payer = _spawn(self._pay_owed)
+            self._payer = spawn(self._pay_owed)
 
     def _pay_owed(self) -> None:
         """Pay owed settlements once the breaker lets a call through; stop at the first sign Redis is still out."""
-        import gevent
-
         try:
             while self._owed:
-                gevent.sleep(self.breaker.pause_seconds / 4)
+                sleep(self.breaker.pause_seconds / 4)
                 started = time.time()
                 if not self.breaker.available(started):
                     continue
@@ -240,10 +237,8 @@ class Admission:
 
         Three renewals can fail (or be skipped while the breaker is open) in a row before a slot is lost.
         """
-        import gevent
-
         while True:
-            gevent.sleep(self.limiter.lease_seconds / 4)
+            sleep(self.limiter.lease_seconds / 4)
             started = time.time()
             if not self.breaker.available(started):
                 continue
@@ -284,12 +279,6 @@ class Admission:
                 headers=rate_limit_headers([], decision.retry_after),
             )
         return Ticket(local=decision.hold)
-
-
-def _spawn(fn: Callable[..., None], *args: Any) -> Any:
-    import gevent
-
-    return gevent.spawn(fn, *args)
 
 
 def _slot_id(request_id: str) -> str:

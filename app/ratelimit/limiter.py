@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-import redis
 from redis.commands.core import Script
 
-from app.redis_client import REDIS_FAILURES
+from app.redis_client import BUDGET, DOWN, REDIS_FAILURES, redis_failure
 
 __all__ = [
     "DEFAULT_BURST",
@@ -68,21 +67,6 @@ LEASE_SECONDS = 15.0
 # No lease may be longer than this (the Lua scripts cap theirs at the same year).
 _MAX_LEASE_SECONDS = 365 * 86400
 
-# Redis errors that mean Redis cannot serve anyone right now, whatever was asked: unreachable or
-# slow, loading, failing over (READONLY, CLUSTERDOWN, TRYAGAIN), out of memory.  Any other error
-# answer (ResponseError: a script error, WRONGTYPE, a bad argument) belongs to the one call.
-_REDIS_DOWN: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.InvalidResponse,
-    redis.exceptions.ClusterError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.RedisClusterException,  # slots not covered, no node reachable: not a RedisError subclass
-)
-
-
 class RateLimiterError(Exception):
     """A limiter call did not decide; the caller decides: admit (fail open) or refuse."""
 
@@ -95,14 +79,9 @@ class RateLimiterCallFailed(RateLimiterError):
     """Redis answered this call with an error (a script bug, a bad argument): Redis itself is fine."""
 
 
-def _redis_down(exc: Exception) -> bool:
-    # BUSY (another script past lua-time-limit) blocks every client, but redis-py has no class for it.
-    return isinstance(exc, _REDIS_DOWN) or str(exc).startswith("BUSY ")
-
-
 def _limiter_error(exc: Exception) -> RateLimiterError:
     """The limiter's error for a redis-py one: only errors that are about Redis count as Redis down."""
-    if _redis_down(exc):
+    if redis_failure(exc) in (DOWN, BUDGET):
         return RateLimiterUnavailable(f"rate limiter cannot reach Redis: {exc}")
     return RateLimiterCallFailed(f"Redis refused a rate-limit call: {exc}")
 

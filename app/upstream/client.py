@@ -184,7 +184,6 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         read_timeout: float,
-        on_retry: Any = None,
         max_response_bytes: int = 0,
         scrub: Callable[[bytes], bytes] | None = None,
     ) -> None:
@@ -194,7 +193,6 @@ class UpstreamClient:
         # base URL -> (its connection pool, the path it adds); looked up once, not per request. Keyed by the URL
         # itself: the backend a key belongs to is defined by where it sends, and names need not be unique.
         self._routes: dict[str, tuple[Any, str]] = {}
-        self._on_retry = on_retry or (lambda reason, count: None)
         self._max_response_bytes = max_response_bytes
         self._scrub = scrub
 
@@ -251,7 +249,7 @@ class UpstreamClient:
                     # It may be generating already: another key would pay twice.
                     raise _final(error, attempts) from exc
                 self.pool.health.record_failure(key.key_id)  # once: urllib3 does not say how many attempts failed
-                self._on_retry("connection", 1)
+                _count_retry("connection")
                 last_error = error
                 continue
             except BaseException:
@@ -306,7 +304,7 @@ class UpstreamClient:
     def _count_retries(self, response: HTTPResponse) -> int:
         reasons = retry_reasons(response)
         for reason in reasons:
-            self._on_retry(reason, 1)
+            _count_retry(reason)
         return len(reasons)
 
     def _accept(self, result: UpstreamResult, key: UpstreamKey, model: str | None, is_last: bool, *,
@@ -331,7 +329,7 @@ class UpstreamClient:
             until = health.cool_down(key.key_id, retry_after, model=model)
             log.warning("upstream key %s rate limited for %s, cooling down", key.key_id, model,
                         extra={"upstream_key_id": key.key_id, "cooldown_s": round(until - time.time(), 1)})
-            self._on_retry("429", 1)
+            _count_retry("429")
             if is_last:
                 result.extra_headers["Retry-After"] = str(max(1, math.ceil(until - time.time())))
             return is_last
@@ -353,7 +351,7 @@ class UpstreamClient:
         if status >= 500:
             for _ in range(used):  # every attempt urllib3 made on this key failed the same way
                 health.record_failure(key.key_id, model or "")
-            self._on_retry("5xx", 1)
+            _count_retry("5xx")
             return is_last
         health.record_success(key.key_id, model or "")
         return True
@@ -398,6 +396,10 @@ def _for_backend(backend: Backend, body: dict[str, Any], raw_body: bytes, model:
     if model is None or model not in backend.model_map:
         return raw_body
     return json.dumps({**body, "model": backend.upstream_model(model)}).encode()
+
+
+def _count_retry(reason: str) -> None:
+    metrics.UPSTREAM_RETRIES.labels(reason).inc()
 
 
 def _final(error: GatewayError, attempts: int) -> GatewayError:

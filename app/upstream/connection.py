@@ -10,12 +10,14 @@ from __future__ import annotations
 import select
 from typing import Any
 
-from gevent import monkey
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-# The unpatched poll: a zero-timeout readiness check is one syscall, with no switch to gevent's hub.
-_poll = monkey.get_original("select", "poll")
+from app.concurrency import original
+
+# The unpatched poll, looked up on first use (nothing here runs at import): a zero-timeout readiness check is one
+# syscall, with no switch to gevent's hub.
+_poll: Any = None
 
 
 class _OneWrite:
@@ -31,7 +33,7 @@ class _OneWrite:
         sock = getattr(self, "sock", None)
         if sock is None:
             return False
-        poller = _poll()
+        poller = (_poll or _unpatched_poll())()
         poller.register(sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
@@ -63,6 +65,12 @@ class _OneWrite:
         if self._held:  # no body (GET)
             held, self._held = self._held, b""
             super().send(held)  # type: ignore[misc]
+
+
+def _unpatched_poll() -> Any:
+    global _poll
+    _poll = original("select", "poll")
+    return _poll
 
 
 class OneWriteHTTPConnection(_OneWrite, HTTPConnection):

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.concurrency import gevent_patched
+from app.concurrency import gevent_patched, spawn
 from app.config import ConfigError, http_base_url, read_yaml_file
+from app.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class KeyHealth:
             return
         try:
             self._redis.hset(self.REDIS_KEY, name, "disabled" if until == DISABLED else repr(until))
-        except Exception as exc:  # noqa: BLE001 - Redis down: the local view still protects this worker
+        except REDIS_FAILURES as exc:  # Redis down: the local view still protects this worker
             self._unshared.add(name)
             log.warning("upstream key state not shared, Redis unavailable: %s", type(exc).__name__)
         else:
@@ -310,10 +311,8 @@ class KeyHealth:
         if gevent_patched():
             # In a greenlet of its own, waited for only briefly: a slow Redis must not hold the request that
             # happens to come due (it goes on with the view it has, a second old at most).
-            import gevent
-
             self._refreshing = True
-            gevent.spawn(self._refresh, now).join(timeout=self.REFRESH_WAIT)
+            spawn(self._refresh, now).join(timeout=self.REFRESH_WAIT)
             return
         self._refresh(now)
 
@@ -331,7 +330,7 @@ class KeyHealth:
             marks_before = self._marks
             try:
                 shared = self._redis.hgetall(self.REDIS_KEY)
-            except Exception as exc:  # noqa: BLE001 - keep the local view until Redis answers again
+            except REDIS_FAILURES as exc:  # keep the local view until Redis answers again
                 log.debug("upstream key states not refreshed: %s", type(exc).__name__)
                 return
         fresh: dict[str, float] = {}

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 import app.redis_client
-from app.redis_client import BudgetSpent, RedisBudget, bounded, opens_breaker
+from app.redis_client import BUDGET, CALL, DOWN, BudgetSpent, RedisBudget, bounded, opens_breaker, redis_failure
 
 
 class Clock:
@@ -63,3 +63,18 @@ def test_no_budget_means_no_bound() -> None:
     """Background work (renewals, owed settlements) runs without a request budget."""
     with bounded(None):
         pass
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (redis.ConnectionError("refused"), DOWN),
+    (redis.TimeoutError("slow"), DOWN),
+    (redis.exceptions.ResponseError("BUSY Redis is busy running a script"), DOWN),
+    (redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica"), DOWN),
+    (redis.exceptions.RedisClusterException("no node reachable"), DOWN),
+    (redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), CALL),
+    (BudgetSpent("spent"), BUDGET),
+    (ValueError("a bug"), None),
+])
+def test_one_function_says_what_a_redis_failure_means(exc: BaseException, kind: str | None) -> None:
+    """Down (every caller should back off), one call refused, only this request's budget spent, or no Redis failure."""
+    assert redis_failure(exc) == kind

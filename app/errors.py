@@ -5,6 +5,7 @@ Leaf module: everything may raise these, only the proxy turns them into response
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -29,6 +30,11 @@ class GatewayError(Exception):
 
 def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def retry_after(seconds: float) -> str:
+    """A `Retry-After` value: whole seconds, rounded up so a client never comes back early, and at least 1."""
+    return str(max(1, math.ceil(seconds - 1e-9)))
 
 
 class BadRequest(GatewayError):

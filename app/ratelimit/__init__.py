@@ -9,8 +9,6 @@ from app.ratelimit.limiter import (
     RateLimiterError,
     RateLimiterUnavailable,
     Reservation,
-    format_duration,
-    rate_limit_headers,
 )
 
 __all__ = [
@@ -22,6 +20,4 @@ __all__ = [
     "RateLimiterError",
     "RateLimiterUnavailable",
     "Reservation",
-    "format_duration",
-    "rate_limit_headers",
 ]

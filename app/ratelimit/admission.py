@@ -16,25 +16,28 @@ take is owed and paid by a background greenlet once Redis answers again.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
 from app.concurrency import gevent_patched, sleep, spawn
-from app.errors import RateLimited, ServiceUnavailable
+from app.errors import RateLimited, ServiceUnavailable, retry_after
 from app.observability import metrics
 from app.ratelimit.limiter import (
     DEFAULT_BURST,
+    Decision,
+    DimensionState,
     Limits,
     RateLimiter,
     RateLimiterCallFailed,
     RateLimiterUnavailable,
     Reservation,
-    rate_limit_headers,
     worker_owner,
 )
 from app.ratelimit.local import LocalHold, LocalLimits
@@ -140,9 +143,9 @@ class Admission:
             metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
             raise RateLimited(
                 f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
-                headers=decision.headers,
+                headers=decision_headers(decision),
             )
-        ticket = Ticket(headers=decision.headers, reservation=decision.reservation, budget=budget)
+        ticket = Ticket(headers=decision_headers(decision), reservation=decision.reservation, budget=budget)
         if self.renew_leases and decision.reservation is not None and decision.reservation.concurrency_keys:
             ticket.renewer = spawn(self._renew, decision.reservation)
         return ticket
@@ -279,6 +282,54 @@ class Admission:
                 headers=rate_limit_headers([], decision.retry_after),
             )
         return Ticket(local=decision.hold)
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds like OpenAI's ``x-ratelimit-reset-*``: ``20ms``, ``1s``, ``6m0s``.
+
+    Go's ``time.Duration`` form at millisecond precision, rounded up so a client never
+    retries early.
+    """
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, frac = divmod(rest, 1000)
+    text = f"{secs}.{frac:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+def decision_headers(decision: Decision) -> dict[str, str]:
+    """The headers a limiter decision sends: the limits' state, and `Retry-After` on a refusal."""
+    return rate_limit_headers(decision.states, None if decision.allowed else decision.retry_after)
+
+
+def rate_limit_headers(states: Sequence[DimensionState], wait: float | None = None) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused.
+
+    When a tenant and a model limit both count requests (or tokens), the tighter one
+    (fewest remaining) is reported.  Concurrency has no OpenAI header.  ``Retry-After``
+    is whole seconds, at least 1 (``wait`` None means admitted: no header).
+    """
+    headers: dict[str, str] = {}
+    for dimension in ("requests", "tokens"):
+        candidates = [s for s in states if s.dimension == dimension]
+        if not candidates:
+            continue
+        tightest = min(candidates, key=lambda s: (s.remaining, -s.reset_seconds))
+        headers[f"x-ratelimit-limit-{dimension}"] = str(tightest.limit)
+        headers[f"x-ratelimit-remaining-{dimension}"] = str(tightest.remaining)
+        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(tightest.reset_seconds)
+    if wait is not None:
+        headers["Retry-After"] = retry_after(wait)
+    return headers
 
 
 def _slot_id(request_id: str) -> str:

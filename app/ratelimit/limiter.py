@@ -1,8 +1,8 @@
 """Per-tenant rate limits in Redis (requests, tokens, concurrency), one EVALSHA each.
 
 The algorithm (GCRA) lives in ``lua/acquire.lua``; this module builds keys, packs
-arguments, and turns the script's answer into a :class:`Decision` with OpenAI's
-``x-ratelimit-*`` headers.
+arguments, and turns the script's answer into a :class:`Decision`: each dimension's state, which
+admission (``admission.py``) turns into OpenAI's ``x-ratelimit-*`` headers.
 
 Errors: :class:`RateLimiterUnavailable` when Redis cannot serve anyone right now (the
 caller may stop asking for a moment); :class:`RateLimiterCallFailed` when Redis answered
@@ -18,7 +18,7 @@ import os
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
@@ -39,8 +39,6 @@ __all__ = [
     "Reservation",
     "burst_units",
     "worker_owner",
-    "format_duration",
-    "rate_limit_headers",
 ]
 
 Dimension = Literal["requests", "tokens", "concurrency"]
@@ -162,56 +160,13 @@ class DimensionState:
 
 @dataclass(frozen=True)
 class Decision:
-    """Admit or refuse, how long to wait, and the headers to send either way."""
+    """Admit or refuse, how long to wait, and each limited dimension's state (for the headers either way)."""
 
     allowed: bool
     retry_after: float = 0.0
     dimension: Dimension | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    states: tuple[DimensionState, ...] = ()
     reservation: Reservation | None = None
-
-
-def format_duration(seconds: float) -> str:
-    """Format seconds like OpenAI's ``x-ratelimit-reset-*``: ``20ms``, ``1s``, ``6m0s``.
-
-    Go's ``time.Duration`` form at millisecond precision, rounded up so a client never
-    retries early.
-    """
-    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
-    if ms == 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs, frac = divmod(rest, 1000)
-    text = f"{secs}.{frac:03d}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{minutes}m{text}"
-    return text
-
-
-def rate_limit_headers(states: Sequence[DimensionState], retry_after: float | None = None) -> dict[str, str]:
-    """OpenAI's ``x-ratelimit-*`` headers, plus ``Retry-After`` when refused.
-
-    When a tenant and a model limit both count requests (or tokens), the tighter one
-    (fewest remaining) is reported.  Concurrency has no OpenAI header.  ``Retry-After``
-    is whole seconds, at least 1 (``retry_after`` None means admitted: no header).
-    """
-    headers: dict[str, str] = {}
-    for dimension in ("requests", "tokens"):
-        candidates = [s for s in states if s.dimension == dimension]
-        if not candidates:
-            continue
-        tightest = min(candidates, key=lambda s: (s.remaining, -s.reset_seconds))
-        headers[f"x-ratelimit-limit-{dimension}"] = str(tightest.limit)
-        headers[f"x-ratelimit-remaining-{dimension}"] = str(tightest.remaining)
-        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(tightest.reset_seconds)
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after - 1e-9)))
-    return headers
 
 
 def _key_part(value: str, pattern: re.Pattern[str]) -> str:
@@ -322,7 +277,7 @@ class RateLimiter:
             raise _limiter_error(exc) from exc
 
         allowed, refused_index, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
-        states = [
+        states = tuple(
             DimensionState(
                 _KINDS[kind],
                 limit,
@@ -330,14 +285,14 @@ class RateLimiter:
                 int(reply[4 + 2 * i]) / _MICROS,
             )
             for i, (kind, _key, limit, _window) in enumerate(dims)
-        ]
+        )
         if not allowed:
             retry_after = max(retry_us / _MICROS, 1e-6)
             return Decision(
                 allowed=False,
                 retry_after=retry_after,
                 dimension=_KINDS[dims[refused_index - 1][0]],
-                headers=rate_limit_headers(states, retry_after),
+                states=states,
             )
         reservation = Reservation(
             request_id=request_id,
@@ -345,7 +300,7 @@ class RateLimiter:
             token_keys=tuple((key, limit, window_us) for kind, key, limit, window_us in dims if kind == "t"),
             concurrency_keys=tuple(key for kind, key, _limit, _window in dims if kind == "c"),
         )
-        return Decision(allowed=True, headers=rate_limit_headers(states), reservation=reservation)
+        return Decision(allowed=True, states=states, reservation=reservation)
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         """Correct the token reservation to the real usage (once per reservation)."""

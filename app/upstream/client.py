@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from app.errors import (
     UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
+    retry_after,
 )
 from app.observability import metrics
 from app.upstream.http import PEEKED_BODY, is_insufficient_quota, retry_after_seconds
@@ -325,13 +325,13 @@ class UpstreamClient:
             result.final = True
             return is_last
         if status == 429:
-            retry_after = retry_after_seconds(result.response.headers.get("Retry-After"))
-            until = health.cool_down(key.key_id, retry_after, model=model)
+            until = health.cool_down(key.key_id, retry_after_seconds(result.response.headers.get("Retry-After")),
+                                     model=model)
             log.warning("upstream key %s rate limited for %s, cooling down", key.key_id, model,
                         extra={"upstream_key_id": key.key_id, "cooldown_s": round(until - time.time(), 1)})
             _count_retry("429")
             if is_last:
-                result.extra_headers["Retry-After"] = str(max(1, math.ceil(until - time.time())))
+                result.extra_headers["Retry-After"] = retry_after(until - time.time())
             return is_last
         if status == 403 and listing:
             log.warning("upstream key %s may not list models (403)", key.key_id,
@@ -362,9 +362,8 @@ class UpstreamClient:
             return NotFound(f"The model `{model}` does not exist or is not served here.", code="model_not_found")
         if soonest == DISABLED:
             return ServiceUnavailable("every upstream key for this model is disabled; an operator must restore one")
-        wait = max(1, math.ceil(soonest - time.time()))
         return RateLimited("every upstream key is cooling down; retry later", code="upstream_rate_limited",
-                           headers={"Retry-After": str(wait)})
+                           headers={"Retry-After": retry_after(soonest - time.time())})
 
 
 _PRINTABLE_HEADER = re.compile(r"[\x20-\x7e]{1,200}")

@@ -23,6 +23,7 @@ from app.ratelimit import (
     Reservation,
 )
 from app.ratelimit import Limits as _Limits
+from app.ratelimit.admission import decision_headers
 from tests.support import REDIS_URL
 
 pytestmark = pytest.mark.redis
@@ -120,20 +121,20 @@ def test_concurrent_clients_get_exactly_n_admitted(limiter: RateLimiter, tenant:
     admitted = [d for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     assert len(admitted) == 10
-    assert sorted(int(d.headers["x-ratelimit-remaining-requests"]) for d in admitted) == list(range(10))
+    assert sorted(int(decision_headers(d)["x-ratelimit-remaining-requests"]) for d in admitted) == list(range(10))
     for d in admitted:
         assert d.retry_after == 0 and d.dimension is None and d.reservation is not None
-        assert "Retry-After" not in d.headers
+        assert "Retry-After" not in decision_headers(d)
     for d in refused:
         assert d.dimension == "requests"
         assert d.reservation is None
         # The next slot opens one emission interval (6 s) after the first admission.
         assert 4 < d.retry_after <= 6
-        assert d.headers["x-ratelimit-limit-requests"] == "10"
-        assert d.headers["x-ratelimit-remaining-requests"] == "0"
-        assert d.headers["Retry-After"] == "6"
-        assert d.headers["x-ratelimit-reset-requests"].endswith("s")
-        assert not any(k.startswith("x-ratelimit-") and "tokens" in k for k in d.headers)
+        assert decision_headers(d)["x-ratelimit-limit-requests"] == "10"
+        assert decision_headers(d)["x-ratelimit-remaining-requests"] == "0"
+        assert decision_headers(d)["Retry-After"] == "6"
+        assert decision_headers(d)["x-ratelimit-reset-requests"].endswith("s")
+        assert not any(k.startswith("x-ratelimit-") and "tokens" in k for k in decision_headers(d))
 
 
 def test_no_second_burst_after_part_of_the_window(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -175,22 +176,22 @@ def test_tokens_refused_once_settled_usage_reaches_budget(limiter: RateLimiter, 
     limits = Limits(tpm=100)
     first = limiter.acquire(tenant.name, limits, estimated_tokens=30, request_id=rid())
     assert first.allowed and first.reservation is not None
-    assert first.headers["x-ratelimit-limit-tokens"] == "100"
-    assert first.headers["x-ratelimit-remaining-tokens"] == "70"
-    assert "x-ratelimit-limit-requests" not in first.headers
+    assert decision_headers(first)["x-ratelimit-limit-tokens"] == "100"
+    assert decision_headers(first)["x-ratelimit-remaining-tokens"] == "70"
+    assert "x-ratelimit-limit-requests" not in decision_headers(first)
     limiter.settle(first.reservation, 60)  # used 60: 30 more than reserved
 
     second = limiter.acquire(tenant.name, limits, estimated_tokens=40, request_id=rid())
     assert second.allowed and second.reservation is not None
-    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert decision_headers(second)["x-ratelimit-remaining-tokens"] == "0"
     limiter.settle(second.reservation, 40)
 
     refused = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not refused.allowed
     assert refused.dimension == "tokens"
     assert refused.retry_after > 0
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert int(refused.headers["Retry-After"]) >= 1
+    assert decision_headers(refused)["x-ratelimit-remaining-tokens"] == "0"
+    assert int(decision_headers(refused)["Retry-After"]) >= 1
 
 
 def test_negative_settle_gives_tokens_back(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -202,7 +203,7 @@ def test_negative_settle_gives_tokens_back(limiter: RateLimiter, tenant: Tenant)
     limiter.settle(big.reservation, 10)  # only 10 used: 80 come back
     after = limiter.acquire(tenant.name, limits, estimated_tokens=20, request_id=rid())
     assert after.allowed
-    assert after.headers["x-ratelimit-remaining-tokens"] == "70"
+    assert decision_headers(after)["x-ratelimit-remaining-tokens"] == "70"
 
 
 def test_settling_everything_back_deletes_the_key(client: Any, limiter: RateLimiter, tenant: Tenant) -> None:
@@ -217,15 +218,15 @@ def test_refusal_consumes_nothing(limiter: RateLimiter, tenant: Tenant) -> None:
     """If one dimension refuses, the others are not charged."""
     limits = Limits(rpm=10, tpm=100)
     first = limiter.acquire(tenant.name, limits, estimated_tokens=90, request_id=rid())
-    assert first.headers["x-ratelimit-remaining-requests"] == "9"
+    assert decision_headers(first)["x-ratelimit-remaining-requests"] == "9"
     refused = limiter.acquire(tenant.name, limits, estimated_tokens=20, request_id=rid())
     assert not refused.allowed and refused.dimension == "tokens"
-    assert refused.headers["x-ratelimit-remaining-requests"] == "9"
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert decision_headers(refused)["x-ratelimit-remaining-requests"] == "9"
+    assert decision_headers(refused)["x-ratelimit-remaining-tokens"] == "10"
     ok = limiter.acquire(tenant.name, limits, estimated_tokens=5, request_id=rid())
     assert ok.allowed
-    assert ok.headers["x-ratelimit-remaining-requests"] == "8"
-    assert ok.headers["x-ratelimit-remaining-tokens"] == "5"
+    assert decision_headers(ok)["x-ratelimit-remaining-requests"] == "8"
+    assert decision_headers(ok)["x-ratelimit-remaining-tokens"] == "5"
 
 
 def test_request_larger_than_budget_reserves_the_budget_and_real_usage_leaves_debt(
@@ -236,7 +237,7 @@ def test_request_larger_than_budget_reserves_the_budget_and_real_usage_leaves_de
     huge = limiter.acquire(tenant.name, limits, estimated_tokens=250, request_id=rid())
     assert huge.allowed and huge.reservation is not None
     assert huge.reservation.reserved_tokens == 100
-    assert huge.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert decision_headers(huge)["x-ratelimit-remaining-tokens"] == "0"
     during = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not during.allowed and during.retry_after <= 0.6  # one token's interval, no debt from a guess
     limiter.settle(huge.reservation, 250)  # it really used 250: 150 beyond the budget
@@ -253,13 +254,13 @@ def test_absurd_estimate_is_clamped_to_the_budget(
     decision = limiter.acquire(tenant.name, limits, estimated_tokens=estimate, request_id=rid())
     assert decision.allowed and decision.reservation is not None
     assert decision.reservation.reserved_tokens == 1000
-    assert decision.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert decision_headers(decision)["x-ratelimit-remaining-tokens"] == "0"
     assert 0 < client.pttl(tenant.key_names()["tokens"]) <= 60_000  # one window, never more
     refused = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not refused.allowed and refused.dimension == "tokens" and refused.retry_after < 1
     limiter.finish(decision.reservation, 10)  # it used 10: 990 come back
     again = limiter.acquire(tenant.name, limits, estimated_tokens=100, request_id=rid())
-    assert again.allowed and 890 <= int(again.headers["x-ratelimit-remaining-tokens"]) <= 892
+    assert again.allowed and 890 <= int(decision_headers(again)["x-ratelimit-remaining-tokens"]) <= 892
 
 
 def test_each_token_limit_holds_at_most_its_own_budget(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -269,16 +270,16 @@ def test_each_token_limit_holds_at_most_its_own_budget(limiter: RateLimiter, ten
     kw: dict[str, Any] = {"model": "m", "model_limits": model_limits}
     first = limiter.acquire(tenant.name, limits, estimated_tokens=500, request_id=rid(), **kw)
     assert first.allowed and first.reservation is not None
-    assert first.headers["x-ratelimit-remaining-tokens"] == "0"  # the model's, the tighter
+    assert decision_headers(first)["x-ratelimit-remaining-tokens"] == "0"  # the model's, the tighter
     model_only = limiter.acquire(tenant.name, Limits(), estimated_tokens=1, request_id=rid(), **kw)
     assert not model_only.allowed and model_only.retry_after < 1  # the model holds 100, not 500
     tenant_only = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid())
-    assert tenant_only.headers["x-ratelimit-remaining-tokens"] == "499"
+    assert decision_headers(tenant_only)["x-ratelimit-remaining-tokens"] == "499"
     limiter.settle(first.reservation, 50)
     after = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid(), **kw)
-    assert after.allowed and after.headers["x-ratelimit-remaining-tokens"] == "49"  # model: 100 - 50 - 1
+    assert after.allowed and decision_headers(after)["x-ratelimit-remaining-tokens"] == "49"  # model: 100 - 50 - 1
     tenant_after = limiter.acquire(tenant.name, limits, estimated_tokens=1, request_id=rid())
-    assert tenant_after.headers["x-ratelimit-remaining-tokens"] == "947"  # 1000 - 50 - 1 - 1 - 1
+    assert decision_headers(tenant_after)["x-ratelimit-remaining-tokens"] == "947"  # 1000 - 50 - 1 - 1 - 1
 
 
 def test_scripts_clamp_what_python_would_not_send(client: Any, limiter: RateLimiter, tenant: Tenant) -> None:
@@ -319,7 +320,7 @@ def test_concurrency_limit_and_release(limiter: RateLimiter, tenant: Tenant) -> 
     third = limiter.acquire(tenant.name, limits, request_id=rid())
     assert not third.allowed
     assert third.dimension == "concurrency"
-    assert third.headers == {"Retry-After": "1"}
+    assert decision_headers(third) == {"Retry-After": "1"}
     limiter.release(a.reservation)
     limiter.release(a.reservation)  # idempotent
     assert limiter.acquire(tenant.name, limits, request_id=rid()).allowed
@@ -370,7 +371,7 @@ def test_finish_settles_and_releases_in_one_call(client: Any, limiter: RateLimit
     limiter.finish(d.reservation, 20)
     assert client.exists(tenant.key_names()["concurrency"]) == 0
     again = limiter.acquire(tenant.name, limits, estimated_tokens=10, request_id=rid())
-    assert again.allowed and again.headers["x-ratelimit-remaining-tokens"] == "70"
+    assert again.allowed and decision_headers(again)["x-ratelimit-remaining-tokens"] == "70"
 
 
 def test_model_limits_apply_on_top_of_tenant_limits(limiter: RateLimiter, tenant: Tenant) -> None:
@@ -381,15 +382,15 @@ def test_model_limits_apply_on_top_of_tenant_limits(limiter: RateLimiter, tenant
     kw: dict[str, Any] = {"model": "gpt-4o", "model_limits": model_limits}
     decisions = burst(limiter, tenant.name, limits, 3, **kw)
     assert [d.allowed for d in decisions] == [True, True, False]
-    assert decisions[1].headers["x-ratelimit-limit-requests"] == "2"
+    assert decision_headers(decisions[1])["x-ratelimit-limit-requests"] == "2"
     assert decisions[2].dimension == "requests"
     other = limiter.acquire(tenant.name, limits, model="other", model_limits=model_limits, request_id=rid())
     assert other.allowed
     # 2 for gpt-4o + 1 for other; the refused one was not charged to the tenant
-    assert other.headers["x-ratelimit-limit-requests"] == "2"
+    assert decision_headers(other)["x-ratelimit-limit-requests"] == "2"
     assert other.reservation is not None and len(other.reservation.concurrency_keys) == 1
     no_model = limiter.acquire(tenant.name, limits, request_id=rid())
-    assert no_model.headers["x-ratelimit-remaining-requests"] == "96"
+    assert decision_headers(no_model)["x-ratelimit-remaining-requests"] == "96"
 
 
 def test_script_flush_is_survived(client: Any, limiter: RateLimiter, tenant: Tenant) -> None:
@@ -400,7 +401,7 @@ def test_script_flush_is_survived(client: Any, limiter: RateLimiter, tenant: Ten
     client.script_flush()
     second = limiter.acquire(tenant.name, limits, estimated_tokens=10, request_id=rid())
     assert second.allowed
-    assert second.headers["x-ratelimit-remaining-requests"] == "8"
+    assert decision_headers(second)["x-ratelimit-remaining-requests"] == "8"
     client.script_flush()
     limiter.finish(first.reservation, 5)
     assert not limiter.acquire(tenant.name, Limits(concurrency=1), request_id=rid()).allowed
@@ -435,7 +436,7 @@ def test_all_zero_limits_never_touch_redis() -> None:
     dead = dead_client()
     limiter = RateLimiter(dead)
     decision = limiter.acquire("t", Limits(), estimated_tokens=50, model="m", model_limits=Limits(), request_id="r")
-    assert decision.allowed and decision.headers == {} and decision.retry_after == 0
+    assert decision.allowed and decision_headers(decision) == {} and decision.retry_after == 0
     assert decision.reservation is not None
     limiter.settle(decision.reservation, 500)
     limiter.release(decision.reservation)

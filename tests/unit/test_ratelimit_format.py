@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from app.ratelimit import (
-    DimensionState,
-    Limits,
-    RateLimiter,
-    format_duration,
-    rate_limit_headers,
-)
+from app.ratelimit import DimensionState, Limits, RateLimiter
+from app.ratelimit.admission import format_duration, rate_limit_headers
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,11 @@ from typing import Any
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from app.embeddings.base import EmbeddingError, l2_normalise
+from app.upstream.http import build_retry, build_session
 
 log = logging.getLogger(__name__)
-
-#: Retry only what a retry can fix: rate limiting and server-side failures.
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def embeddings_endpoint(url: str) -> str:
@@ -32,37 +28,6 @@ def embeddings_endpoint(url: str) -> str:
     if base.endswith("/v1"):
         return base + "/embeddings"
     return base + "/v1/embeddings"
-
-
-def build_session(
-    *, max_retries: int, backoff_factor: float, backoff_max: float, retry_after_max: int, pool_maxsize: int
-) -> requests.Session:
-    """A Session whose adapter retries 429/5xx (POST included) with jittered exponential backoff.
-
-    The embedding sits in front of a cache look-up, so waits stay short: ``retry_after_max`` caps a server's
-    Retry-After at a few seconds instead of urllib3's default of hours.
-    """
-    retry = Retry(
-        total=max_retries,
-        connect=max_retries,
-        read=max_retries,
-        status=max_retries,
-        other=0,
-        redirect=0,
-        allowed_methods=frozenset({"POST"}),
-        status_forcelist=RETRY_STATUSES,
-        backoff_factor=backoff_factor,
-        backoff_jitter=backoff_factor,
-        backoff_max=backoff_max,
-        respect_retry_after_header=True,
-        retry_after_max=retry_after_max,
-        raise_on_status=False,  # hand back the last answer so its status and body can be reported
-    )
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=pool_maxsize, pool_block=False)
-    session = requests.Session()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 def _decode_embedding(item: Any, index: int) -> np.ndarray:
@@ -135,13 +100,13 @@ class RemoteEmbedder:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._dim = int(dim) if dim else 0
+        # The gateway's HTTP policy (429/5xx retried with jittered backoff, Retry-After honoured). The embedding sits
+        # in front of a cache look-up, so waits stay short: `retry_after_max` is a few seconds, and a server asking
+        # for longer is given up on at once. The environment's proxy settings apply, as they always did here.
         self._session = session or build_session(
-            max_retries=max_retries,
-            backoff_factor=backoff_factor,
-            backoff_max=backoff_max,
-            retry_after_max=retry_after_max,
-            pool_maxsize=pool_maxsize,
-        )
+            retry=build_retry(retries=max_retries, backoff_factor=backoff_factor, backoff_max=backoff_max,
+                              retry_after_max=retry_after_max, read=max_retries, methods=frozenset({"POST"})),
+            pool_size=pool_maxsize, trust_env=True)
 
     def __repr__(self) -> str:
         return f"RemoteEmbedder(endpoint={self._endpoint!r}, model={self._model!r}, dim={self._dim})"

@@ -3,10 +3,8 @@
 urllib3 retries one key (backoff, Retry-After); this module moves on to the next key or backend when a
 key is limited, rejected or failing, always before the first byte of the answer reaches the client.
 
-The requests `Session` and its `HTTPAdapter` own the connection pools and the `Retry` policy; the hot path
-calls the adapter's urllib3 pool directly. Measured on the 2-core target, `Session.post` cost about twice the
-CPU of the pool's `urlopen` (cookies, hooks, redirects and environment merging the gateway never needs),
-which was the largest single share of a proxied request.
+The requests `Session` and its `HTTPAdapter` own the connection pools and the `Retry` policy; the call itself goes
+through `DirectPools` (connection.py, the one place that reaches under requests' public API).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import certifi
 import requests
 from urllib3 import HTTPResponse
 from urllib3.exceptions import (
@@ -29,7 +26,7 @@ from urllib3.exceptions import (
     NewConnectionError,
     ReadTimeoutError,
 )
-from urllib3.util import Timeout, parse_url
+from urllib3.util import Timeout
 
 from app.errors import (
     GatewayError,
@@ -43,6 +40,7 @@ from app.errors import (
     retry_after,
 )
 from app.observability import metrics
+from app.upstream.connection import DirectPools
 from app.upstream.http import PEEKED_BODY, is_insufficient_quota, retry_after_seconds
 from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
 
@@ -53,8 +51,6 @@ LARGE_READ_SIZE = 1024 * 1024  # reads of an answer of unknown size, counted aga
 PASSED_PREFIXES = ("x-ratelimit-", "openai-", "retry-after")
 # Upstream statuses the openai SDKs would retry on their own; the gateway has already applied its budget to them.
 CLIENT_RETRIED = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-# Certificates verified against the same CA bundle requests itself would use.
-_TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
 
 @dataclass
@@ -190,9 +186,7 @@ class UpstreamClient:
         self.session = session
         self.pool = pool
         self._timeout = Timeout(connect=connect_timeout, read=read_timeout)
-        # base URL -> (its connection pool, the path it adds); looked up once, not per request. Keyed by the URL
-        # itself: the backend a key belongs to is defined by where it sends, and names need not be unique.
-        self._routes: dict[str, tuple[Any, str]] = {}
+        self._pools = DirectPools(session)
         self._max_response_bytes = max_response_bytes
         self._scrub = scrub
 
@@ -225,7 +219,7 @@ class UpstreamClient:
         candidates, soonest = self.pool.candidates(model)
         if not candidates:
             raise self._no_candidate(model, soonest)
-        adapter_retry = self.session.get_adapter(candidates[0][0].base_url).max_retries
+        adapter_retry = self._pools.retry(candidates[0][0].base_url)
         budget = max(1, (adapter_retry.total or 0) + 1)
         last_error: GatewayError | None = None
         attempts = spent = 0
@@ -239,7 +233,9 @@ class UpstreamClient:
             started = time.perf_counter()
             self.pool.acquire(key)
             try:
-                response = self._open(method, backend, path, payload(backend), _headers(key, request_id), retry)
+                response = self._pools.urlopen(method, backend.base_url, path, body=payload(backend),
+                                               headers=_headers(key, request_id), retries=retry,
+                                               timeout=self._timeout)
             except (HTTPError, OSError) as exc:
                 self.pool.release(key)
                 attempts += retry.total + 1  # urllib3 gave up: at most every attempt it had was used
@@ -285,21 +281,6 @@ class UpstreamClient:
         if last_error is None:  # every candidate was tried; the loop returns on the last one otherwise
             last_error = UpstreamUnreachable("no upstream answered")
         raise _final(last_error, attempts)
-
-    def _open(self, method: str, backend: Backend, path: str, body: bytes | None,
-              headers: dict[str, str], retry: Any) -> HTTPResponse:
-        """One urlopen on the session adapter's pool for this backend, with the adapter's Retry."""
-        adapter = self.session.get_adapter(backend.base_url)
-        route = self._routes.get(backend.base_url)
-        if route is None or route[0].pool is None:  # first use, or the pool manager closed it
-            pool = adapter.poolmanager.connection_from_url(backend.base_url, pool_kwargs=_TLS)
-            route = self._routes[backend.base_url] = (pool, parse_url(backend.base_url).path or "")
-        pool, prefix = route
-        return pool.urlopen(
-            method, _url(prefix, path), body=body, headers=headers, retries=retry,
-            timeout=self._timeout, redirect=False, assert_same_host=False, preload_content=False,
-            decode_content=True,
-        )
 
     def _count_retries(self, response: HTTPResponse) -> int:
         reasons = retry_reasons(response)
@@ -374,13 +355,6 @@ def _content_type(value: str | None) -> str:
     if value is not None and _PRINTABLE_HEADER.fullmatch(value):
         return value
     return "application/json"
-
-
-def _url(base_url: str, path: str) -> str:
-    """`TARGET_URL` + `/v1/...`, without doubling a `/v1` the base URL already ends with."""
-    if base_url.endswith("/v1") and path.startswith("/v1/"):
-        path = path[3:]
-    return base_url + path
 
 
 def _headers(key: UpstreamKey, request_id: str) -> dict[str, str]:

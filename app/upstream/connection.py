@@ -1,8 +1,16 @@
-"""urllib3 connections that write a request's head and body in one send.
+"""The one place the gateway reaches under requests' public API into urllib3, for speed (README, "Performance").
 
-http.client writes the head of a request, then its body: two syscalls, and on a keep-alive connection to a
-local upstream (vLLM, Ollama, a sidecar) two wake-ups of the peer. A chat request is a few kilobytes, so
-holding the head until the body is written costs nothing and saves one send per upstream call.
+Three things, each measured on the proxy's hot path, and pinned by `tests/unit/test_urllib3_seam.py` (the urllib3
+behaviour they rely on):
+- `DirectPools.urlopen`: the upstream call is one `urlopen` on the requests adapter's own urllib3 pool, with the
+  adapter's `Retry`, instead of `Session.request` (cookies, hooks, redirects and environment merging the gateway
+  never needs cost about as much CPU again as the call itself);
+- `_OneWrite.is_connected`: urllib3's check of a pooled connection before reuse, with the unpatched `poll` (one
+  syscall; gevent's patched one switched to the hub mid-request: c=32 went from ~85 % to ~96 % of direct);
+- `_OneWrite` writes a request's head and body in one send: http.client writes the head, then the body, two
+  syscalls, and on a keep-alive connection to a local upstream (vLLM, Ollama, a sidecar) two wake-ups of the peer.
+
+`ONE_WRITE` and `DIRECT_URLOPEN` exist to measure each side by side (a tree with one set False); both are True.
 """
 
 from __future__ import annotations
@@ -10,10 +18,24 @@ from __future__ import annotations
 import select
 from typing import Any
 
+import certifi
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPResponse
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util import Timeout, parse_url
+from urllib3.util.retry import Retry
 
 from app.concurrency import original
+
+#: Head and body of an upstream request in one send (False: urllib3's own connections, for a side-by-side run).
+ONE_WRITE = True
+#: The adapter's pool called directly (False: through `Session.request`, for a side-by-side run only: it uses the
+#: adapter's whole Retry on every key instead of the share `UpstreamClient` gives each).
+DIRECT_URLOPEN = True
+# Certificates verified against the same CA bundle requests itself would use.
+_TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
 
 # The unpatched poll, looked up on first use (nothing here runs at import): a zero-timeout readiness check is one
 # syscall, with no switch to gevent's hub.
@@ -90,3 +112,56 @@ class OneWriteHTTPSConnectionPool(HTTPSConnectionPool):
 
 
 POOL_CLASSES_BY_SCHEME = {"http": OneWriteHTTPConnectionPool, "https": OneWriteHTTPSConnectionPool}
+
+
+class OneWriteAdapter(HTTPAdapter):
+    """requests' adapter, with pools whose connections send a request's head and body together."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - requests' signature
+        super().init_poolmanager(*args, **kwargs)
+        if ONE_WRITE:
+            self.poolmanager.pool_classes_by_scheme = POOL_CLASSES_BY_SCHEME
+
+
+class DirectPools:
+    """A session's adapter pools, called directly: one `urlopen` per upstream attempt, pools looked up once.
+
+    Keyed by the base URL itself: the backend a key belongs to is defined by where it sends, and names need not
+    be unique.
+    """
+
+    def __init__(self, session: requests.Session) -> None:
+        self._session = session
+        self._routes: dict[str, tuple[HTTPConnectionPool, str]] = {}  # base URL -> (its pool, the path it adds)
+        if not DIRECT_URLOPEN:
+            self.urlopen = self._via_session  # type: ignore[method-assign]
+
+    def retry(self, base_url: str) -> Retry:
+        """The Retry the session's adapter was built with, for the caller to share out per attempt."""
+        return self._session.get_adapter(base_url).max_retries
+
+    def urlopen(self, method: str, base_url: str, path: str, *, body: bytes | None, headers: dict[str, str],
+                retries: Retry, timeout: Timeout) -> HTTPResponse:
+        """One request to `base_url` + `path` with `retries`; the body is left unread (streamed by the caller)."""
+        route = self._routes.get(base_url)
+        if route is None or route[0].pool is None:  # first use, or the pool was closed
+            pool = self._session.get_adapter(base_url).poolmanager.connection_from_url(base_url, pool_kwargs=_TLS)
+            route = self._routes[base_url] = (pool, parse_url(base_url).path or "")
+        pool, prefix = route
+        return pool.urlopen(
+            method, upstream_url(prefix, path), body=body, headers=headers, retries=retries, timeout=timeout,
+            redirect=False, assert_same_host=False, preload_content=False, decode_content=True,
+        )
+
+    def _via_session(self, method: str, base_url: str, path: str, *, body: bytes | None,
+                     headers: dict[str, str], retries: Retry, timeout: Timeout) -> HTTPResponse:
+        response = self._session.request(method, upstream_url(base_url, path), data=body, headers=headers,
+                                         timeout=timeout, stream=True, allow_redirects=False)
+        return response.raw
+
+
+def upstream_url(base_url: str, path: str) -> str:
+    """`TARGET_URL` + `/v1/...`, without doubling a `/v1` the base URL already ends with."""
+    if base_url.endswith("/v1") and path.startswith("/v1/"):
+        path = path[3:]
+    return base_url + path

@@ -1,4 +1,5 @@
-"""One `requests.Session` per worker, with urllib3 `Retry` doing backoff and Retry-After for us.
+"""The gateway's HTTP policy, for every outside API it calls (the upstreams, the embedding API): one
+`requests.Session` per client, with urllib3 `Retry` doing backoff and Retry-After for us.
 
 Retries happen inside urllib3 before a response is handed back, so a streamed answer is only ever
 retried before its first byte reaches the client.
@@ -12,11 +13,10 @@ import math
 import time
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
-from app.upstream.connection import POOL_CLASSES_BY_SCHEME
+from app.upstream.connection import OneWriteAdapter
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -100,17 +100,21 @@ def retry_after_seconds(header: str | None, now: float | None = None) -> float |
     return seconds
 
 
-def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retry_after_max: float) -> Retry:
-    """Every field set on purpose; the library defaults are wrong for a POST-heavy LLM gateway."""
+def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retry_after_max: float,
+                read: int = 0, methods: frozenset[str] = frozenset({"GET", "POST"})) -> Retry:
+    """Every field set on purpose; the library defaults are wrong for a POST-heavy LLM gateway.
+
+    ``read``: retries after a read error, 0 by default: a chat upstream may already be generating (and billing)
+    the answer. An embedding, cheap and without side effects, may be asked again.
+    """
     return UpstreamRetry(
         total=retries,
         connect=retries,
-        # A read error means the upstream may already be generating (and billing) the answer: not retried.
-        read=0,
+        read=read,
         status=retries,
         other=0,
         redirect=0,
-        allowed_methods=frozenset({"GET", "POST"}),
+        allowed_methods=methods,
         status_forcelist=RETRY_STATUSES,
         backoff_factor=backoff_factor,
         backoff_jitter=backoff_factor,
@@ -122,20 +126,15 @@ def build_retry(*, retries: int, backoff_factor: float, backoff_max: float, retr
     )
 
 
-class OneWriteAdapter(HTTPAdapter):
-    """requests' adapter, with pools whose connections send a request's head and body together."""
+def build_session(*, retry: Retry, pool_size: int, hosts: int = 1, trust_env: bool = False) -> requests.Session:
+    """A session whose pool holds one connection per concurrent request of this worker, for each host.
 
-    def init_poolmanager(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - requests' signature
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = POOL_CLASSES_BY_SCHEME
-
-
-def build_session(*, retry: Retry, pool_size: int, hosts: int = 1) -> requests.Session:
-    """A session whose pool holds one connection per concurrent request of this worker, for each upstream host."""
+    ``trust_env`` False (the upstreams): no proxy or netrc surprises from the worker's environment.
+    """
     session = requests.Session()
     adapter = OneWriteAdapter(pool_connections=max(4, hosts), pool_maxsize=pool_size, max_retries=retry,
                               pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.trust_env = False  # no proxy or netrc surprises from the worker's environment
+    session.trust_env = trust_env
     return session

@@ -10,7 +10,8 @@ from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from app.errors import UpstreamTimeout, UpstreamUnreachable
-from app.upstream.client import _map_send_error, _url
+from app.upstream.client import _map_send_error
+from app.upstream.connection import upstream_url as _url
 from app.upstream.http import RETRY_STATUSES, UpstreamRetry, build_retry, build_session
 
 

@@ -11,6 +11,7 @@ nothing, and the gunicorn worker has patched the process before the app is loade
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,13 +20,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_patched = False  # once patched, a process stays patched: only a True answer is kept
+
+
 def gevent_patched() -> bool:
-    """True inside a gevent worker: sockets are cooperative and background greenlets run."""
+    """True inside a gevent worker: sockets are cooperative and background greenlets run.
+
+    Asked on every request (timeouts, queues), so a True answer is remembered; False is asked again, as the
+    gunicorn master loads modules before its workers are patched.
+    """
+    global _patched
+    if _patched:
+        return True
     try:
         from gevent import monkey
     except ImportError:  # gevent is a runtime dependency; without it nothing can be patched
         return False
-    return bool(monkey.is_module_patched("socket"))
+    _patched = bool(monkey.is_module_patched("socket"))
+    return _patched
 
 
 def spawn(fn: Callable[..., Any], *args: Any) -> Any:
@@ -80,12 +92,24 @@ def lifo_queue_class() -> type:
     return LifoQueue
 
 
-def original(module: str, name: str) -> Any:
-    """The standard library's own ``module.name`` even where gevent patched it (for a zero-timeout check that
-    must not switch to the hub)."""
-    from gevent import monkey
+_poll: Any = None  # the standard library's own select.poll, looked up on first use
 
-    return monkey.get_original(module, name)
+
+def readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has bytes, an EOF or an error waiting, answered by one poll syscall with a zero timeout.
+
+    Connection pools (urllib3's, redis-py's) ask this before reusing an idle connection, through the patched
+    ``select``: under gevent that sets up watchers and a timer and switches to the hub, about 90 us per check on
+    this project's machine against a few for the unpatched poll, which cannot block with a zero timeout.
+    """
+    global _poll
+    if _poll is None:
+        from gevent import monkey
+
+        _poll = monkey.get_original("select", "poll")
+    poller = _poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class BackgroundQueue:

@@ -15,7 +15,6 @@ behaviour they rely on):
 
 from __future__ import annotations
 
-import select
 from typing import Any
 
 import certifi
@@ -27,7 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import Timeout, parse_url
 from urllib3.util.retry import Retry
 
-from app.concurrency import original
+from app.concurrency import readable_now
 
 #: Head and body of an upstream request in one send (False: urllib3's own connections, for a side-by-side run).
 ONE_WRITE = True
@@ -36,10 +35,6 @@ ONE_WRITE = True
 DIRECT_URLOPEN = True
 # Certificates verified against the same CA bundle requests itself would use.
 _TLS = {"cert_reqs": "CERT_REQUIRED", "ca_certs": certifi.where()}
-
-# The unpatched poll, looked up on first use (nothing here runs at import): a zero-timeout readiness check is one
-# syscall, with no switch to gevent's hub.
-_poll: Any = None
 
 
 class _OneWrite:
@@ -55,9 +50,7 @@ class _OneWrite:
         sock = getattr(self, "sock", None)
         if sock is None:
             return False
-        poller = (_poll or _unpatched_poll())()
-        poller.register(sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        return not readable_now(sock)
 
     _hold_next = False
     _held = b""
@@ -87,12 +80,6 @@ class _OneWrite:
         if self._held:  # no body (GET)
             held, self._held = self._held, b""
             super().send(held)  # type: ignore[misc]
-
-
-def _unpatched_poll() -> Any:
-    global _poll
-    _poll = original("select", "poll")
-    return _poll
 
 
 class OneWriteHTTPConnection(_OneWrite, HTTPConnection):

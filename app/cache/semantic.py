@@ -4,10 +4,12 @@ Redis layout, all keys of one partition under one hash tag (one cluster slot):
   gw:s2:{<partition>}:log       ZSET  entry id -> time written (ms); what workers sync from
   gw:s2:{<partition>}:e:<id>    HASH  s = static vector, t = transformer vector (once computed), both float32 LE;
                                       q = the normalised text, x = expiry (unix s), a = the answer JSON
-A worker syncs a partition at most every SYNC_SECONDS (one ZRANGEBYSCORE for what is new, one pipelined HMGET of
-those rows), searches the static vectors with one matrix-vector product, reads the transformer vectors of the few
-candidates that survive the cheap checks, and confirms a hit by reading the answer from Redis: an expired or deleted
-entry is never served.
+  gw:s2:{<partition>}:warm      STRING set (with a TTL) by a worker that served an L2 hit there: every worker then
+                                      computes new entries' transformer vectors in the background
+A worker syncs a partition at most every SYNC_SECONDS (one round trip for what is new in the log and the warm mark,
+one pipelined HMGET of those rows), searches the static vectors with one matrix-vector product, reads the
+transformer vectors of the few candidates that survive the cheap checks, and confirms a hit by reading the answer
+from Redis: an expired or deleted entry is never served.
 
 Memory is bounded per worker at all times, across partitions: past ``max_rows`` or ``max_bytes`` the oldest rows go
 first (not whole partitions), expired rows are skipped by every search and compacted away.
@@ -61,6 +63,7 @@ class PartitionIndex:
         self.live = 0
         self.synced_at = 0.0
         self.synced_score = 0.0
+        self.warm = False  # some worker served an L2 hit here lately (the partition's warm mark, as of the sync)
 
     def __len__(self) -> int:
         return self.live
@@ -165,6 +168,10 @@ class SemanticStore:
         return f"gw:s2:{{{partition}}}:log"
 
     @staticmethod
+    def _warm_key(partition: str) -> str:
+        return f"gw:s2:{{{partition}}}:warm"
+
+    @staticmethod
     def _entry_key(partition: str, entry_id: str) -> str:
         return f"gw:s2:{{{partition}}}:e:{entry_id}"
 
@@ -182,8 +189,12 @@ class SemanticStore:
     def _sync(self, partition: str, index: PartitionIndex, now: float) -> None:
         # Entries logged since the newest one seen (inclusive: several may share a millisecond). Scores are the
         # Redis server's clock (l2_put.lua), so no margin for skew between writers is needed.
-        ids = self._redis.zrangebyscore(self._log_key(partition), index.synced_score, "+inf", withscores=True)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self._log_key(partition), index.synced_score, "+inf", withscores=True)
+        pipe.exists(self._warm_key(partition))
+        ids, warm = pipe.execute()
         index.synced_at = now
+        index.warm = bool(warm)
         for entry_id in index.expired(now):
             self._forget(index, entry_id)
         new = [(_text(member), score) for member, score in ids if _text(member) not in index]
@@ -197,6 +208,15 @@ class SemanticStore:
         for (entry_id, _), (vector, text, expires) in zip(new, pipe.execute(), strict=True):
             if vector is not None and text is not None and expires is not None:
                 self._add(partition, index, entry_id, decode_vector(vector), _text(text), float(expires))
+
+    def is_warm(self, partition: str) -> bool:
+        """Whether some worker marked the partition warm (as of this worker's last sync of it)."""
+        index = self._indexes.get(partition)
+        return index is not None and index.warm
+
+    def mark_warm(self, partition: str, seconds: int) -> None:
+        """Tell every worker, at its next sync, that L2 pays here: for ``seconds``, new entries get both vectors."""
+        self._redis.set(self._warm_key(partition), 1, ex=seconds)
 
     def transformer_vectors(self, partition: str, entry_ids: list[str]) -> list[np.ndarray | None]:
         """The stored transformer vectors of some entries (None where not computed yet): one round trip."""

@@ -45,8 +45,10 @@ COLD_AFTER = 256
 COLD_SAMPLE = 8
 COLD_TRACKED = 4096  # partitions whose miss streak a worker remembers
 #: A partition with an L2 hit this recent is warm: its new entries get their transformer vector in the background
-#: (off the client's time), so the paraphrase that comes next embeds only itself.
+#: (off the client's time), so the paraphrase that comes next embeds only itself. The hit's worker marks the
+#: partition warm in Redis (at most every WARM_MARK_EVERY seconds), so every worker's new entries get it.
 WARM_SECONDS = 600.0
+WARM_MARK_EVERY = 60.0
 
 
 @dataclass
@@ -98,6 +100,7 @@ class SemanticWrite:
 
     partition: str
     learned: dict[str, np.ndarray]
+    mark_warm: bool = False  # tell the other workers the partition is warm
     entry_id: str | None = None
     embed: bool = False  # compute the transformer vector too (the partition is warm)
     text: str = ""
@@ -303,12 +306,14 @@ class CacheService:
             metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
             plan.reason = verdict.reason
             self._streaks[plan.partition] = 0
-            self._last_hit[plan.partition] = time.time()
+            hit_at = time.time()
+            mark = self._last_hit.get(plan.partition, 0.0) <= hit_at - WARM_MARK_EVERY
+            self._last_hit[plan.partition] = hit_at
             self._last_hit.move_to_end(plan.partition)
             if len(self._last_hit) > COLD_TRACKED:
                 self._last_hit.popitem(last=False)
-            if plan.learned:
-                self.writes.offer(SemanticWrite(partition=plan.partition, learned=dict(plan.learned)))
+            if plan.learned or mark:
+                self.writes.offer(SemanticWrite(partition=plan.partition, learned=dict(plan.learned), mark_warm=mark))
             return CacheHit("L2", content, answer, round(similarity, 4))
         if best is not None:
             metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
@@ -399,8 +404,12 @@ class CacheService:
                 partition=plan.partition, entry_id=plan.key.rsplit(":", 1)[-1][:32],
                 text=normalise(plan.semantic.text), static_vector=plan.static_vector, vector=plan.vector,
                 learned=dict(plan.learned), content=content, ttl=plan.ttl,
-                embed=plan.vector is None and self._last_hit.get(plan.partition, 0.0) > now - WARM_SECONDS,
+                embed=plan.vector is None and self._warm(plan.partition, now),
             ))
+
+    def _warm(self, partition: str, now: float) -> bool:
+        """A hit here lately, in this worker or (as of the last sync) in any other."""
+        return self._last_hit.get(partition, 0.0) > now - WARM_SECONDS or self.semantic.is_warm(partition)
 
     def _write_semantic(self, job: SemanticWrite) -> None:
         """The background half of a store: the static vector if the look-up did not need one, then Redis."""
@@ -422,6 +431,8 @@ class CacheService:
                 self.semantic.put(job.partition, job.entry_id, static, vector, job.text, job.content, job.ttl)
             if job.learned:
                 self.semantic.remember_transformer_vectors(job.partition, job.learned)
+            if job.mark_warm:
+                self.semantic.mark_warm(job.partition, int(WARM_SECONDS))
         except REDIS_FAILURES as exc:
             self.breaker.failed(time.time())
             metrics.REDIS_ERRORS.labels("cache").inc()

@@ -168,3 +168,45 @@ def test_after_a_hit_new_entries_of_the_partition_get_their_transformer_vector(r
     assert hit is not None and hit.layer == "L2"
     later, _ = ask("How do I delete my account?")
     assert has_vector(later)
+
+
+def test_a_hit_in_one_worker_warms_the_partition_for_every_worker(redis_conn: redis.Redis, unique: str) -> None:
+    """Workers share the warm mark: after worker A serves a paraphrase, worker B's new entries there get their
+    transformer vector too (at B's next sync), so a paraphrase B's entry attracts needs one model run, not two."""
+    from types import SimpleNamespace
+
+    from app.cache.local import LocalCache
+    from app.cache.semantic import SYNC_SECONDS
+    from app.cache.service import CacheOptions, CacheService
+    from app.embeddings.local import LocalEmbedder
+    from app.embeddings.static import StaticEmbedder
+
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7)
+    embedder = LocalEmbedder(offload=False)
+    worker_a = CacheService(redis_conn, options, LocalCache(0, 0), embedder, StaticEmbedder())
+    worker_b = CacheService(redis_conn, options, LocalCache(0, 0), embedder, StaticEmbedder())
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    def ask(service: CacheService, text: str) -> tuple[object, object]:
+        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
+                                                              {"role": "user", "content": text}]}
+        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
+        hit = service.lookup(plan)
+        if hit is None:
+            service.store(plan, answer, None)
+        return plan, hit
+
+    def has_vector(plan: object) -> bool:
+        entry = plan.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
+        return redis_conn.hget(SemanticStore._entry_key(plan.partition, entry), "t") is not None  # type: ignore[attr-defined]
+
+    before, _ = ask(worker_b, "How do I change my email address?")
+    assert not has_vector(before)  # nobody has hit here yet: B stores the static vector only
+    ask(worker_a, "How do I reset my password?")
+    _, hit = ask(worker_a, "How can I reset my password?")
+    assert hit is not None and hit.layer == "L2"
+    time.sleep(SYNC_SECONDS + 0.1)
+    after, _ = ask(worker_b, "Translate into French: the weather is lovely by the sea today.")
+    assert after.vector is None  # type: ignore[attr-defined] # no candidate near it: the look-up ran no model
+    assert has_vector(after)

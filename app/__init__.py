@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from app.cache.service import CacheService
     from app.ratelimit.admission import Admission
     from app.redis_client import RedisClient
+    from app.upstream.fallbacks import FallbackRules
+    from app.upstream.pool import UpstreamPool
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                         retry_after_max=settings.upstream_retry_after_max)
     backends = backends_from_settings(settings.target_url, settings.upstream_api_keys, settings.upstreams_file)
     pool = UpstreamPool(backends, KeyHealth(redis))
+    fallbacks = _fallback_rules(settings, pool, auth)
     session = build_session(retry=retry, pool_size=settings.upstream_pool_size, hosts=len(backends))
     upstream = UpstreamClient(session, pool,
                               connect_timeout=settings.upstream_connect_timeout,
@@ -76,7 +79,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway"] = Gateway(
         settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
-        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies), keys=keys,
+        pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies), keys=keys, fallbacks=fallbacks,
     )
     app.wsgi_app = context.canonical_paths(context.close_on_failure(app.wsgi_app))  # type: ignore[method-assign]
     app.before_request(context.start_request)
@@ -93,6 +96,24 @@ def create_app(settings: Settings | None = None) -> Flask:
 # Probes in a row a Redis that failed must answer before every request uses it again: a Redis busy with long
 # commands answers in short gaps, and one answer in a gap must not send every request back to wait.
 REDIS_PROBES_TO_CLOSE = 3
+
+
+def _fallback_rules(settings: Settings, pool: UpstreamPool, auth: Authenticator) -> FallbackRules | None:
+    """UPSTREAMS_FILE's chains and the tenants' own; every model they name must be served here (checked at start,
+    not found missing by the first failover). None when no chain is configured anywhere."""
+    from pathlib import Path
+
+    from app.upstream.fallbacks import FallbackConfigError, load_fallback_rules, rule_models
+
+    path = Path(settings.upstreams_file) if settings.upstreams_file else None
+    rules = load_fallback_rules(path, settings.fallback_deadline_seconds)
+    tenant_models = {m for t in auth.tenants for m in rule_models(t.fallbacks)}
+    unknown = sorted(m for m in rules.models() | tenant_models if not pool.knows_model(m))
+    if unknown:
+        raise FallbackConfigError(f"fallback rules name models no backend serves: {', '.join(unknown)}")
+    if not rules and not tenant_models:
+        return None
+    return rules
 
 
 def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> CacheService:

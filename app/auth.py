@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from app.config import ConfigError, read_yaml_file
 from app.errors import Forbidden, Unauthorized
+from app.upstream.fallbacks import FallbackRule, parse_rules
 
 DEV_TENANT = "default"
 
@@ -32,6 +33,7 @@ class Tenant:
     limits: TenantLimits = TenantLimits()
     models: frozenset[str] | None = None  # None: every model
     model_limits: Mapping[str, TenantLimits] = field(default_factory=dict)
+    fallbacks: Mapping[str, FallbackRule] = field(default_factory=dict)  # over UPSTREAMS_FILE's, model by model
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -135,7 +137,8 @@ def build_authenticator(
 
 
 def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tenant]:
-    """YAML: `tenants: [{name, keys | key_sha256, limits: {rpm, tpm, concurrency}, models, model_limits}]`."""
+    """YAML: `tenants: [{name, keys | key_sha256, limits: {rpm, tpm, concurrency}, models, model_limits,
+    fallbacks}]`."""
     doc = read_yaml_file(path, "GATEWAY_KEYS_FILE", AuthConfigError)
     items = doc.get("tenants") if isinstance(doc, dict) else None
     if not isinstance(items, list):
@@ -153,6 +156,7 @@ def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tena
                 str(model): _limits(value, TenantLimits(), f"{where}.model_limits.{model}")
                 for model, value in (item.get("model_limits") or {}).items()
             },
+            fallbacks=parse_rules(item.get("fallbacks"), f"{where}.fallbacks"),
         )
         plain = [str(k) for k in item.get("keys") or []]
         if any(not k.strip() for k in plain):

@@ -201,6 +201,9 @@ class Settings:
                                                  one_more=("DEEPSEEK_API_KEY", "counts as one more upstream key"))
     upstreams_file: str | None = setting(None, "optional YAML: several backends, their models, keys and weights "
                                          "(README, \"Several upstreams\")", parse=_existing_file)
+    fallback_deadline_seconds: float = setting(60.0, "one deadline for a whole fallback chain (`fallbacks` in "
+                                               "`UPSTREAMS_FILE`), from the request's arrival: no hop starts or "
+                                               "runs past it", check=_at_least(0.1))
     upstream_max_retries: int = setting(3, "retries after the first attempt (3 = up to 4 attempts)",
                                         check=_between(0, 10))
     upstream_backoff_factor: float = setting(0.5, "exponential backoff factor (with as much jitter)",

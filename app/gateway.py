@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the services' modules are imported by `create_app` when the
     from app.ratelimit.admission import Admission
     from app.redis_client import RedisClient
     from app.upstream.client import UpstreamClient
+    from app.upstream.fallbacks import FallbackRules
 
 
 @dataclass
@@ -27,4 +28,5 @@ class Gateway:
     cache: CacheService | None = None  # None when caching is off
     limiter: Admission | None = None  # None when no tenant has (or may get) a limit
     trusted_networks: tuple[Network, ...] = ()
+    fallbacks: FallbackRules | None = None  # None when no chain is configured anywhere
     keys: KeyService | None = None  # run-time keys; None when authentication is off

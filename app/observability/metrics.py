@@ -28,6 +28,10 @@ UPSTREAM_DURATION = Histogram(
 UPSTREAM_TOO_LARGE = Counter(
     "gateway_upstream_too_large_total", "Upstream answers refused (502) for exceeding MAX_RESPONSE_BYTES.", ["backend"]
 )
+FALLBACKS = Counter(
+    "gateway_fallbacks_total", "Requests moved to the next model of a fallback chain, by why the model failed.",
+    ["from", "to", "reason"],
+)
 UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream attempts repeated or moved on.", ["reason"])
 CACHE_LOOKUPS = Counter("gateway_cache_lookups_total", "Cache look-ups by layer and result.", ["layer", "result"])
 SEMANTIC_SIMILARITY = Histogram(

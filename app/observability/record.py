@@ -28,6 +28,9 @@ class RequestRecord:
     retries: int = 0
     upstream_key_id: str | None = None
     backend: str | None = None
+    served_model: str | None = None  # the model that answered from the upstream (another one after a fallback)
+    fallback_hops: int = 0
+    fallbacks: list[dict[str, object]] | None = None  # each hop: from, to, reason, status of the failure
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_saved: int | None = None

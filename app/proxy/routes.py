@@ -15,7 +15,8 @@ from urllib.parse import quote
 from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import Headers
 
-from app.api import FORWARDED, Endpoint, ParsedRequest
+from app.api import EMBEDDINGS, FORWARDED, Endpoint, ParsedRequest
+from app.auth import Tenant
 from app.errors import GatewayError, NotFound, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
@@ -24,9 +25,11 @@ from app.proxy.sse import StreamTap, replay, replayable, sse_error
 from app.proxy.validation import decode_body, parse_request
 from app.ratelimit.admission import estimate_tokens
 from app.upstream.client import UpstreamResult
+from app.upstream.fallbacks import REFUSE_HEADER, Chain, send_along
 
 if TYPE_CHECKING:
     from app.cache.service import CacheHit, CachePlan, CacheService
+    from app.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +160,9 @@ def _forward(endpoint: Endpoint) -> Response:
         raw = json.dumps(body).encode()
         strip_usage = True
 
-    result = gw.upstream.send(parsed.path, body, raw, model=parsed.model, stream=parsed.stream,
-                              request_id=rec.request_id)
+    result = _send(parsed, body, raw, rec)
+    if rec.fallback_hops:
+        plan = None  # another model's answer: never stored under the requested model's key
     _note_upstream(result)
     if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
         tap = StreamTap(endpoint.name, strip_usage=strip_usage)
@@ -168,6 +172,92 @@ def _forward(endpoint: Endpoint) -> Response:
         return _answer(result, endpoint.name, plan, rec, gw.cache, gw.settings.cache_max_entry_bytes)
     return Response(result.read(), status=result.status, content_type=result.content_type,
                     headers=_headers(result))
+
+
+def _send(parsed: ParsedRequest, body: dict[str, Any], raw: bytes, rec: RequestRecord) -> UpstreamResult:
+    """The upstream's answer for the requested model or, when it cannot serve and a rule says so, for the next
+    model of its fallback chain. Every failure is judged before any byte has reached the client."""
+    gw = services()
+    model = parsed.model
+    try:
+        result = gw.upstream.send(parsed.path, body, raw, model=model, stream=parsed.stream,
+                                  request_id=rec.request_id)
+    except GatewayError as exc:
+        if not _may_fall_back(gw, parsed):
+            raise
+        result = _fall_back(parsed, body, rec, exc)
+    else:
+        if result.status >= 400 and _may_fall_back(gw, parsed):
+            result = _fall_back(parsed, body, rec, result)
+    rec.served_model = rec.served_model or model
+    result.extra_headers["x-gateway-model"] = rec.served_model
+    result.extra_headers["x-gateway-fallback-hops"] = str(rec.fallback_hops)
+    return result
+
+
+def _may_fall_back(gw: Gateway, parsed: ParsedRequest) -> bool:
+    """Chains are for generating routes: an embedding from another model lives in another vector space."""
+    return (gw.fallbacks is not None and parsed.route != EMBEDDINGS
+            and request.headers.get(REFUSE_HEADER, "").strip().lower() != "none")
+
+
+def _fall_back(parsed: ParsedRequest, body: dict[str, Any], rec: RequestRecord,
+               first: UpstreamResult | GatewayError) -> UpstreamResult:
+    """Follow the chain from the requested model's failure (`first`: its answer or its error)."""
+    gw = services()
+    tenant = g.gw_tenant
+    chain = Chain(parsed.model, gw.fallbacks, tenant.fallbacks,
+                  deadline_at=rec.started + gw.settings.fallback_deadline_seconds,
+                  allowed=lambda model: _hop_admitted(model, parsed, rec))
+
+    def send(model: str) -> UpstreamResult:
+        hop_body = {**body, "model": model}
+        return gw.upstream.send(parsed.path, hop_body, json.dumps(hop_body).encode(), model=model,
+                                stream=parsed.stream, request_id=rec.request_id)
+
+    try:
+        result = send_along(chain, first, send)
+    except GatewayError as exc:
+        _note_chain(rec, chain, None)
+        if chain.hops:
+            exc.headers["x-gateway-fallback-hops"] = str(len(chain.hops))
+        raise
+    _note_chain(rec, chain, result)
+    return result
+
+
+def _note_chain(rec: RequestRecord, chain: Chain, result: UpstreamResult | None) -> None:
+    rec.fallback_hops = len(chain.hops)
+    if chain.hops:
+        rec.fallbacks = [hop.as_log() for hop in chain.hops]
+    if chain.stopped is not None:
+        rec.fallbacks = [*(rec.fallbacks or ()), {"stopped": chain.stopped}]
+    if result is not None:
+        rec.served_model = chain.model
+
+
+def _hop_admitted(model: str, parsed: ParsedRequest, rec: RequestRecord) -> bool:
+    """The tenant may use `model`, and the model's own limits (where the tenant has some) admit one more request.
+
+    The tenant's overall limits admitted this request already; only the model's scope is asked here, in one
+    limiter call made only on a hop. Its reservation is settled at the end: to the usage if this model answered,
+    to nothing if it failed too.
+    """
+    tenant = g.gw_tenant
+    if tenant.models is not None and model not in tenant.models:
+        return False
+    admission, scoped = services().limiter, tenant.model_limits.get(model)
+    if admission is None or scoped is None:
+        return True
+    try:
+        ticket = admission.admit(Tenant(name=tenant.name, model_limits={model: scoped}), model=model,
+                                 request_id=rec.request_id, budget=redis_budget(),
+                                 estimated_tokens=estimate_tokens(len(parsed.raw), parsed.body.get("max_tokens")))
+    except GatewayError as exc:  # limited (or the limiter failing closed): the chain passes this model over
+        log.info("fallback to %s passed over: %s", model, exc.code, extra={"request_id": rec.request_id})
+        return False
+    on_close(lambda: admission.finish(ticket, _tokens_paid(rec) if rec.served_model == model else 0))
+    return True
 
 
 def _answer(result: UpstreamResult, route: str, plan: CachePlan | None, rec: RequestRecord,

@@ -55,25 +55,31 @@ PEEK_MAX_BYTES = 65536
 
 
 def is_insufficient_quota(response) -> bool:  # noqa: ANN001 - a urllib3 HTTPResponse
-    """A 429 that means "out of credit" (OpenAI's `insufficient_quota` code or type), not "slow down".
+    """A 429 that means "out of credit" (OpenAI's `insufficient_quota` code or type), not "slow down"."""
+    if response.status != 429:
+        return False
+    error = peeked_error(response)
+    return error is not None and (error.get("code") in QUOTA_CODES or error.get("type") in QUOTA_CODES)
+
+
+def peeked_error(response) -> dict | None:  # noqa: ANN001 - a urllib3 HTTPResponse
+    """The `error` object of an OpenAI-style error answer, or None.
 
     The (small) error body is read once, at most PEEK_MAX_BYTES of it, and kept on the response under
     PEEKED_BODY, so it is still passed on.
     """
-    if response.status != 429:
-        return False
     body = getattr(response, PEEKED_BODY, None)
     if body is None:
         body = response.read(PEEK_MAX_BYTES + 1, decode_content=True) or b""
         setattr(response, PEEKED_BODY, body)
     if len(body) > PEEK_MAX_BYTES:
-        return False  # no provider's quota error is this large
+        return None  # no provider's error object is this large
     try:
         body = json.loads(body)
     except ValueError:
-        return False
+        return None
     error = body.get("error") if isinstance(body, dict) else None
-    return isinstance(error, dict) and (error.get("code") in QUOTA_CODES or error.get("type") in QUOTA_CODES)
+    return error if isinstance(error, dict) else None
 
 
 def retry_after_seconds(header: str | None, now: float | None = None) -> float | None:

@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test lint venv dev-venv redis bench bench-cache bench-new eval chaos clean
 
@@ -40,7 +41,7 @@ lint: dev-venv
 	$(BIN)/ruff check .
 
 bench: dev-venv redis
-	$(BIN)/python tools/bench.py proxy
+	$(BIN)/python tools/bench.py proxy $(BENCH_ARGS)
 
 bench-cache: dev-venv redis
 	$(BIN)/python tools/bench.py cache

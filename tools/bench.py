@@ -254,6 +254,14 @@ def proxy_mode(args: argparse.Namespace) -> None:
                        "RATE_LIMIT_RPM": "100000000", "RATE_LIMIT_TPM": "0"}
         gw_auth, auth_pids = start_gateway({**common, **limited_env}, args.workers)
         stack.callback(gw_auth.stop)
+        extra: list[tuple[str, Gateway, list[int]]] = []
+        if args.fallbacks:
+            # (b) again with fallback rules for the bench's model: nothing fails, so they must cost nothing.
+            gw_rules, rules_pids = start_gateway({**common, **limited_env,
+                                                  "UPSTREAMS_FILE": fallback_rules_file(stack, mock.url)},
+                                                 args.workers)
+            stack.callback(gw_rules.stop)
+            extra.append(("gateway (c) = (b) + fallback rules", gw_rules, rules_pids))
         load = LoadGenerator()
         stack.callback(load.close)
 
@@ -267,6 +275,7 @@ def proxy_mode(args: argparse.Namespace) -> None:
             Target("direct", mock.url, {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
             Target("gateway (a) auth off", gw_open.url, {}, open_pids),
             Target("gateway (b) auth + rate limit" if limited else "gateway (b) auth", gw_auth.url, auth, auth_pids),
+            *(Target(name, gateway.url, auth, pids) for name, gateway, pids in extra),
         ]
         body = chat_body("Explain in two sentences why keep-alive connections matter for a reverse proxy.")
         stream_body = chat_body("Explain in two sentences why keep-alive connections matter for a reverse proxy.",
@@ -284,9 +293,25 @@ def proxy_mode(args: argparse.Namespace) -> None:
                 log(f"  {kind} c={concurrency}: " + ", ".join(
                     f"{t.name} p50 {pct_ms(s.latencies, 50):.2f} ms {s.rps:.0f}/s"
                     for t, s in zip(targets, samples, strict=True)))
-        balance = worker_balance(open_pids + auth_pids)
+        balance = worker_balance(open_pids + auth_pids + [pid for _n, _g, pids in extra for pid in pids])
 
     print_proxy_table(args, targets, rows, notes, balance)
+
+
+def fallback_rules_file(stack: ExitStack, mock_url: str) -> str:
+    """An UPSTREAMS_FILE with the mock as its one backend (as TARGET_URL + UPSTREAM_API_KEYS make it) and fallback
+    chains for the bench's model, removed when the run ends."""
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="bench-upstreams-", suffix=".yaml")
+    os.close(handle)
+    stack.callback(os.unlink, path)
+    Path(path).write_text(json.dumps({  # JSON is YAML
+        "backends": [{"name": "bench", "url": mock_url, "keys": [UPSTREAM_KEY]}],
+        "fallbacks": {MODEL: ["gpt-4o-mini", "deepseek-chat"]},
+        "context_window_fallbacks": {MODEL: ["gpt-4o"]},
+    }))
+    return path
 
 
 def measure_round_robin(load: LoadGenerator, targets: list[Target], body: str, concurrency: int,
@@ -523,6 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     proxy.add_argument("--rounds", type=int, default=3, help="alternating rounds per target and concurrency")
     proxy.add_argument("--seconds", type=float, default=2.5, help="length of one round")
     proxy.add_argument("--warmup-seconds", type=float, default=1.0)
+    proxy.add_argument("--fallbacks", action="store_true",
+                       help="also measure (b) with fallback rules configured (nothing failing): side by side")
     cache = sub.add_parser("cache", help="cache layer latency, L1 throughput, L2 search time")
     cache.add_argument("--rounds", type=int, default=3)
     cache.add_argument("--miss-count", type=int, default=40, help="unique prompts per round")

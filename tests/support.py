@@ -124,7 +124,8 @@ class Gateway:
     stderr (gunicorn's and the app's JSON log lines) goes to a file the tests can read.
     """
 
-    def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60) -> None:
+    def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60, root: Path = ROOT) -> None:
+        """`root`: the checkout to run (another one only for tools/bench.py's side-by-side runs)."""
         declared("gunicorn", "a gateway under gunicorn")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -147,9 +148,9 @@ class Gateway:
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [GUNICORN, "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
+            [GUNICORN, "-c", str(root / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
              "-b", f"127.0.0.1:{self.metrics_port}", "wsgi:app"],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=root, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
             wait_until(self._ready, timeout, f"gateway (log: {self.log_path})")

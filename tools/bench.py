@@ -17,6 +17,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the gateway's workers r
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -227,8 +228,8 @@ def mark(ok: bool) -> str:
 # proxy mode
 
 
-def start_gateway(env: dict[str, str], workers: int) -> tuple[Gateway, list[int]]:
-    gateway = Gateway(env, workers=workers, timeout=120)
+def start_gateway(env: dict[str, str], workers: int, root: Path = ROOT) -> tuple[Gateway, list[int]]:
+    gateway = Gateway(env, workers=workers, timeout=120, root=root)
     try:
         pids = wait_workers_idle(gateway, workers)
     except TimeoutError:
@@ -254,14 +255,23 @@ def proxy_mode(args: argparse.Namespace) -> None:
                        "RATE_LIMIT_RPM": "100000000", "RATE_LIMIT_TPM": "0"}
         gw_auth, auth_pids = start_gateway({**common, **limited_env}, args.workers)
         stack.callback(gw_auth.stop)
-        extra: list[tuple[str, Gateway, list[int]]] = []
+        extra: list[tuple[str, Gateway, list[int], dict[str, str]]] = []  # more targets: name, gateway, pids, headers
         if args.fallbacks:
             # (b) again with fallback rules for the bench's model: nothing fails, so they must cost nothing.
             gw_rules, rules_pids = start_gateway({**common, **limited_env,
                                                   "UPSTREAMS_FILE": fallback_rules_file(stack, mock.url)},
                                                  args.workers)
             stack.callback(gw_rules.stop)
-            extra.append(("gateway (c) = (b) + fallback rules", gw_rules, rules_pids))
+            extra.append(("gateway (c) = (b) + fallback rules", gw_rules, rules_pids, auth))
+        if args.baseline:
+            # (a) and (b) as another checkout runs them (a worktree of an older commit): before/after in one run.
+            rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True, check=False).stdout.strip() or str(args.baseline)
+            for name, env, headers in (("(a) auth off", {**common, "AUTH_DISABLED": "true"}, {}),
+                                       ("(b) auth + rate limit", {**common, **limited_env}, auth)):
+                gateway, pids = start_gateway(env, args.workers, root=args.baseline)
+                stack.callback(gateway.stop)
+                extra.append((f"gateway {name} at {rev}", gateway, pids, headers))
         load = LoadGenerator()
         stack.callback(load.close)
 
@@ -275,7 +285,7 @@ def proxy_mode(args: argparse.Namespace) -> None:
             Target("direct", mock.url, {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
             Target("gateway (a) auth off", gw_open.url, {}, open_pids),
             Target("gateway (b) auth + rate limit" if limited else "gateway (b) auth", gw_auth.url, auth, auth_pids),
-            *(Target(name, gateway.url, auth, pids) for name, gateway, pids in extra),
+            *(Target(name, gateway.url, headers, pids) for name, gateway, pids, headers in extra),
         ]
         body = chat_body("Explain in two sentences why keep-alive connections matter for a reverse proxy.")
         stream_body = chat_body("Explain in two sentences why keep-alive connections matter for a reverse proxy.",
@@ -293,7 +303,7 @@ def proxy_mode(args: argparse.Namespace) -> None:
                 log(f"  {kind} c={concurrency}: " + ", ".join(
                     f"{t.name} p50 {pct_ms(s.latencies, 50):.2f} ms {s.rps:.0f}/s"
                     for t, s in zip(targets, samples, strict=True)))
-        balance = worker_balance(open_pids + auth_pids + [pid for _n, _g, pids in extra for pid in pids])
+        balance = worker_balance(open_pids + auth_pids + [pid for _n, _g, pids, _h in extra for pid in pids])
 
     print_proxy_table(args, targets, rows, notes, balance)
 
@@ -548,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     proxy.add_argument("--rounds", type=int, default=3, help="alternating rounds per target and concurrency")
     proxy.add_argument("--seconds", type=float, default=2.5, help="length of one round")
     proxy.add_argument("--warmup-seconds", type=float, default=1.0)
+    proxy.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                       help="also run (a) and (b) from another checkout (e.g. a git worktree of an older commit), "
+                            "in the same rounds: a before/after comparison side by side")
     proxy.add_argument("--fallbacks", action="store_true",
                        help="also measure (b) with fallback rules configured (nothing failing): side by side")
     cache = sub.add_parser("cache", help="cache layer latency, L1 throughput, L2 search time")

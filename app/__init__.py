@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from app.cache.service import CacheService
     from app.ratelimit.admission import Admission
     from app.redis_client import RedisClient
+    from app.spend.service import Spend
     from app.upstream.fallbacks import FallbackRules
     from app.upstream.pool import UpstreamPool
 
@@ -72,12 +73,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
         keys = auth.runtime = KeyService(KeyStore(redis), auth, redis_breaker)
     limiter = _build_admission(settings, redis, auth, redis_breaker)
+    spend = _build_spend(settings, redis, redis_breaker)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["gateway"] = Gateway(
-        settings=settings, redis=redis, auth=auth, upstream=upstream, cache=cache, limiter=limiter,
+        settings=settings, redis=redis, auth=auth, upstream=upstream, spend=spend, cache=cache, limiter=limiter,
         trusted_networks=context.parse_networks(settings.trusted_proxies),
         pending_bodies=body.PendingBodies(settings.tenant_max_pending_bodies), keys=keys, fallbacks=fallbacks,
     )
@@ -147,14 +149,29 @@ def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> Ca
                         embedder, static, breaker)
 
 
+def _build_spend(settings: Settings, redis: RedisClient, breaker: Breaker) -> Spend:
+    """Prices (PRICES_FILE or the shipped list) and this worker's rollup buffer, flushed once more at its exit."""
+    import atexit
+
+    from app.spend.ledger import SpendLedger
+    from app.spend.prices import load_prices
+    from app.spend.service import Spend
+
+    ledger = SpendLedger(redis, breaker, retention_days=settings.spend_retention_days)
+    if ledger.background:
+        atexit.register(ledger.flush_quietly)
+    return Spend(load_prices(settings.prices_file), ledger)
+
+
 def _build_admission(settings: Settings, redis: RedisClient, auth: Authenticator,
                      breaker: Breaker) -> Admission | None:
-    """A limiter only when some tenant has a limit, or may get one (keys issued at run time carry their own
-    limits): otherwise admission costs nothing at all."""
+    """A limiter only when some tenant has a limit or a budget, or may get one (keys issued at run time carry their
+    own): otherwise admission costs nothing at all."""
     from app.ratelimit.admission import Admission
     from app.ratelimit.limiter import RateLimiter, RateLimiterUnavailable
 
-    limited = any(t.limits.any or any(m.any for m in t.model_limits.values()) for t in auth.tenants)
+    limited = any(t.limits.any or any(m.any for m in t.model_limits.values()) or t.budget is not None
+                  for t in auth.tenants)
     if not limited and auth.runtime is None:
         return None
     limiter = RateLimiter(redis)
@@ -164,4 +181,5 @@ def _build_admission(settings: Settings, redis: RedisClient, auth: Authenticator
         pass  # Redis down at start: the first call loads the script
     return Admission(limiter, fail_closed=settings.rate_limit_fail_closed,
                      window_seconds=settings.rate_limit_window_seconds, burst=settings.rate_limit_burst,
-                     workers=settings.web_concurrency, breaker=breaker)
+                     workers=settings.web_concurrency, breaker=breaker,
+                     budget_window_seconds=settings.budget_test_window_seconds)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from app.config import ConfigError, read_yaml_file
 from app.errors import Forbidden, Unauthorized
+from app.spend.budget import Budget, parse_budget
 from app.upstream.fallbacks import FallbackRule, parse_rules
 
 DEV_TENANT = "default"
@@ -34,6 +35,7 @@ class Tenant:
     models: frozenset[str] | None = None  # None: every model
     model_limits: Mapping[str, TenantLimits] = field(default_factory=dict)
     fallbacks: Mapping[str, FallbackRule] = field(default_factory=dict)  # over UPSTREAMS_FILE's, model by model
+    budget: Budget | None = None  # USD per UTC day / month (app/spend/budget.py)
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -138,7 +140,7 @@ def build_authenticator(
 
 def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tenant]:
     """YAML: `tenants: [{name, keys | key_sha256, limits: {rpm, tpm, concurrency}, models, model_limits,
-    fallbacks}]`."""
+    fallbacks, budget: {usd_per_day, usd_per_month}}]`."""
     doc = read_yaml_file(path, "GATEWAY_KEYS_FILE", AuthConfigError)
     items = doc.get("tenants") if isinstance(doc, dict) else None
     if not isinstance(items, list):
@@ -157,6 +159,7 @@ def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tena
                 for model, value in (item.get("model_limits") or {}).items()
             },
             fallbacks=parse_rules(item.get("fallbacks"), f"{where}.fallbacks"),
+            budget=_budget(item.get("budget"), where),
         )
         plain = [str(k) for k in item.get("keys") or []]
         if any(not k.strip() for k in plain):
@@ -168,6 +171,13 @@ def load_keys_file(path: Path, default_limits: TenantLimits) -> dict[bytes, Tena
         for key_digest in digests:
             tenants[key_digest] = tenant
     return tenants
+
+
+def _budget(value: Any, where: str) -> Budget | None:
+    try:
+        return parse_budget(value)
+    except ValueError as exc:
+        raise AuthConfigError(f"{where}: {exc}") from None
 
 
 def _sha256_hex(value: Any, where: str) -> bytes:

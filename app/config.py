@@ -261,6 +261,16 @@ class Settings:
                                       "any sliding window admits at most (1 + this) x the limit",
                                       check=_between(0.001, 1.0))
 
+    prices_file: str | None = setting(None, "YAML: USD per million input, cached-input and output tokens per model "
+                                      "(README, \"Spend\")", parse=_existing_file,
+                                      shown="the shipped list, app/spend/prices.yaml (DeepSeek, OpenAI; dated)",
+                                      section="spend and budgets")
+    spend_retention_days: int = setting(400, "days the daily spend rollups (`/admin/spend`) are kept in Redis",
+                                        check=_between(1, 3660))
+    budget_test_window_seconds: float | None = setting(
+        None, "TESTS ONLY: budget windows of this many seconds instead of a UTC day (and 30 of them instead of a "
+        "calendar month); never set in production", check=_between(1.0, 86400.0))
+
     cache_enabled: bool = setting(True, "the whole cache (L0, L1, L2) on or off", section="cache")
     cache_ttl_seconds: int = setting(86400, "lifetime of a cached answer (`X-Cache-TTL` overrides it per request)",
                                      check=_POSITIVE)

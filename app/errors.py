@@ -96,6 +96,13 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class BudgetExceeded(RateLimited):
+    """The tenant's budget (USD per day or month) cannot cover the request: OpenAI's own quota error."""
+
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     error_type = "server_error"

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the services' modules are imported by `create_app` when the
     from app.proxy.context import Network
     from app.ratelimit.admission import Admission
     from app.redis_client import RedisClient
+    from app.spend.service import Spend
     from app.upstream.client import UpstreamClient
     from app.upstream.fallbacks import FallbackRules
 
@@ -24,6 +25,7 @@ class Gateway:
     redis: RedisClient
     auth: Authenticator
     upstream: UpstreamClient
+    spend: Spend  # prices, the per-request accounting and the spend rollups
     pending_bodies: PendingBodies  # request bodies still arriving, per tenant
     cache: CacheService | None = None  # None when caching is off
     limiter: Admission | None = None  # None when no tenant has (or may get) a limit

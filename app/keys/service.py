@@ -27,6 +27,7 @@ from app.errors import BadRequest, GatewayError, NotFound, ServiceUnavailable, U
 from app.keys.store import KeyConflict, KeyStore, Record
 from app.observability import metrics
 from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
+from app.spend.budget import parse_budget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ MAX_NAME_CHARS = 256
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LIMIT_NAMES = ("rpm", "tpm", "concurrency")
 CREATE_FIELDS = frozenset({"tenant", "name", "limits", "models", "expires_at", "metadata", "budget"})
-PATCH_FIELDS = frozenset({"name", "limits", "models", "expires_at", "metadata"})
+PATCH_FIELDS = frozenset({"name", "limits", "models", "expires_at", "metadata", "budget"})
 
 
 class KeyReadOnly(GatewayError):
@@ -144,7 +145,8 @@ class KeyService:
             limits = TenantLimits(**{n: limits.get(n, getattr(default, n)) for n in LIMIT_NAMES})
         models = raw.get("models")
         return Tenant(name=raw["tenant"], limits=limits or default,
-                      models=frozenset(models) if models is not None else None)
+                      models=frozenset(models) if models is not None else None,
+                      budget=parse_budget(raw.get("budget")))
 
     def _note_used(self, key_id: str, now: float) -> None:
         self._used[key_id] = now
@@ -175,8 +177,6 @@ class KeyService:
     def create(self, body: Any) -> tuple[dict[str, Any], str]:
         """A new key from a POST body: (its public view, the secret, to be shown this once)."""
         fields = _object(body, CREATE_FIELDS)
-        if "budget" in fields:
-            raise BadRequest("Budgets per key are not supported by this gateway.", code="unsupported_field")
         tenant = fields.get("tenant")
         if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
             raise _invalid("tenant", "`tenant` is required: 1-64 letters, digits, `.`, `_` or `-`.")
@@ -184,7 +184,8 @@ class KeyService:
         secret = _new_secret()
         record: Record = {
             "id": "key_" + secrets.token_hex(8), "prefix": secret[:SHOWN_PREFIX_CHARS], "tenant": tenant,
-            "name": None, "limits": None, "models": None, "created_at": round(now, 3), "expires_at": None,
+            "name": None, "limits": None, "models": None, "budget": None, "created_at": round(now, 3),
+            "expires_at": None,
             "metadata": {}, "digests": [{"digest": digest(secret).hex(), "not_after": None}],
         }
         record.update(_changes(fields, now))
@@ -255,7 +256,8 @@ class KeyService:
         return {
             "id": _static_id(key_digest), "object": "gateway.key", "prefix": None, "tenant": tenant.name,
             "name": None, "limits": {n: getattr(limits, n) for n in LIMIT_NAMES},
-            "models": sorted(tenant.models) if tenant.models is not None else None, "created_at": None,
+            "models": sorted(tenant.models) if tenant.models is not None else None,
+            "budget": tenant.budget.view() if tenant.budget is not None else None, "created_at": None,
             "last_used_at": None, "expires_at": None, "metadata": {}, "source": source,
         }
 
@@ -266,7 +268,7 @@ def public(record: Record) -> dict[str, Any]:
     return {
         "id": record["id"], "object": "gateway.key", "prefix": record["prefix"], "tenant": record["tenant"],
         "name": record["name"], "limits": record["limits"], "models": record["models"],
-        "created_at": record["created_at"], "last_used_at": record.get("last_used_at"),
+        "budget": record.get("budget"), "created_at": record["created_at"], "last_used_at": record.get("last_used_at"),
         "expires_at": record["expires_at"], "metadata": record["metadata"], "source": "api",
         "previous_key_expires_at": max(rotating) if rotating else None,
     }
@@ -305,6 +307,13 @@ def _changes(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
                                    or not all(isinstance(m, str) and m for m in models)):
             raise _invalid("models", "`models` is a non-empty list of model names, or null for every model.")
         out["models"] = sorted(set(models)) if models is not None else None
+    if "budget" in fields:
+        try:
+            budget = parse_budget(fields["budget"])
+        except ValueError as exc:
+            raise _invalid("budget", f"{exc}: the tenant's spend per UTC day and month, capped for requests "
+                                     "with this key.") from None
+        out["budget"] = budget.view() if budget is not None else None
     if "expires_at" in fields:
         expires = fields["expires_at"]
         if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)

@@ -23,7 +23,7 @@ RECORD = PREFIX + "key:"
 INDEX = PREFIX + "ids"
 USED = PREFIX + "used"
 # Fields of a record the request path needs, copied onto each of its digests.
-ENTRY_FIELDS = ("id", "tenant", "limits", "models", "expires_at")
+ENTRY_FIELDS = ("id", "tenant", "limits", "models", "budget", "expires_at")
 WATCH_ATTEMPTS = 5
 
 Record = dict[str, Any]

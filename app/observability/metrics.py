@@ -63,6 +63,10 @@ BACKGROUND_DROPPED = Counter(
 )
 TOKENS = Counter("gateway_tokens_total", "Tokens paid to the upstream.", ["kind"])
 TOKENS_SAVED = Counter("gateway_tokens_saved_total", "Tokens a cache hit did not pay for.")
+COST = Counter("gateway_cost_usd_total", "USD paid to the upstream, at PRICES_FILE's prices (model: a priced model, "
+               "else `other`).", ["model"])
+COST_SAVED = Counter("gateway_cost_saved_usd_total", "USD cache hits did not pay: each priced as the original "
+                     "answer's usage.", ["model"])
 RATELIMITED = Counter("gateway_ratelimited_total", "Requests refused by the gateway's limits.", ["dimension"])
 REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed (the gateway degraded).", ["component"])
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 access_log = logging.getLogger("gateway.access")
+NOT_LOGGED = ("started", "cost_nanos", "saved_nanos", "saved_usage")
 
 
 @dataclass
@@ -33,10 +35,17 @@ class RequestRecord:
     fallbacks: list[dict[str, object]] | None = None  # each hop: from, to, reason, status of the failure
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, served by the provider's own prompt cache
+    cost_usd: float | None = None  # what the upstream charged for this request (PRICES_FILE), when known
     tokens_saved: int | None = None
+    saved_usd: float | None = None  # on a cache hit: what the original answer cost
     stream: bool = False
     error: str | None = None
     started: float = field(default_factory=time.perf_counter, repr=False)
+    # Not logged: the exact amounts the budgets and rollups add up, and the usage of the answer a hit replayed.
+    cost_nanos: int | None = field(default=None, repr=False)
+    saved_nanos: int | None = field(default=None, repr=False)
+    saved_usage: Any = field(default=None, repr=False)
 
     def finish(self) -> None:
         self.latency_ms = round((time.perf_counter() - self.started) * 1000.0, 2)
@@ -45,5 +54,6 @@ class RequestRecord:
 
     def log(self) -> None:
         fields = dict(vars(self))  # flat fields: a shallow copy is enough (asdict deep-copies, slowly)
-        del fields["started"]
+        for name in NOT_LOGGED:
+            del fields[name]
         access_log.info("request", extra=fields)

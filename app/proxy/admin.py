@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hmac
 import logging
+from datetime import UTC, date, datetime, timedelta
 
 from flask import Blueprint, Response, jsonify, request
 
-from app.errors import NotFound, ServiceUnavailable, Unauthorized
+from app.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
 from app.proxy.context import services
 from app.proxy.errors import json_error
 from app.redis_client import REDIS_FAILURES
+from app.spend.ledger import GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +67,43 @@ def cache_stats() -> Response:
     if cache is None:
         raise NotFound("The cache is off (CACHE_ENABLED=false).")
     return jsonify(cache.stats())
+
+
+@bp.get("/spend")
+def spend() -> Response:
+    """Daily rollups: `?tenant=&model=&from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=tenant,model,day` (default: today,
+    by tenant and model); each row has the grouping fields, requests, cache hits, tokens, cost and savings."""
+    gw = services()
+    args = request.args
+    today = datetime.now(UTC).date()
+    last = _day(args.get("to"), "to") or today
+    first = _day(args.get("from"), "from") or last
+    if first > last:
+        raise _bad("from", "`from` is after `to`.")
+    span = (last - first).days + 1
+    if span > gw.settings.spend_retention_days + 1:
+        raise _bad("from", f"At most {gw.settings.spend_retention_days + 1} days (SPEND_RETENTION_DAYS) at once.")
+    group_by = tuple(part.strip() for part in (args.get("group_by") or "tenant,model").split(",") if part.strip())
+    if not group_by or set(group_by) - set(GROUPS) or len(set(group_by)) != len(group_by):
+        raise _bad("group_by", "`group_by` is one or more of day, model, tenant, comma-separated.")
+    rows = gw.spend.ledger.report((first + timedelta(days=i) for i in range(span)),
+                                  tenant=args.get("tenant") or None, model=args.get("model") or None,
+                                  group_by=group_by)
+    return jsonify({"object": "list", "data": rows})
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        if len(value) != len("YYYY-MM-DD"):
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise _bad(name, f"`{name}` is a date, YYYY-MM-DD (UTC).") from None
+
+
+def _bad(param: str, message: str) -> BadRequest:
+    error = BadRequest(message, code="invalid_value")
+    error.param = param
+    return error

@@ -17,13 +17,14 @@ from werkzeug.datastructures import Headers
 
 from app.api import EMBEDDINGS, FORWARDED, Endpoint, ParsedRequest
 from app.auth import Tenant
-from app.errors import GatewayError, NotFound, UpstreamBadResponse
+from app.errors import Forbidden, GatewayError, NotFound, UpstreamBadResponse
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
 from app.proxy.sse import StreamTap, replay, replayable, sse_error
 from app.proxy.validation import decode_body, parse_request
-from app.ratelimit.admission import estimate_tokens
+from app.ratelimit.admission import estimate_tokens, worst_case_usage
+from app.spend.prices import Prices, token_count, usage_of
 from app.upstream.client import UpstreamResult
 from app.upstream.fallbacks import REFUSE_HEADER, Chain, send_along
 
@@ -51,17 +52,34 @@ def admit() -> None:
     g.gw_tenant = tenant
     rec.tenant = tenant.name
     endpoint = FORWARDED_VIEWS.get(request.endpoint or "")
-    admission = gw.limiter
-    if admission is None or endpoint is None:
+    if endpoint is None:
         return
-    model, max_tokens = None, None
+    on_close(lambda: gw.spend.account(rec))  # first: the limiter's settlement below needs the request's cost
+    admission = gw.limiter
+    if admission is None:
+        return
+    model, max_tokens, worst_case = None, None, 0
     if admission.needs_model(tenant):
         parsed = _parsed(endpoint)
         model, max_tokens = parsed.model, parsed.body.get("max_tokens")
+        if tenant.budget is not None:
+            worst_case = _worst_case(tenant, parsed, gw.spend.prices)
     ticket = admission.admit(tenant, request_id=rec.request_id, model=model, budget=redis_budget(),
-                             estimated_tokens=estimate_tokens(request.content_length or 0, max_tokens))
+                             estimated_tokens=estimate_tokens(request.content_length or 0, max_tokens),
+                             worst_case_nanos=worst_case)
     g.gw_limit_headers = ticket.headers
-    on_close(lambda: admission.finish(ticket, _tokens_paid(rec)))
+    on_close(lambda: admission.finish(ticket, _tokens_paid(rec), _cost_paid(rec)))
+
+
+def _worst_case(tenant: Tenant, parsed: ParsedRequest, prices: Prices) -> int:
+    """What a budgeted tenant's request may cost at most (nano-dollars); a model without a price cannot be capped,
+    so it is refused."""
+    tenant.check_model(parsed.model)
+    price = prices.price(parsed.model)
+    if price is None:
+        raise Forbidden(f"The model `{parsed.model}` has no price in the gateway's PRICES_FILE, so the spend of the "
+                        "key's tenant, which has a budget, could not be capped.", code="model_not_priced")
+    return price.nanos(worst_case_usage(len(parsed.raw), parsed.body))
 
 
 def _parsed(endpoint: Endpoint) -> ParsedRequest:
@@ -86,6 +104,13 @@ def _tokens_paid(rec: RequestRecord) -> int | None:
     if rec.prompt_tokens is None and rec.completion_tokens is None:
         return None
     return (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
+
+
+def _cost_paid(rec: RequestRecord) -> int | None:
+    """What the request cost upstream in nano-dollars, to settle its budget reservation to (as `_tokens_paid`)."""
+    if _tokens_paid(rec) is None:
+        return None
+    return rec.cost_nanos or 0
 
 
 def _forward_view(endpoint: Endpoint) -> Callable[[], Response]:
@@ -246,6 +271,8 @@ def _hop_admitted(model: str, parsed: ParsedRequest, rec: RequestRecord) -> bool
     tenant = g.gw_tenant
     if tenant.models is not None and model not in tenant.models:
         return False
+    if tenant.budget is not None and services().spend.prices.price(model) is None:
+        return False  # its spend could not be capped (as a request for it would be refused: model_not_priced)
     admission, scoped = services().limiter, tenant.model_limits.get(model)
     if admission is None or scoped is None:
         return True
@@ -391,6 +418,7 @@ def _from_cache(parsed: ParsedRequest, hit: CacheHit) -> Response:
     rec.similarity = hit.similarity
     usage = hit.answer.get("usage") or {}
     rec.tokens_saved = int(usage.get("total_tokens") or 0)
+    rec.saved_usage = usage_of(usage)  # priced when the request closes (app/spend/service.py)
     headers = {"X-Cache-Layer": hit.layer}
     if hit.similarity is not None:
         headers["X-Cache-Similarity"] = f"{hit.similarity:.4f}"
@@ -442,12 +470,7 @@ def _note_upstream(result: UpstreamResult) -> None:
 
 def _note_usage(rec: RequestRecord, usage: Any) -> None:
     if isinstance(usage, dict):
-        rec.prompt_tokens = _token_count(usage.get("prompt_tokens"))
-        rec.completion_tokens = _token_count(usage.get("completion_tokens"))
-
-
-def _token_count(value: Any) -> int | None:
-    """A usage figure the accounting can add up; anything else from an odd upstream counts as unknown."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+        rec.prompt_tokens = token_count(usage.get("prompt_tokens"))
+        rec.completion_tokens = token_count(usage.get("completion_tokens"))
+        used = usage_of(usage)
+        rec.cached_tokens = used.cached if used is not None else None

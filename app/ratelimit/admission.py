@@ -27,10 +27,12 @@ from typing import Any
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
 from app.concurrency import gevent_patched, sleep, spawn
-from app.errors import RateLimited, ServiceUnavailable, retry_after
+from app.errors import BudgetExceeded, RateLimited, ServiceUnavailable, retry_after
 from app.observability import metrics
 from app.ratelimit.limiter import (
     DEFAULT_BURST,
+    BudgetCharge,
+    BudgetState,
     Decision,
     DimensionState,
     Limits,
@@ -42,6 +44,8 @@ from app.ratelimit.limiter import (
 )
 from app.ratelimit.local import LocalHold, LocalLimits
 from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
+from app.spend.budget import usd_text, windows
+from app.spend.prices import Usage
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,23 @@ def estimate_tokens(body_bytes: int, max_tokens: object = None) -> int:
     return max(0, body_bytes) // BYTES_PER_TOKEN + completion
 
 
+def worst_case_usage(body_bytes: int, body: dict[str, Any]) -> Usage:
+    """The most a request can cost, for a budget's reservation: the body's bytes / 4 as prompt tokens (none from
+    the provider's prompt cache), and `max_completion_tokens` (else `max_tokens`, else 256) per choice (`n`).
+
+    Without a max the completion is a guess like the token limits' (settled to the real cost when the answer ends).
+    """
+    completion = DEFAULT_COMPLETION_ESTIMATE
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            completion = value
+            break
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return Usage(input=max(0, body_bytes) // BYTES_PER_TOKEN, cached=0, output=completion * choices)
+
+
 class Admission:
     """One tenant's request against its limits, and the one place that decides what a limiter failure means.
 
@@ -91,8 +112,10 @@ class Admission:
 
     def __init__(self, limiter: RateLimiter, *, fail_closed: bool, window_seconds: float = 60.0,
                  burst: float = DEFAULT_BURST, workers: int = 1, renew_leases: bool | None = None,
-                 owner: str | None = None, breaker: Breaker | None = None) -> None:
+                 owner: str | None = None, breaker: Breaker | None = None,
+                 budget_window_seconds: float | None = None) -> None:
         self.limiter = limiter
+        self.budget_window_seconds = budget_window_seconds  # tests only: short budget windows
         self.fail_closed = fail_closed
         self.window_seconds = window_seconds
         self.burst = burst
@@ -101,29 +124,31 @@ class Admission:
         self.renew_leases = gevent_patched() if renew_leases is None else renew_leases
         self.owner = worker_owner() if owner is None else owner
         self._indexed: dict[str, float] = {}  # concurrency set -> when this worker last noted holding slots there
-        self._owed: deque[tuple[Reservation, int | None]] = deque(maxlen=OWED_MAX)
+        self._owed: deque[tuple[Reservation, int | None, int | None]] = deque(maxlen=OWED_MAX)
         self._payer: Any = None
 
     def needs_model(self, tenant: Tenant) -> bool:
-        """Per-model limits are the only reason to read the body before admitting."""
-        return bool(tenant.model_limits)
+        """Per-model limits and a budget (priced per model) are the only reasons to read the body before admitting."""
+        return bool(tenant.model_limits) or tenant.budget is not None
 
     def admit(self, tenant: Tenant, *, request_id: str, estimated_tokens: int, model: str | None = None,
-              budget: RedisBudget | None = None) -> Ticket:
+              budget: RedisBudget | None = None, worst_case_nanos: int = 0) -> Ticket:
+        """``worst_case_nanos``: the most the request can cost, reserved on the tenant's budget windows (if any)."""
         limits = self._limits(tenant.limits)
         model_limits = tenant.model_limits.get(model) if model is not None else None
         scoped = self._limits(model_limits) if model_limits is not None else None
-        if not limits.enabled and (scoped is None or not scoped.enabled):
+        started = time.time()
+        charges = self._charges(tenant, worst_case_nanos, started)
+        if not limits.enabled and (scoped is None or not scoped.enabled) and not charges:
             return Ticket()
         scopes = [(None, limits)] + ([(model, scoped)] if scoped is not None else [])
-        started = time.time()
         if (budget is not None and budget.spent) or not self.breaker.available(started):
             return self._unavailable(tenant, scopes, estimated_tokens, None)
         try:
             with bounded(budget):
                 decision = self.limiter.acquire(
                     tenant.name, limits, estimated_tokens=estimated_tokens, model=model, model_limits=scoped,
-                    request_id=f"{self.owner}/{_slot_id(request_id)}",
+                    budgets=charges, request_id=f"{self.owner}/{_slot_id(request_id)}",
                 )
         except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
             if opens_breaker(exc):
@@ -141,6 +166,8 @@ class Admission:
             self._index(decision.reservation.concurrency_keys, started, budget)
         if not decision.allowed:
             metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
+            if decision.dimension == "budget":
+                raise _budget_exceeded(tenant, decision)
             raise RateLimited(
                 f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
                 headers=decision_headers(decision),
@@ -150,9 +177,9 @@ class Admission:
             ticket.renewer = spawn(self._renew, decision.reservation)
         return ticket
 
-    def finish(self, ticket: Ticket, actual_tokens: int | None) -> None:
-        """Settle tokens to the real usage (None: unknown, keep the reservation) and release the concurrency
-        slot, within the request's Redis budget; what Redis cannot take now is owed, paid later."""
+    def finish(self, ticket: Ticket, actual_tokens: int | None, actual_nanos: int | None = None) -> None:
+        """Settle tokens and the budget to the real usage and cost (None: unknown, keep the reservation) and
+        release the concurrency slot, within the request's Redis budget; what Redis cannot take now is owed."""
         if ticket.renewer is not None:
             ticket.renewer.kill(block=False)
             ticket.renewer = None
@@ -165,17 +192,17 @@ class Admission:
         started = time.time()
         budget = ticket.budget
         if (budget is not None and budget.spent) or not self.breaker.available(started):
-            self._owe(reservation, actual_tokens)
+            self._owe(reservation, actual_tokens, actual_nanos)
             return
         try:
             with bounded(budget):
-                self.limiter.finish(reservation, actual_tokens)
+                self.limiter.finish(reservation, actual_tokens, actual_nanos)
         except (RateLimiterUnavailable, *REDIS_FAILURES) as exc:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
             if opens_breaker(exc):
                 self.breaker.failed(time.time())
                 log.warning("rate-limit settlement deferred (%s)", type(exc.__cause__ or exc).__name__)
-            self._owe(reservation, actual_tokens)
+            self._owe(reservation, actual_tokens, actual_nanos)
             return
         except RateLimiterCallFailed as exc:
             metrics.REDIS_ERRORS.labels("ratelimit").inc()
@@ -186,8 +213,8 @@ class Admission:
         """Settlements waiting for Redis (for tests and stats)."""
         return len(self._owed)
 
-    def _owe(self, reservation: Reservation, actual_tokens: int | None) -> None:
-        self._owed.append((reservation, actual_tokens))
+    def _owe(self, reservation: Reservation, actual_tokens: int | None, actual_nanos: int | None) -> None:
+        self._owed.append((reservation, actual_tokens, actual_nanos))
         if self.renew_leases and self._payer is None:
             self._payer = spawn(self._pay_owed)
 
@@ -200,9 +227,9 @@ class Admission:
                 if not self.breaker.available(started):
                     continue
                 while self._owed:
-                    reservation, actual_tokens = self._owed[0]
+                    reservation, actual_tokens, actual_nanos = self._owed[0]
                     try:
-                        self.limiter.finish(reservation, actual_tokens)
+                        self.limiter.finish(reservation, actual_tokens, actual_nanos)
                     except RateLimiterUnavailable:
                         self.breaker.failed(time.time())
                         break
@@ -260,6 +287,14 @@ class Admission:
             if not held:
                 return
 
+    def _charges(self, tenant: Tenant, worst_case_nanos: int, now: float) -> list[BudgetCharge]:
+        """The tenant's capped budget windows, each to reserve the request's worst case on (none: no budget)."""
+        if tenant.budget is None:
+            return []
+        current = windows(now, self.budget_window_seconds)
+        return [BudgetCharge(window, current[window].id, cap, current[window].ends_at, worst_case_nanos)
+                for window, cap in tenant.budget.caps()]
+
     def _limits(self, limits: TenantLimits) -> Limits:
         return Limits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency,
                       window_seconds=self.window_seconds, burst=self.burst)
@@ -277,11 +312,26 @@ class Admission:
         decision = self.local.acquire(tenant.name, scopes, estimated_tokens, time.time())
         if not decision.allowed:
             metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
+            if decision.dimension == "budget":
+                raise _budget_exceeded(tenant, decision)
             raise RateLimited(
                 f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
                 headers=rate_limit_headers([], decision.retry_after),
             )
         return Ticket(local=decision.hold)
+
+
+def _budget_exceeded(tenant: Tenant, decision: Decision) -> BudgetExceeded:
+    """429 insufficient_quota: which window, its cap, what is left and when it resets; not worth retrying soon."""
+    # The refused window is the one whose reset the script reported as the wait.
+    state = min(decision.budgets, key=lambda s: abs(s.reset_seconds - decision.retry_after))
+    return BudgetExceeded(
+        f"Budget exceeded: tenant {tenant.name} may spend USD {usd_text(state.limit)} per {state.window}, and "
+        f"USD {usd_text(max(0, state.remaining))} is left, less than this request may cost. The budget resets "
+        f"in {round(state.reset_seconds)} s.",
+        headers={**decision_headers(decision), "x-should-retry": "false"},
+    )
+
 
 
 def format_duration(seconds: float) -> str:
@@ -307,8 +357,22 @@ def format_duration(seconds: float) -> str:
 
 
 def decision_headers(decision: Decision) -> dict[str, str]:
-    """The headers a limiter decision sends: the limits' state, and `Retry-After` on a refusal."""
-    return rate_limit_headers(decision.states, None if decision.allowed else decision.retry_after)
+    """The headers a limiter decision sends: the limits' and budgets' state, and `Retry-After` on a refusal."""
+    return {**rate_limit_headers(decision.states, None if decision.allowed else decision.retry_after),
+            **budget_headers(decision.budgets)}
+
+
+def budget_headers(states: Sequence[BudgetState]) -> dict[str, str]:
+    """`x-budget-limit-usd-<window>`, `x-budget-remaining-usd-<window>`, `x-budget-reset-<window>` per capped window.
+
+    Remaining counts the worst case of requests still running as spent. The reset is OpenAI's duration form.
+    """
+    headers: dict[str, str] = {}
+    for state in states:
+        headers[f"x-budget-limit-usd-{state.window}"] = usd_text(state.limit)
+        headers[f"x-budget-remaining-usd-{state.window}"] = usd_text(max(0, state.remaining))
+        headers[f"x-budget-reset-{state.window}"] = format_duration(state.reset_seconds)
+    return headers
 
 
 def rate_limit_headers(states: Sequence[DimensionState], wait: float | None = None) -> dict[str, str]:

@@ -28,6 +28,8 @@ from app.redis_client import BUDGET, DOWN, REDIS_FAILURES, redis_failure
 
 __all__ = [
     "DEFAULT_BURST",
+    "BudgetCharge",
+    "BudgetState",
     "LEASE_SECONDS",
     "Decision",
     "DimensionState",
@@ -41,11 +43,11 @@ __all__ = [
     "worker_owner",
 ]
 
-Dimension = Literal["requests", "tokens", "concurrency"]
+Dimension = Literal["requests", "tokens", "concurrency", "budget"]
 
 _MICROS = 1_000_000
 # Kind codes shared with the Lua scripts.
-_KINDS: dict[str, Dimension] = {"r": "requests", "t": "tokens", "c": "concurrency"}
+_KINDS: dict[str, Dimension] = {"r": "requests", "t": "tokens", "c": "concurrency", "b": "budget"}
 # Safe key fragments stay readable; anything else (braces would break the hash tag, long
 # names bloat every key) becomes "~" + a digest.  "~" is outside the safe set, so the
 # two forms never collide.
@@ -134,18 +136,36 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class BudgetCharge:
+    """One budget window a request is charged to: its cap and what the request reserves, in nano-dollars.
+
+    ``window_id`` names the window's counter (a new window is a new counter: the budget frees at its reset);
+    ``ends_at`` is when the window resets (unix seconds).
+    """
+
+    window: str
+    window_id: str
+    limit: int
+    ends_at: float
+    reserve: int
+
+
+@dataclass(frozen=True)
 class Reservation:
     """What an admitted request holds, as plain data (safe to hand to a greenlet).
 
     ``token_keys``: (key, limit, window in microseconds) of each token dimension the
     estimate was reserved on; each holds ``min(reserved_tokens, limit)``.
-    ``concurrency_keys``: the sets holding ``request_id``.  Both empty when nothing is held.
+    ``budget_keys``: the budget counters holding ``reserved_nanos`` (the request's worst-case cost).
+    ``concurrency_keys``: the sets holding ``request_id``.  All empty when nothing is held.
     """
 
     request_id: str
     reserved_tokens: int = 0
     token_keys: tuple[tuple[str, int, int], ...] = ()
     concurrency_keys: tuple[str, ...] = ()
+    reserved_nanos: int = 0
+    budget_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,16 @@ class DimensionState:
     """One dimension's state after a decision, as reported by the script."""
 
     dimension: Dimension
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """One budget window after a decision, as reported by the script (nano-dollars; reset in seconds)."""
+
+    window: str
     limit: int
     remaining: int
     reset_seconds: float
@@ -167,6 +197,17 @@ class Decision:
     dimension: Dimension | None = None
     states: tuple[DimensionState, ...] = ()
     reservation: Reservation | None = None
+    budgets: tuple[BudgetState, ...] = ()
+
+
+def tenant_tag(tenant: str) -> str:
+    """The hash tag of every key of one tenant (`{tenant}`), so each call on them stays in one Redis Cluster slot."""
+    return "{" + _key_part(tenant, _SAFE_TENANT) + "}"
+
+
+def model_part(model: str) -> str:
+    """A model name as a key fragment: readable when safe, else a bounded digest."""
+    return _key_part(model, _SAFE_MODEL)
 
 
 def _key_part(value: str, pattern: re.Pattern[str]) -> str:
@@ -216,14 +257,18 @@ class RateLimiter:
 
     def keys_for(self, tenant: str, model: str | None = None) -> dict[str, str]:
         """A tenant's (or its model's) keys by dimension, for tests and admin tools."""
-        base = f"{self._prefix}:{{{_key_part(tenant, _SAFE_TENANT)}}}:"
+        base = f"{self._prefix}:{tenant_tag(tenant)}:"
         if model is not None:
-            base += f"m:{_key_part(model, _SAFE_MODEL)}:"
+            base += f"m:{model_part(model)}:"
         return {
             "requests": base + "rpm",
             "tokens": base + "tpm",
             "concurrency": base + "conc",
         }
+
+    def budget_key(self, tenant: str, window_id: str) -> str:
+        """The counter of a tenant's spend (nano-dollars, running requests' reservations included) in one window."""
+        return f"{self._prefix}:{tenant_tag(tenant)}:usd:{window_id}"
 
     def acquire(
         self,
@@ -233,6 +278,7 @@ class RateLimiter:
         estimated_tokens: int = 0,
         model: str | None = None,
         model_limits: Limits | None = None,
+        budgets: Sequence[BudgetCharge] = (),
         request_id: str,
     ) -> Decision:
         """Admit or refuse on all dimensions at once; a refusal consumes nothing.
@@ -244,7 +290,11 @@ class RateLimiter:
         bucket and takes all of it.  :meth:`settle` then charges the real usage, and
         usage beyond the budget becomes debt that delays the tenant's next requests.
         The clamp also keeps the script's arithmetic in range (a ``max_tokens`` of
-        2**63 would overflow it).  No Redis call if all limits are 0.
+        2**63 would overflow it).  No Redis call if all limits are 0 and no budget applies.
+
+        ``budgets``: each window's counter must hold the request's worst-case cost on top of what it holds, within
+        its cap; unlike the token limits a budget is not a rate, so a request that does not fit waits for the
+        window's reset (reported as refused on ``budget``, however long the other dimensions would make it wait).
         """
         dims: list[tuple[str, str, int, int]] = []  # (kind, key, limit, window us)
         bursts: list[int] = []
@@ -262,6 +312,11 @@ class RateLimiter:
                 if limit:
                     dims.append((kind, keys[_KINDS[kind]], limit, window_us))
                     bursts.append(burst_units(limit, scope_limits.burst))
+        for charge in budgets:
+            # For "b" the window slot is when the window ends (unix ms) and the burst slot the cost reserved.
+            dims.append(("b", self.budget_key(tenant, charge.window_id), max(0, int(charge.limit)),
+                         round(charge.ends_at * 1000)))
+            bursts.append(max(0, int(charge.reserve)))
         if not dims:
             return Decision(allowed=True, reservation=Reservation(request_id=request_id))
 
@@ -286,6 +341,8 @@ class RateLimiter:
             )
             for i, (kind, _key, limit, _window) in enumerate(dims)
         )
+        spent = tuple(BudgetState(charge.window, s.limit, s.remaining, s.reset_seconds)
+                      for charge, s in zip(budgets, states[len(dims) - len(budgets):], strict=True))
         if not allowed:
             retry_after = max(retry_us / _MICROS, 1e-6)
             return Decision(
@@ -293,29 +350,32 @@ class RateLimiter:
                 retry_after=retry_after,
                 dimension=_KINDS[dims[refused_index - 1][0]],
                 states=states,
+                budgets=spent,
             )
         reservation = Reservation(
             request_id=request_id,
             reserved_tokens=reserved,
             token_keys=tuple((key, limit, window_us) for kind, key, limit, window_us in dims if kind == "t"),
             concurrency_keys=tuple(key for kind, key, _limit, _window in dims if kind == "c"),
+            reserved_nanos=max(0, int(budgets[0].reserve)) if budgets else 0,
+            budget_keys=tuple(key for kind, key, _limit, _window in dims if kind == "b"),
         )
-        return Decision(allowed=True, states=states, reservation=reservation)
+        return Decision(allowed=True, states=states, reservation=reservation, budgets=spent)
 
-    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Correct the token reservation to the real usage (once per reservation)."""
-        self._run_finish(reservation, actual_tokens=actual_tokens, release=False)
+    def settle(self, reservation: Reservation, actual_tokens: int, actual_nanos: int | None = None) -> None:
+        """Correct the token (and budget) reservation to the real usage (once per reservation)."""
+        self._run_finish(reservation, actual_tokens=actual_tokens, actual_nanos=actual_nanos, release=False)
 
     def release(self, reservation: Reservation) -> None:
         """Give the request's concurrency slots back; idempotent."""
-        self._run_finish(reservation, actual_tokens=None, release=True)
+        self._run_finish(reservation, actual_tokens=None, actual_nanos=None, release=True)
 
-    def finish(self, reservation: Reservation, actual_tokens: int | None) -> None:
+    def finish(self, reservation: Reservation, actual_tokens: int | None, actual_nanos: int | None = None) -> None:
         """:meth:`settle` and :meth:`release` in one round trip, when an answer ends.
 
-        ``actual_tokens`` None (usage unknown) keeps the reservation as it is and only releases.
+        ``actual_tokens`` (``actual_nanos``) None (usage or cost unknown) keeps that reservation as it is.
         """
-        self._run_finish(reservation, actual_tokens=actual_tokens, release=True)
+        self._run_finish(reservation, actual_tokens=actual_tokens, actual_nanos=actual_nanos, release=True)
 
     def renew(self, reservation: Reservation) -> bool:
         """Extend the request's concurrency leases by a whole lease; False once it holds none.
@@ -365,7 +425,8 @@ class RateLimiter:
     def _owner_index(self, owner: str) -> str:
         return f"{self._prefix}:slots:{_key_part(owner, _SAFE_OWNER)}"
 
-    def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, release: bool) -> None:
+    def _run_finish(self, reservation: Reservation, *, actual_tokens: int | None, actual_nanos: int | None,
+                    release: bool) -> None:
         # Per token key: actual - what that key holds (the reservation, clamped to its limit).
         corrections: list[tuple[str, int, int, int]] = []
         if actual_tokens is not None:
@@ -374,13 +435,17 @@ class RateLimiter:
                 delta = actual - min(reservation.reserved_tokens, limit)
                 if delta:
                     corrections.append((key, limit, window_us, delta))
+        # Per budget counter: the real cost - the worst case it holds.
+        cost_delta = 0 if actual_nanos is None else max(0, int(actual_nanos)) - reservation.reserved_nanos
+        budget_keys = reservation.budget_keys if cost_delta else ()
         conc_keys = reservation.concurrency_keys if release else ()
-        if not corrections and not conc_keys:
+        if not corrections and not budget_keys and not conc_keys:
             return
-        args: list[str | int] = [reservation.request_id, len(corrections)]
+        args: list[str | int] = [reservation.request_id, len(corrections), len(budget_keys)]
         for _key, limit, window_us, delta in corrections:
             args += [limit, window_us, delta]
+        args += [cost_delta] * len(budget_keys)
         try:
-            self._finish(keys=[key for key, *_ in corrections] + list(conc_keys), args=args)
+            self._finish(keys=[key for key, *_ in corrections] + list(budget_keys) + list(conc_keys), args=args)
         except REDIS_FAILURES as exc:
             raise _limiter_error(exc) from exc

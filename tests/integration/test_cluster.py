@@ -152,13 +152,14 @@ def test_admin_clear(gateways: tuple[Gateway, Gateway], upstream: MockUpstream) 
 
 
 def test_limiter_integration_tests_pass_on_the_cluster(cluster: LocalCluster) -> None:
-    """tests/integration/test_ratelimit_redis.py's cluster variants, against this cluster."""
-    target = ROOT / "tests" / "integration" / "test_ratelimit_redis.py"
+    """tests/integration/test_ratelimit_redis.py's and test_spend_redis.py's (budgets, rollups) cluster variants,
+    against this cluster."""
+    targets = [ROOT / "tests" / "integration" / name for name in ("test_ratelimit_redis.py", "test_spend_redis.py")]
     # A socket to a cluster node is left unclosed somewhere in those tests (or in redis-py's RedisCluster) and
     # reported when the session ends; the tests' own outcome is what this checks.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cluster",
-         "-W", "ignore::pytest.PytestUnraisableExceptionWarning", str(target)],
+         "-W", "ignore::pytest.PytestUnraisableExceptionWarning", *map(str, targets)],
         cwd=ROOT, env={**os.environ, "REDIS_CLUSTER_URL": cluster.url}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -6,7 +6,9 @@
 -- ARGV[3]            token cost to reserve for "t" dimensions (the caller's estimate, >= 1; each "t" key
 --                    takes at most its own limit of it)
 -- ARGV[4i..4i+3]     per KEYS[i]: kind ("r" requests, "t" tokens, "c" concurrency), limit, window (us),
---                    burst (units an idle tenant may spend at once, 1..limit; unused for "c")
+--                    burst (units an idle tenant may spend at once, 1..limit; unused for "c");
+--                    for "b" (a budget window): "b", cap (nano-dollars), when the window ends (unix ms),
+--                    the request's worst-case cost (nano-dollars, an integer)
 --
 -- Returns {allowed (1|0), refused index (0 = none), retry after (us), then per key: remaining, reset (us)}.
 -- Nothing is written unless every dimension admits, so a refusal consumes nothing.
@@ -21,6 +23,10 @@
 --   A token request costing more than B units fits when the bucket is full (its tolerance is its own cost),
 --   or it could never be admitted.
 --   Once TAT <= now the bucket is full and the key is useless, so it expires exactly then.
+-- Budgets ("b"): a plain counter per tenant and window (its name carries the window, so a new window starts at 0).
+--   A request is admitted when counter + its worst-case cost <= cap, and the cost is added; finish.lua corrects it
+--   to the real cost. Not a rate: a refused request waits for the window to end. The counter outlives its
+--   window by BUDGET_GRACE, so a request still running at the reset settles into it rather than into nothing.
 -- The clock is Redis's (TIME), so workers with skewed clocks agree.  Redis >= 5 replicates script
 -- effects, which makes the non-deterministic TIME call safe.
 --
@@ -29,6 +35,7 @@
 -- call an error instead of a decision.
 
 local MAX_AHEAD = 365 * 86400 * 1000000  -- microseconds
+local BUDGET_GRACE = 3600 * 1000  -- milliseconds
 
 -- A TTL in milliseconds for a span in microseconds: at least 1, at most MAX_AHEAD (NaN becomes 1).
 local function px(us)
@@ -64,7 +71,21 @@ for i = 1, n do
   local key = KEYS[i]
   local ok, retry
 
-  if kind == 'c' then
+  if kind == 'b' then
+    local cost = tonumber(ARGV[base + 3])
+    if not (cost >= 0) then cost = 0 end
+    local reset = window * 1000 - now
+    if not (reset >= 1) then reset = 1 end
+    if reset > MAX_AHEAD then reset = MAX_AHEAD end
+    local spent = tonumber(redis.call('GET', key) or 0)
+    ok = spent + cost <= limit
+    states[i] = {limit - spent, reset, limit - spent - cost, reset}
+    if ok then
+      writes[#writes + 1] = {'b', key, ARGV[base + 3], now / 1000 + reset / 1000 + BUDGET_GRACE}
+    else
+      retry = reset
+    end
+  elseif kind == 'c' then
     -- Concurrency: a sorted set of request ids scored by lease expiry; expired leases are dropped first.
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     local count = redis.call('ZCARD', key)
@@ -131,6 +152,9 @@ if out[1] == 1 then
     if w[1] == 'g' then
       -- %.17g keeps the fractional microseconds (tostring would round to 14 digits).
       redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', px(w[3] - now))
+    elseif w[1] == 'b' then
+      redis.call('INCRBY', w[2], w[3])
+      redis.call('PEXPIREAT', w[2], string.format('%.0f', w[4]))
     else
       redis.call('ZADD', w[2], string.format('%.17g', now + lease), request_id)
       -- The set lives as long as its newest lease; release() empties it (and Redis deletes it) sooner.

@@ -263,6 +263,17 @@ def proxy_mode(args: argparse.Namespace) -> None:
                                                  args.workers)
             stack.callback(gw_rules.stop)
             extra.append(("gateway (c) = (b) + fallback rules", gw_rules, rules_pids, auth))
+        if args.budget:
+            # (b) again with a daily budget nothing reaches: the budget rides in the limiter's script and its
+            # settlement in the background, so this against (b) is the price of budgets.
+            gw_budget, budget_pids = start_gateway({**common, **limited_env, **budget_env(client_key, stack)},
+                                                   args.workers)
+            stack.callback(gw_budget.stop)
+            probe = requests.post(gw_budget.url + CHAT_PATH, data=chat_body("probe"), headers=auth, timeout=10)
+            if probe.status_code != 200 or "x-budget-limit-usd-day" not in probe.headers:
+                raise SystemExit(f"the budget gateway answered {probe.status_code} without a budget: "
+                                 f"{probe.text[:300]}")
+            extra.append((f"gateway ({'cd'[len(extra)]}) = (b) + a budget", gw_budget, budget_pids, auth))
         if args.baseline:
             # (a) and (b) as another checkout runs them (a worktree of an older commit): before/after in one run.
             rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
@@ -322,6 +333,20 @@ def fallback_rules_file(stack: ExitStack, mock_url: str) -> str:
         "context_window_fallbacks": {MODEL: ["gpt-4o"]},
     }))
     return path
+
+
+def budget_env(client_key: str, stack: ExitStack) -> dict[str, str]:
+    """A keys file giving the bench tenant a budget of a million dollars a day, and prices for the mock's model."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-budget-"))
+    stack.callback(lambda: [p.unlink() for p in directory.iterdir()] and directory.rmdir())
+    (directory / "keys.yaml").write_text(json.dumps({"tenants": [
+        {"name": "bench", "keys": [client_key], "budget": {"usd_per_day": 1_000_000}}]}))
+    (directory / "prices.yaml").write_text(json.dumps({"models": {
+        MODEL: {"input": 0.28, "cached_input": 0.028, "output": 0.42}}}))
+    return {"GATEWAY_API_KEYS": "", "GATEWAY_KEYS_FILE": str(directory / "keys.yaml"),
+            "PRICES_FILE": str(directory / "prices.yaml")}
 
 
 def measure_round_robin(load: LoadGenerator, targets: list[Target], body: str, concurrency: int,
@@ -563,6 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "in the same rounds: a before/after comparison side by side")
     proxy.add_argument("--fallbacks", action="store_true",
                        help="also measure (b) with fallback rules configured (nothing failing): side by side")
+    proxy.add_argument("--budget", action="store_true",
+                       help="also measure (b) with a daily budget for its tenant (nothing reaches it): side by side")
     cache = sub.add_parser("cache", help="cache layer latency, L1 throughput, L2 search time")
     cache.add_argument("--rounds", type=int, default=3)
     cache.add_argument("--miss-count", type=int, default=40, help="unique prompts per round")

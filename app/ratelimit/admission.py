@@ -59,6 +59,8 @@ OWED_MAX = 10_000
 # How long the note of which concurrency sets a worker holds slots in lasts, and how often it is renewed.
 SLOT_INDEX_TTL = 7200
 SLOT_INDEX_REFRESH = 3600
+# How often a worker settles the budget corrections of requests that held nothing else (one call per counter).
+BUDGET_SETTLE_SECONDS = 0.05
 
 
 @dataclass
@@ -126,6 +128,8 @@ class Admission:
         self._indexed: dict[str, float] = {}  # concurrency set -> when this worker last noted holding slots there
         self._owed: deque[tuple[Reservation, int | None, int | None]] = deque(maxlen=OWED_MAX)
         self._payer: Any = None
+        self._budget_deltas: dict[str, int] = {}  # budget counter -> corrections not yet settled
+        self._budget_payer: Any = None
 
     def needs_model(self, tenant: Tenant) -> bool:
         """Per-model limits and a budget (priced per model) are the only reasons to read the body before admitting."""
@@ -189,6 +193,11 @@ class Admission:
         reservation, ticket.reservation = ticket.reservation, None
         if reservation is None:
             return
+        if self.renew_leases and not reservation.token_keys and not reservation.concurrency_keys:
+            # Nothing but money to settle (a budget with no token or concurrency limit): added up per counter and
+            # settled from the background, rather than a round trip of this request's own.
+            self._settle_later(reservation, actual_nanos)
+            return
         started = time.time()
         budget = ticket.budget
         if (budget is not None and budget.spent) or not self.breaker.available(started):
@@ -211,7 +220,44 @@ class Admission:
 
     def owed(self) -> int:
         """Settlements waiting for Redis (for tests and stats)."""
-        return len(self._owed)
+        return len(self._owed) + len(self._budget_deltas)
+
+    def _settle_later(self, reservation: Reservation, actual_nanos: int | None) -> None:
+        if actual_nanos is None or actual_nanos == reservation.reserved_nanos:
+            return  # unknown cost: the worst case stays charged
+        delta = max(0, actual_nanos) - reservation.reserved_nanos
+        for key in reservation.budget_keys:
+            self._budget_deltas[key] = self._budget_deltas.get(key, 0) + delta
+        if self._budget_payer is None:
+            self._budget_payer = spawn(self._settle_budgets)
+
+    def _settle_budgets(self) -> None:
+        """Every BUDGET_SETTLE_SECONDS, one call per budget counter with the sum of its corrections since the last;
+        while Redis is out they wait (the counters keep the worst cases meanwhile: a stricter budget, never looser)."""
+        try:
+            while self._budget_deltas:
+                sleep(BUDGET_SETTLE_SECONDS)
+                started = time.time()
+                if not self.breaker.available(started):
+                    continue
+                batch, self._budget_deltas = self._budget_deltas, {}
+                pending = list(batch.items())
+                while pending:
+                    key, delta = pending[0]
+                    try:
+                        self.limiter.settle_budget(key, delta)
+                    except RateLimiterUnavailable:
+                        self.breaker.failed(time.time())
+                        for key, delta in pending:
+                            self._budget_deltas[key] = self._budget_deltas.get(key, 0) + delta
+                        break
+                    except RateLimiterCallFailed as exc:
+                        log.warning("budget settlement lost: %s", exc)
+                    pending.pop(0)
+                else:
+                    self.breaker.succeeded(started)
+        finally:
+            self._budget_payer = None
 
     def _owe(self, reservation: Reservation, actual_tokens: int | None, actual_nanos: int | None) -> None:
         self._owed.append((reservation, actual_tokens, actual_nanos))

@@ -377,6 +377,15 @@ class RateLimiter:
         """
         self._run_finish(reservation, actual_tokens=actual_tokens, actual_nanos=actual_nanos, release=True)
 
+    def settle_budget(self, key: str, delta: int) -> None:
+        """Correct one budget counter by ``delta`` nano-dollars (the sum of several requests' corrections)."""
+        if not delta:
+            return
+        try:
+            self._finish(keys=[key], args=["", 0, 1, int(delta)])
+        except REDIS_FAILURES as exc:
+            raise _limiter_error(exc) from exc
+
     def renew(self, reservation: Reservation) -> bool:
         """Extend the request's concurrency leases by a whole lease; False once it holds none.
 

@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from app.breaker import Breaker
-from app.concurrency import gevent_patched
+from app.concurrency import gevent_patched, sleep, spawn
 from app.observability import metrics
 from app.ratelimit.limiter import model_part, tenant_tag
 from app.redis_client import REDIS_FAILURES, opens_breaker
@@ -75,9 +75,7 @@ class SpendLedger:
             pending = self._pending[pair] = Counter()
         pending.update(counts)
         if self.background and self._flusher is None:
-            import gevent
-
-            self._flusher = gevent.spawn(self._flush_forever)
+            self._flusher = spawn(self._flush_forever)
 
     def pending(self) -> int:
         return len(self._pending)
@@ -117,10 +115,8 @@ class SpendLedger:
                         len(self._pending))
 
     def _flush_forever(self) -> None:
-        import gevent
-
         while True:
-            gevent.sleep(FLUSH_SECONDS)
+            sleep(FLUSH_SECONDS)
             started = time.time()
             if not self._pending or not self.breaker.available(started):
                 continue

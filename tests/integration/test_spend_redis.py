@@ -184,3 +184,13 @@ def test_a_failed_flush_keeps_the_counts(tenant: str) -> None:
         book.flush()
     book.add(tenant, "m", "20260101", {"requests": 2})
     assert book.pending() == 1 and book._pending[(tenant, "m", "20260101")]["requests"] == 3
+
+
+def test_batched_settlement_corrects_a_live_counter_and_never_revives_a_gone_one(client: Any, tenant: str) -> None:
+    """settle_budget adds a sum of corrections; a counter whose window is long gone is not brought back."""
+    limiter = RateLimiter(client)
+    assert limiter.acquire(tenant, Limits(), budgets=[charge(USD, USD // 2)], request_id="a").allowed
+    limiter.settle_budget(limiter.budget_key(tenant, "w1"), -USD // 4)
+    assert int(client.get(limiter.budget_key(tenant, "w1"))) == USD // 4
+    limiter.settle_budget(limiter.budget_key(tenant, "gone"), 5)
+    assert client.exists(limiter.budget_key(tenant, "gone")) == 0

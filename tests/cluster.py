@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -11,8 +12,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from tests.support import declared, missing_tool
 
@@ -105,3 +109,21 @@ def local_cluster() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# Parameters of a `client` fixture that runs a Redis-level test on the test Redis and on a cluster.
+STANDALONE_OR_CLUSTER = [pytest.param("standalone"), pytest.param("cluster", marks=pytest.mark.cluster)]
+
+
+def standalone_or_cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The body of such a fixture: the session's test Redis, or a client of the cluster at REDIS_CLUSTER_URL
+    (skipped without it; tests/integration/test_cluster.py runs these variants against a cluster of its own)."""
+    if request.param == "cluster":
+        url = os.environ.get("REDIS_CLUSTER_URL")
+        if not url:
+            pytest.skip("REDIS_CLUSTER_URL is not set")
+        cluster = RedisCluster.from_url(url, socket_timeout=2)
+        yield cluster
+        cluster.close()
+        return
+    yield request.getfixturevalue("redis_conn")

@@ -24,7 +24,7 @@ from app.ratelimit import (
 )
 from app.ratelimit import Limits as _Limits
 from app.ratelimit.admission import decision_headers
-from tests.support import REDIS_URL
+from tests.cluster import STANDALONE_OR_CLUSTER, standalone_or_cluster
 
 pytestmark = pytest.mark.redis
 
@@ -35,31 +35,10 @@ def Limits(**limits: Any) -> _Limits:  # noqa: N802 - reads like the class it bu
     return _Limits(**{"burst": 1.0, **limits})
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("standalone"),
-        pytest.param("cluster", marks=pytest.mark.cluster),
-    ]
-)
+@pytest.fixture(params=STANDALONE_OR_CLUSTER)
 def client(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The shared Redis fixture from conftest if there is one, else a local client; plus a cluster."""
-    if request.param == "cluster":
-        url = os.environ.get("REDIS_CLUSTER_URL")
-        if not url:
-            pytest.skip("REDIS_CLUSTER_URL is not set")
-        cluster = RedisCluster.from_url(url, socket_timeout=2)
-        yield cluster
-        cluster.close()
-        return
-    for name in ("redis_client", "redis_conn"):
-        try:
-            yield request.getfixturevalue(name)
-            return
-        except pytest.FixtureLookupError:
-            continue
-    local = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    yield local
-    local.close()
+    """The shared test Redis, plus a cluster."""
+    yield from standalone_or_cluster(request)
 
 
 class Tenant:

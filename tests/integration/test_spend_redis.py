@@ -3,7 +3,6 @@ when REDIS_CLUSTER_URL is set: tests/integration/test_cluster.py runs this file'
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,31 +12,20 @@ from typing import Any
 
 import pytest
 import redis
-from redis.cluster import RedisCluster
 
 from app.breaker import Breaker
 from app.ratelimit.limiter import BudgetCharge, Limits, RateLimiter
 from app.spend.ledger import SpendLedger
-from tests.support import REDIS_URL
+from tests.cluster import STANDALONE_OR_CLUSTER, standalone_or_cluster
 
 pytestmark = pytest.mark.redis
 
 USD = 1_000_000_000  # nano-dollars
 
 
-@pytest.fixture(params=[pytest.param("standalone"), pytest.param("cluster", marks=pytest.mark.cluster)])
+@pytest.fixture(params=STANDALONE_OR_CLUSTER)
 def client(request: pytest.FixtureRequest) -> Iterator[Any]:
-    if request.param == "cluster":
-        url = os.environ.get("REDIS_CLUSTER_URL")
-        if not url:
-            pytest.skip("REDIS_CLUSTER_URL is not set")
-        cluster = RedisCluster.from_url(url, socket_timeout=2)
-        yield cluster
-        cluster.close()
-        return
-    local = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    yield local
-    local.close()
+    yield from standalone_or_cluster(request)
 
 
 @pytest.fixture

@@ -10,11 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from app.auth import Tenant
 from app.breaker import Breaker
+from app.errors import ServiceUnavailable
+from app.ratelimit.admission import Admission
 from app.ratelimit.limiter import BudgetCharge, Limits, RateLimiter
+from app.spend.budget import Budget
 from app.spend.ledger import SpendLedger
 from tests.cluster import STANDALONE_OR_CLUSTER, standalone_or_cluster
 
@@ -45,7 +52,7 @@ def test_reserves_the_worst_case_and_refuses_what_would_not_fit(client: Any, ten
     assert [d.allowed for d in decisions] == [True, True, True, False]
     refused = decisions[3]
     assert refused.dimension == "budget"
-    assert 3590 < refused.retry_after <= 3600  # until the window's reset
+    assert 3590 < refused.retry_after <= 3601  # until the window's reset (by Redis's clock)
     assert refused.headers["x-budget-limit-usd-day"] == "1"
     assert refused.headers["x-budget-remaining-usd-day"] == "0.1"
     assert int(client.get(limiter.budget_key(tenant, "w1"))) == 9 * USD // 10  # a refusal consumes nothing
@@ -165,7 +172,8 @@ def test_rollups_add_up_per_tenant_and_model_and_group(client: Any, tenant: str)
 
 def test_a_failed_flush_keeps_the_counts(tenant: str) -> None:
     """Redis down: the buffer is kept (and raised), so the next flush writes everything."""
-    dead = redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2)
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2,
+                       retry=Retry(NoBackoff(), 0))
     book = SpendLedger(dead, Breaker(), retention_days=1, background=False)
     book.add(tenant, "m", "20260101", {"requests": 1})
     with pytest.raises(redis.ConnectionError):
@@ -182,3 +190,38 @@ def test_batched_settlement_corrects_a_live_counter_and_never_revives_a_gone_one
     assert int(client.get(limiter.budget_key(tenant, "w1"))) == USD // 4
     limiter.settle_budget(limiter.budget_key(tenant, "gone"), 5)
     assert client.exists(limiter.budget_key(tenant, "gone")) == 0
+
+
+@pytest.mark.parametrize("fail_closed", [False, True], ids=["fail-open", "fail-closed"])
+def test_a_budget_fails_open_or_closed_as_the_limiter_does(tenant: str, fail_closed: bool) -> None:
+    """Redis unreachable: a budgeted tenant is admitted (open) or refused with 503 (closed), by the setting."""
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2,
+                       retry=Retry(NoBackoff(), 0))
+    admission = Admission(RateLimiter(dead), fail_closed=fail_closed, renew_leases=False)
+    budgeted = Tenant(name=tenant, budget=Budget(usd_per_day=1))
+    if fail_closed:
+        with pytest.raises(ServiceUnavailable):
+            admission.admit(budgeted, request_id="a", estimated_tokens=1, worst_case_nanos=USD // 10)
+    else:
+        ticket = admission.admit(budgeted, request_id="a", estimated_tokens=1, worst_case_nanos=USD // 10)
+        assert ticket.reservation is None
+        admission.finish(ticket, 10, USD // 20)
+
+
+def test_budget_corrections_alone_wait_for_the_background_in_the_worker(client: Any, tenant: str) -> None:
+    """A reservation of nothing but money is settled from the background in the gevent worker, summed per counter;
+    outside it (renew_leases off) at once."""
+    budgeted = Tenant(name=tenant, budget=Budget(usd_per_day=1))
+    inline = Admission(RateLimiter(client), fail_closed=False, renew_leases=False, budget_window_seconds=3600)
+    ticket = inline.admit(budgeted, request_id="a", estimated_tokens=1, worst_case_nanos=USD // 10)
+    (key,) = ticket.reservation.budget_keys  # type: ignore[union-attr]
+    inline.finish(ticket, 10, USD // 20)
+    assert int(client.get(key)) == USD // 20
+    background = Admission(RateLimiter(client), fail_closed=False, renew_leases=True, budget_window_seconds=3600)
+    tickets = [background.admit(budgeted, request_id=str(i), estimated_tokens=1, worst_case_nanos=USD // 10)
+               for i in range(3)]
+    for one in tickets:
+        background.finish(one, 10, 0)
+    assert int(client.get(key)) == USD // 20 + 3 * USD // 10 and background.owed() == 1
+    gevent.sleep(0.2)
+    assert int(client.get(key)) == USD // 20 and background.owed() == 0

@@ -223,8 +223,8 @@ class Admission:
         return len(self._owed) + len(self._budget_deltas)
 
     def _settle_later(self, reservation: Reservation, actual_nanos: int | None) -> None:
-        if actual_nanos is None or actual_nanos == reservation.reserved_nanos:
-            return  # unknown cost: the worst case stays charged
+        if not reservation.budget_keys or actual_nanos is None or actual_nanos == reservation.reserved_nanos:
+            return  # nothing held (a requests-only limit), or the cost unknown: the worst case stays charged
         delta = max(0, actual_nanos) - reservation.reserved_nanos
         for key in reservation.budget_keys:
             self._budget_deltas[key] = self._budget_deltas.get(key, 0) + delta

@@ -174,3 +174,15 @@ def test_errors_and_unpriced_models_cost_nothing_known() -> None:
     rec = record(model="other", upstream_ms=1.0, prompt_tokens=5, completion_tokens=5, cache="MISS")
     Spend(PRICES, ledger).account(rec)  # type: ignore[arg-type]
     assert rec.cost_usd is None and "cost_nanos" not in ledger.added[0][2]
+
+
+def test_a_fallback_answer_is_priced_at_the_model_that_answered() -> None:
+    """After a fallback the cost is the answering model's, rolled up under it; a hit stays the asked model's."""
+    ledger = Ledger()
+    prices = Prices({"m": Price(1_000_000, 1_000_000, 0), "dear": Price(10_000_000, 10_000_000, 0)})
+    rec = record(served_model="dear", upstream_ms=1.0, prompt_tokens=100, completion_tokens=0, cache="MISS")
+    Spend(prices, ledger).account(rec)  # type: ignore[arg-type]
+    assert rec.cost_usd == 0.001 and ledger.added[0][1] == "dear"
+    hit = record(served_model=None, cache="L1", saved_usage=Usage(100, 0, 0))
+    Spend(prices, ledger).account(hit)  # type: ignore[arg-type]
+    assert hit.saved_usd == 0.0001 and ledger.added[1][1] == "m"

@@ -13,7 +13,6 @@ from typing import Any
 
 from app.spend.prices import NANO_PER_USD
 
-WINDOWS = ("day", "month")
 # A test-only "month" is this many test "days" (BUDGET_TEST_WINDOW_SECONDS).
 TEST_MONTH_WINDOWS = 30
 MAX_USD = 1e9  # far above any real budget; keeps nano-dollars exact in the Lua script's doubles

@@ -38,8 +38,8 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
 
 
 def configure_logging(level: str) -> None:
-    """Apply the JSON config unless gunicorn already did (it owns the handlers then)."""
-    if getattr(configure_logging, "_done", False):
+    """Apply the JSON config unless it is in place already: gunicorn applied it (it owns the handlers then), or an
+    earlier app in this process did. The app's logger having handlers is what tells."""
+    if logging.getLogger("app").handlers:
         return
     logging.config.dictConfig(logging_config(level))
-    configure_logging._done = True  # type: ignore[attr-defined]

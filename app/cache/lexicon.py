@@ -26,6 +26,8 @@ class Lexicon:
     direction: frozenset[str]
     negating_prefixes: tuple[str, ...]
     formats: frozenset[str]
+    framing: frozenset[str]  # words that ask for an output form just before it
+    numbers: dict[str, str]  # number word -> its digits
     constraint_markers: frozenset[str]
     synonyms: dict[str, str]  # word -> the first word of its group
     opposites: dict[str, frozenset[str]]  # word -> its opposites (both directions)
@@ -78,6 +80,8 @@ def lexicon() -> Lexicon:
         direction=frozenset(_words(words["direction"])),
         negating_prefixes=tuple(sorted(_words(words["negating_prefixes"]), key=len, reverse=True)),
         formats=frozenset(_words(words["formats"])),
+        framing=frozenset(_words(words["framing"])),
+        numbers={str(k).lower(): str(v) for k, v in raw["numbers"].items()},
         constraint_markers=frozenset(_words(words["constraint_markers"])),
         synonyms=synonyms,
         opposites={k: frozenset(v) for k, v in opposites.items()},

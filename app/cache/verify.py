@@ -33,18 +33,7 @@ _TOKEN = re.compile(r"\d+(?:[.,:/]\d+)*|[A-Za-z][A-Za-z0-9_]*(?:'[A-Za-z]+)?|[0-
 _SENTENCE_END = frozenset('.?!:;"(*-')
 _BOTH_WAYS = re.compile(r" or (?:\w+ )?(?:not|without|no) ")
 _QUOTED = re.compile(r'"([^"]{2,})"|\u201c([^\u201d]{2,})\u201d|`([^`]{2,})`')
-_FRAMING = frozenset({"as", "into", "in", "style"})  # words that ask for an output form just before it
 _ABBREVIATION = re.compile(r"(?<![\w/])(w/o|w/|b/c|[A-Za-z]+)(?![\w/])")
-#: Number words read as their digits ("one" is left out: "one-dimensional", "one of").
-_NUMBER_WORDS = {
-    word: str(value)
-    for value, word in enumerate(
-        "zero - two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty".split()
-    )
-    if word != "-"
-} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
-     "hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000", "dozen": "12"}
 _LOG_VOCAB = math.log(30522)
 _RARITY_UNKNOWN = 1.15  # a word WordPiece splits: rarer than any whole word
 _CAP = 4.0
@@ -154,11 +143,11 @@ def _analyse(text: str) -> _Text:
             continue
         if sent == sentence and lower in lex.formats:
             formats.add(lower[:-1] if lower.endswith("s") and lower[:-1] in lex.formats else lower)
-            framed = framed or bool(_FRAMING & set(words[-6:-1]))
+            framed = framed or bool(lex.framing & set(words[-6:-1]))
             if len(words) > 1 and words[-2] not in lex.stop:
                 modifiers.add(words[-2])
-        if any(c.isdigit() for c in lower) or lower in _NUMBER_WORDS:
-            value = _NUMBER_WORDS.get(lower, lower.replace(",", ""))
+        if any(c.isdigit() for c in lower) or lower in lex.numbers:
+            value = lex.numbers.get(lower, lower.replace(",", ""))
             if value.isdigit():
                 value = value.lstrip("0") or "0"
             numbers.add(value)

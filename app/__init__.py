@@ -33,9 +33,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.observability.logging import configure_logging
     from app.proxy import admin, admin_keys, body, context, cors, errors, routes, system
     from app.redis_client import background_ping, build_redis
+    from app.upstream.backends import backends_from_settings
     from app.upstream.client import UpstreamClient
+    from app.upstream.health import KeyHealth
     from app.upstream.http import build_retry, build_session
-    from app.upstream.pool import KeyHealth, UpstreamPool, backends_from_settings
+    from app.upstream.pool import UpstreamPool
     from app.upstream.scrub import KeyScrubber
 
     settings = settings or Settings.from_env()

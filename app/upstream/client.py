@@ -40,9 +40,11 @@ from app.errors import (
     retry_after,
 )
 from app.observability import metrics
+from app.upstream.backends import Backend, UpstreamKey
 from app.upstream.connection import DirectPools
+from app.upstream.health import DISABLED
 from app.upstream.http import PEEKED_BODY, is_insufficient_quota, retry_after_seconds
-from app.upstream.pool import DISABLED, Backend, UpstreamKey, UpstreamPool
+from app.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
 

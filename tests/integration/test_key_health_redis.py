@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from app.redis_client import build_redis
-from app.upstream.pool import KeyHealth
+from app.upstream.health import KeyHealth
 from tests.support import REDIS_URL, ClosedPort
 
 pytestmark = pytest.mark.redis

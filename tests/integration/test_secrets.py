@@ -13,7 +13,8 @@ import pytest
 import redis
 import requests
 
-from app.upstream.pool import KeyHealth, key_fingerprint
+from app.upstream.backends import key_fingerprint
+from app.upstream.health import KeyHealth
 from tests.support import GUNICORN, REDIS_URL, ROOT, ClosedPort, Gateway, MockUpstream, base_env, free_port
 
 pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]

@@ -16,17 +16,11 @@ import pytest
 import redis
 
 from app.errors import UpstreamBadResponse
+from app.upstream.backends import Backend, UpstreamKey, key_fingerprint
 from app.upstream.client import UpstreamClient
+from app.upstream.health import BACKOFF_COOLDOWN_MAX, RETRY_AFTER_COOLDOWN_MAX, KeyHealth
 from app.upstream.http import build_retry, build_session
-from app.upstream.pool import (
-    BACKOFF_COOLDOWN_MAX,
-    RETRY_AFTER_COOLDOWN_MAX,
-    Backend,
-    KeyHealth,
-    UpstreamKey,
-    UpstreamPool,
-    key_fingerprint,
-)
+from app.upstream.pool import UpstreamPool
 from tests.support import MockUpstream
 
 pytestmark = pytest.mark.redis

@@ -1,6 +1,6 @@
-"""app/upstream/pool.py: backends (from the settings or the YAML file, whose errors say where without quoting a
-key), key choice, one worker's key health, and the refusals when no key is usable (sharing the health through Redis:
-tests/integration)."""
+"""app/upstream/backends.py, health.py and pool.py: backends (from the settings or the YAML file, whose errors
+say where without quoting a key), key choice, one worker's key health, and the refusals when no key is usable
+(sharing the health through Redis: tests/integration)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ import pytest
 import requests
 
 from app.errors import NotFound, RateLimited, ServiceUnavailable
-from app.upstream import pool as pool_module
-from app.upstream.client import UpstreamClient
-from app.upstream.pool import (
-    DISABLED,
+from app.upstream import health as health_module
+from app.upstream.backends import (
     Backend,
-    KeyHealth,
     PoolConfigError,
     UpstreamKey,
-    UpstreamPool,
     backends_from_settings,
     key_fingerprint,
     load_backends_file,
 )
+from app.upstream.client import UpstreamClient
+from app.upstream.health import DISABLED, KeyHealth
+from app.upstream.pool import UpstreamPool
 
 
 def key(secret: str, weight: float = 1.0) -> UpstreamKey:
@@ -226,32 +225,32 @@ def test_backoff_without_retry_after_grows() -> None:
 def test_consecutive_failures_eject_for_a_growing_interval() -> None:
     """EJECT_AFTER_FAILURES 5xx in a row eject (key, model) for EJECT_BASE_SECONDS; the next ejection lasts longer."""
     health = KeyHealth(None)
-    n = pool_module.EJECT_AFTER_FAILURES
+    n = health_module.EJECT_AFTER_FAILURES
     results = [health.record_failure("k", "m", now=100.0) for _ in range(n)]
     assert results[-1] is True and not any(results[:-1])
-    assert health.ejected_until("k", 100.0, "m") == 100.0 + pool_module.EJECT_BASE_SECONDS
+    assert health.ejected_until("k", 100.0, "m") == 100.0 + health_module.EJECT_BASE_SECONDS
     assert health.ejected_until("k", 100.0, "other") == 0.0  # another model of the key is not ejected
     assert health.cooling_until("k", 100.0, "m") == 0.0  # an ejection is not a rate limit
     for _ in range(n):
         health.record_failure("k", "m", now=200.0)
-    assert health.ejected_until("k", 200.0, "m") == 200.0 + 2 * pool_module.EJECT_BASE_SECONDS
+    assert health.ejected_until("k", 200.0, "m") == 200.0 + 2 * health_module.EJECT_BASE_SECONDS
     for _ in range(n):  # a connection failure ejects the whole key
         health.record_failure("k", None, now=300.0)
-    assert health.ejected_until("k", 300.0, "other") == 300.0 + pool_module.EJECT_BASE_SECONDS
+    assert health.ejected_until("k", 300.0, "other") == 300.0 + health_module.EJECT_BASE_SECONDS
 
 
 def test_ejection_never_benches_the_last_healthy_key() -> None:
     """Panic threshold: an ejected only key stays in use; of two keys, one ejected is left out."""
     k1, k2 = key("k1"), key("k2")
     health = KeyHealth(None)
-    for _ in range(pool_module.EJECT_AFTER_FAILURES):
+    for _ in range(health_module.EJECT_AFTER_FAILURES):
         health.record_failure(k1.key_id, "m", now=1000.0)
     single = UpstreamPool([Backend("a", "http://a", (k1,))], health)
     assert [k.key_id for _b, k in single.candidates("m", now=1001.0)[0]] == [k1.key_id]
     pair = UpstreamPool([Backend("a", "http://a", (k1, k2))], health)
     assert [k.key_id for _b, k in pair.candidates("m", now=1001.0)[0]] == [k2.key_id]
     assert len(pair.candidates("other", now=1001.0)[0]) == 2
-    for _ in range(pool_module.EJECT_AFTER_FAILURES):
+    for _ in range(health_module.EJECT_AFTER_FAILURES):
         health.record_failure(k2.key_id, "m", now=1000.0)
     assert len(pair.candidates("m", now=1001.0)[0]) == 2  # every key ejected: panic, all in use
 

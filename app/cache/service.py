@@ -53,7 +53,12 @@ WARM_MARK_EVERY = 60.0
 
 @dataclass
 class CachePlan:
-    """What this request may do with the cache, decided from the request alone."""
+    """What this request may do with the cache, and what its look-up found, for its store.
+
+    The fields up to `redis_budget` are decided by `CacheService.plan` from the request alone and never change;
+    the rest are written by `CacheService.lookup` only (the outcome and the reason for the log line, the keys,
+    the vectors the store reuses), from values its helpers return.
+    """
 
     route: str
     tenant: str
@@ -63,15 +68,16 @@ class CachePlan:
     store: bool
     ttl: int
     threshold: float = 1.0
+    semantic: SemanticParts | None = None  # the text L2 compares and the partition's hash; None: no L2
+    redis_budget: RedisBudget | None = field(default=None, repr=False)  # the request's Redis time
     outcome: str = BYPASS
     key: str | None = None
-    semantic: SemanticParts | None = None
     partition: str | None = None
+    l2_store: bool = True  # False when the look-up found this answer must not enter L2 (cold, too long, no model)
     static_vector: np.ndarray | None = field(default=None, repr=False)
     vector: np.ndarray | None = field(default=None, repr=False)
     learned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # candidates' transformer vectors
     reason: str | None = None  # the L2 decision, for the log line
-    redis_budget: RedisBudget | None = field(default=None, repr=False)  # the request's Redis time
 
 
 @dataclass(frozen=True)
@@ -141,20 +147,21 @@ class CacheService:
     # -- planning (no I/O) -------------------------------------------------------------------------------
 
     def plan(self, parsed: ParsedRequest, tenant: str, cache_control: str | None, ttl_header: str | None,
-             min_similarity: str | None = None) -> CachePlan:
+             min_similarity: str | None = None, budget: RedisBudget | None = None) -> CachePlan:
+        """What this request may do with the cache, from the request alone (no I/O); `budget` is the request's
+        Redis time, which its look-up and its store share."""
         directives = {d.strip().lower() for d in (cache_control or "").split(",")}
         no_store = "no-store" in directives
-        plan = CachePlan(
+        ttl = _ttl(ttl_header, self.options.ttl_seconds)
+        threshold = max(self.threshold, _min_similarity(min_similarity))
+        semantic = None
+        if not no_store and self.embedder is not None and self._semantic_allowed(parsed.body):
+            semantic = semantic_parts(parsed.route, tenant, parsed.body)
+        return CachePlan(
             route=parsed.route, tenant=tenant, model=parsed.model, body=parsed.body,
-            lookup=not no_store and "no-cache" not in directives, store=not no_store,
-            ttl=_ttl(ttl_header, self.options.ttl_seconds),
-            threshold=max(self.threshold, _min_similarity(min_similarity)),
+            lookup=not no_store and "no-cache" not in directives, store=not no_store, ttl=ttl, threshold=threshold,
+            semantic=semantic, redis_budget=budget,
         )
-        if no_store:
-            return plan
-        if self.embedder is not None and self._semantic_allowed(parsed.body):
-            plan.semantic = semantic_parts(parsed.route, tenant, parsed.body)
-        return plan
 
     def _semantic_allowed(self, body: dict[str, Any]) -> bool:
         """A paraphrase may share an answer only when the client did not ask for variety.
@@ -237,7 +244,7 @@ class CacheService:
         if len(self._streaks) > COLD_TRACKED:
             self._streaks.popitem(last=False)
         if streak > COLD_AFTER and streak % COLD_SAMPLE:
-            plan.semantic = None  # nor written: a partition where L2 has not paid for a long time
+            plan.l2_store = False  # nor written: a partition where L2 has not paid for a long time
             return self._skip(plan, "cold_partition")
         text = normalise(plan.semantic.text)
         index = self.semantic.index(plan.partition, self.static.dim, now)
@@ -246,7 +253,7 @@ class CacheService:
         vectors, (tokens,) = self.static.embed_counted([text])
         metrics.EMBEDDINGS.labels("static").inc()
         if tokens > SEMANTIC_MAX_TOKENS:
-            plan.semantic = None  # nor stored: a later prompt could never be told apart from it
+            plan.l2_store = False  # nor stored: a later prompt could never be told apart from it
             return self._skip(plan, "too_long")
         plan.static_vector = vectors[0]
         found = index.search(plan.static_vector, verifier_model().static_floor, now)
@@ -271,7 +278,7 @@ class CacheService:
         stored = self.semantic.transformer_vectors(plan.partition, [c.entry_id for c in survivors])
         query = self._embed([text])
         if query is None:
-            plan.semantic = None  # no second wait on a failing embedder to store: this answer skips L2
+            plan.l2_store = False  # no second wait on a failing embedder to store: this answer skips L2
             return None
         plan.vector = query[0]
         best: float | None = None
@@ -398,7 +405,7 @@ class CacheService:
             self._redis_failed(plan, exc, now)
             return
         self.breaker.succeeded(now)
-        if plan.semantic is not None and plan.partition is not None:
+        if plan.semantic is not None and plan.l2_store and plan.partition is not None:
             # Its vectors are only for later requests: computed and written after this answer has gone.
             self.writes.offer(SemanticWrite(
                 partition=plan.partition, entry_id=plan.key.rsplit(":", 1)[-1][:32],

@@ -169,8 +169,8 @@ def _forward(endpoint: Endpoint) -> Response:
     rec.cache = "BYPASS"  # reached the cache step: BYPASS unless the cache says otherwise
     if gw.cache is not None and endpoint.cacheable:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
-                             request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"))
-        plan.redis_budget = redis_budget()
+                             request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"),
+                             redis_budget())
         hit = gw.cache.lookup(plan)
         rec.cache = plan.outcome
         rec.semantic = plan.reason

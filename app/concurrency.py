@@ -81,6 +81,14 @@ def timeout(seconds: float, exception: BaseException | None = None) -> Any:
     return Timeout(seconds, exception)
 
 
+def deadline(seconds: float) -> Any:
+    """A gevent.Timeout to start around a wait that must end by then, raised into this greenlet when it passes
+    (it interrupts urllib3's waits and backoffs under gevent); the caller tells it apart by identity."""
+    from gevent import Timeout
+
+    return Timeout(seconds)
+
+
 def lifo_queue_class() -> type:
     """The LIFO queue a connection pool should wait on: gevent's when patched, so waiting greenlets yield."""
     if gevent_patched():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.concurrency import deadline
 from app.config import ConfigError, read_yaml_file
 from app.errors import GatewayError, RateLimited, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable
 from app.observability import metrics
@@ -260,19 +261,17 @@ def send_along(chain: Chain, first: Any, send: Callable[[str], Any]) -> Any:
 
 def _bounded_send(send: Callable[[str], Any], model: str, seconds: float) -> Any:
     """One hop, cut when the chain's deadline passes (gevent's timer interrupts urllib3's waits and backoffs)."""
-    import gevent
-
-    timer = gevent.Timeout(max(seconds, 0.001))
+    timer = deadline(max(seconds, 0.001))
     timer.start()
     try:
         return send(model)
-    except gevent.Timeout as exc:
+    except GatewayError as exc:
+        return exc
+    except BaseException as exc:
         if exc is not timer:
             raise
         return UpstreamTimeout("no model of the fallback chain answered before its deadline "
                                "(FALLBACK_DEADLINE_SECONDS)", code="fallback_deadline")
-    except GatewayError as exc:
-        return exc
     finally:
         timer.cancel()
 

@@ -20,14 +20,14 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
 from app.concurrency import gevent_patched, sleep, spawn
-from app.errors import BudgetExceeded, RateLimited, ServiceUnavailable, retry_after
+from app.errors import BudgetExceeded, GatewayError, RateLimited, ServiceUnavailable, retry_after
 from app.observability import metrics
 from app.ratelimit.limiter import (
     DEFAULT_BURST,
@@ -169,13 +169,7 @@ class Admission:
         if decision.reservation is not None and decision.reservation.concurrency_keys:
             self._index(decision.reservation.concurrency_keys, started, budget)
         if not decision.allowed:
-            metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
-            if decision.dimension == "budget":
-                raise _budget_exceeded(tenant, decision)
-            raise RateLimited(
-                f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
-                headers=decision_headers(decision),
-            )
+            raise _refused(tenant, decision, decision_headers)
         ticket = Ticket(headers=decision_headers(decision), reservation=decision.reservation, budget=budget)
         if self.renew_leases and decision.reservation is not None and decision.reservation.concurrency_keys:
             ticket.renewer = spawn(self._renew, decision.reservation)
@@ -357,14 +351,19 @@ class Admission:
                                      code="rate_limiter_unavailable", headers={"Retry-After": "1"})
         decision = self.local.acquire(tenant.name, scopes, estimated_tokens, time.time())
         if not decision.allowed:
-            metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
-            if decision.dimension == "budget":
-                raise _budget_exceeded(tenant, decision)
-            raise RateLimited(
-                f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
-                headers=rate_limit_headers([], decision.retry_after),
-            )
+            raise _refused(tenant, decision, lambda local: rate_limit_headers([], local.retry_after))
         return Ticket(local=decision.hold)
+
+
+def _refused(tenant: Tenant, decision: Any, headers: Callable[[Any], dict[str, str]]) -> GatewayError:
+    """A refusal, counted: a budget's own 429 (`insufficient_quota`), else the rate limit's with `headers(decision)`."""
+    metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
+    if decision.dimension == "budget":
+        return _budget_exceeded(tenant, decision)
+    return RateLimited(
+        f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
+        headers=headers(decision),
+    )
 
 
 def _budget_exceeded(tenant: Tenant, decision: Decision) -> BudgetExceeded:

@@ -7,9 +7,9 @@ Redis layout, all keys of one partition under one hash tag (one cluster slot):
   gw:s2:{<partition>}:warm      STRING set (with a TTL) by a worker that served an L2 hit there: every worker then
                                       computes new entries' transformer vectors in the background
 A worker syncs a partition at most every SYNC_SECONDS (one round trip for what is new in the log and the warm mark,
-one pipelined HMGET of those rows), searches the static vectors with one matrix-vector product, reads the
-transformer vectors of the few candidates that survive the cheap checks, and confirms a hit by reading the answer
-from Redis: an expired or deleted entry is never served.
+one pipelined HMGET of those rows), searches the static vectors with one matrix-vector product, and reads the
+transformer vectors of the few candidates that survive the cheap checks together with their answers, in one round
+trip: what is served was in Redis when the look-up ran, and an expired or deleted entry is never served.
 
 Memory is bounded per worker at all times, across partitions: past ``max_rows`` or ``max_bytes`` the oldest rows go
 first (not whole partitions), expired rows are skipped by every search and compacted away.
@@ -218,21 +218,21 @@ class SemanticStore:
         """Tell every worker, at its next sync, that L2 pays here: for ``seconds``, new entries get both vectors."""
         self._redis.set(self._warm_key(partition), 1, ex=seconds)
 
-    def transformer_vectors(self, partition: str, entry_ids: list[str]) -> list[np.ndarray | None]:
-        """The stored transformer vectors of some entries (None where not computed yet): one round trip."""
+    def candidates(self, partition: str, entry_ids: list[str]) -> list[tuple[np.ndarray | None, bytes | None]]:
+        """For each entry, its transformer vector (None until computed) and its answer (None: the entry expired or
+        was deleted, and leaves this worker's index), in one round trip: a served answer is read with the vector
+        that admitted it, so an entry gone from Redis is never served."""
         pipe = self._redis.pipeline(transaction=False)
         for entry_id in entry_ids:
-            pipe.hget(self._entry_key(partition, entry_id), "t")
-        return [decode_vector(v) if v else None for v in pipe.execute()]
-
-    def confirm(self, partition: str, entry_id: str) -> bytes | None:
-        """The cached answer if the entry still exists in Redis (not expired, not deleted)."""
-        content = self._redis.hget(self._entry_key(partition, entry_id), "a")
-        if content is None:
-            index = self._indexes.get(partition)
-            if index is not None:
-                self._forget(index, entry_id)
-        return content
+            pipe.hmget(self._entry_key(partition, entry_id), "t", "a")
+        found: list[tuple[np.ndarray | None, bytes | None]] = []
+        for entry_id, (vector, content) in zip(entry_ids, pipe.execute(), strict=True):
+            if content is None:
+                index = self._indexes.get(partition)
+                if index is not None:
+                    self._forget(index, entry_id)
+            found.append((decode_vector(vector) if vector else None, content))
+        return found
 
     def put(self, partition: str, entry_id: str, static: np.ndarray, transformer: np.ndarray | None, text: str,
             content: bytes, ttl: int) -> None:

@@ -275,7 +275,7 @@ class CacheService:
         assert plan.partition is not None
         if not self._transformer_ready():
             return self._skip(plan, "model_loading")
-        stored = self.semantic.transformer_vectors(plan.partition, [c.entry_id for c in survivors])
+        stored = self.semantic.candidates(plan.partition, [c.entry_id for c in survivors])
         query = self._embed([text])
         if query is None:
             plan.l2_store = False  # no second wait on a failing embedder to store: this answer skips L2
@@ -284,7 +284,9 @@ class CacheService:
         best: float | None = None
         # Best static candidate first; a candidate's vector (and a typo-repaired query) is computed only when
         # reached, so a hit on the first candidate costs one or two model runs, not one per survivor.
-        for candidate, vector in zip(survivors, stored, strict=True):
+        for candidate, (vector, content) in zip(survivors, stored, strict=True):
+            if content is None:
+                continue  # gone from Redis since this worker's last sync
             if vector is None:
                 computed = self._embed([candidate.text])
                 if computed is None:
@@ -303,9 +305,6 @@ class CacheService:
             best = similarity if best is None else max(best, similarity)
             if not verdict.ok:
                 self._refused(plan, verdict.rule, verdict.reason)
-                continue
-            content = self.semantic.confirm(plan.partition, candidate.entry_id)
-            if content is None:
                 continue
             answer = _stored_answer(content)
             metrics.SEMANTIC_DECISIONS.labels("served").inc()

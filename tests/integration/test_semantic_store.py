@@ -210,3 +210,35 @@ def test_a_hit_in_one_worker_warms_the_partition_for_every_worker(redis_conn: re
     after, _ = ask(worker_b, "Translate into French: the weather is lovely by the sea today.")
     assert after.vector is None  # type: ignore[attr-defined] # no candidate near it: the look-up ran no model
     assert has_vector(after)
+
+
+def test_an_entry_gone_from_redis_is_never_served_and_leaves_the_index(redis_conn: redis.Redis, unique: str) -> None:
+    """The worker's index still lists an entry deleted (or expired) in Redis since its last sync: the paraphrase
+    that would have hit it is a miss, and the row goes."""
+    from types import SimpleNamespace
+
+    from app.cache.local import LocalCache
+    from app.cache.service import CacheOptions, CacheService
+    from app.embeddings.local import LocalEmbedder
+    from app.embeddings.static import StaticEmbedder
+
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7)
+    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    def plan_for(text: str) -> object:
+        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
+                                                              {"role": "user", "content": text}]}
+        return service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
+
+    stored = plan_for("How do I reset my password?")
+    assert service.lookup(stored) is None
+    service.store(stored, answer, None)
+    hit = service.lookup(plan_for("How can I reset my password?"))
+    assert hit is not None and hit.layer == "L2"
+    entry = stored.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
+    assert redis_conn.delete(SemanticStore._entry_key(stored.partition, entry)) == 1  # type: ignore[attr-defined]
+    rows = service.semantic.rows
+    assert service.lookup(plan_for("How could I reset my password?")) is None
+    assert service.semantic.rows == rows - 1

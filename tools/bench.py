@@ -274,13 +274,13 @@ def proxy_mode(args: argparse.Namespace) -> None:
                 raise SystemExit(f"the budget gateway answered {probe.status_code} without a budget: "
                                  f"{probe.text[:300]}")
             extra.append((f"gateway ({'cd'[len(extra)]}) = (b) + a budget", gw_budget, budget_pids, auth))
-        if args.baseline:
+        for checkout in args.baseline:
             # (a) and (b) as another checkout runs them (a worktree of an older commit): before/after in one run.
-            rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True, check=False).stdout.strip() or str(args.baseline)
+            rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True, check=False).stdout.strip() or str(checkout)
             for name, env, headers in (("(a) auth off", {**common, "AUTH_DISABLED": "true"}, {}),
                                        ("(b) auth + rate limit", {**common, **limited_env}, auth)):
-                gateway, pids = start_gateway(env, args.workers, root=args.baseline)
+                gateway, pids = start_gateway(env, args.workers, root=checkout)
                 stack.callback(gateway.stop)
                 extra.append((f"gateway {name} at {rev}", gateway, pids, headers))
         load = LoadGenerator()
@@ -583,9 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     proxy.add_argument("--rounds", type=int, default=3, help="alternating rounds per target and concurrency")
     proxy.add_argument("--seconds", type=float, default=2.5, help="length of one round")
     proxy.add_argument("--warmup-seconds", type=float, default=1.0)
-    proxy.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+    proxy.add_argument("--baseline", type=Path, action="append", default=[], metavar="CHECKOUT",
                        help="also run (a) and (b) from another checkout (e.g. a git worktree of an older commit), "
-                            "in the same rounds: a before/after comparison side by side")
+                            "in the same rounds: a before/after comparison side by side (repeatable)")
     proxy.add_argument("--fallbacks", action="store_true",
                        help="also measure (b) with fallback rules configured (nothing failing): side by side")
     proxy.add_argument("--budget", action="store_true",

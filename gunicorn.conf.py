@@ -471,6 +471,16 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's hook signatur
     gc.freeze()
 
 
+def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """In the worker, as it exits: export the spans still queued (tracing is set up per worker by `create_app`).
+
+    Imported here, in the worker, never in the master (see the module docstring).
+    """
+    tracing = sys.modules.get("app.observability.tracing")
+    if tracing is not None:
+        tracing.shutdown()
+
+
 def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
     if _may_hold_slots():
         _start_releaser(server)

@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.auth import TenantLimits, build_authenticator
     from app.concurrency import gevent_patched
     from app.gateway import Gateway
+    from app.observability import tracing
     from app.observability.logging import configure_logging
     from app.proxy import admin, admin_keys, body, context, cors, errors, routes, system
     from app.redis_client import background_ping, build_redis
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
+    tracing.configure(settings)  # per worker, after the fork: off unless an OTLP endpoint is set
 
     redis = build_redis(settings.redis_url, cluster=settings.redis_cluster,
                         max_connections=settings.redis_max_connections,

@@ -311,6 +311,20 @@ class Settings:
     log_level: str = setting("INFO", "logging level",
                              parse=_one_of("debug", "info", "warning", "error", "critical", upper=True))
 
+    # OpenTelemetry's own variables, read by its SDK (app/observability/tracing.py hands `.env`'s values on to it);
+    # the SDK's other OTEL_* variables (OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*, ...) work from the environment.
+    otel_exporter_otlp_endpoint: str | None = setting(
+        None, "OTLP/HTTP collector root (`/v1/traces` is appended): traces are off unless this or the next is set",
+        parse=http_base_url, section="traces (OpenTelemetry, README \"Observability: traces\")")
+    otel_exporter_otlp_traces_endpoint: str | None = setting(
+        None, "OTLP/HTTP traces URL, taken as it is (wins over the root above)", parse=http_base_url)
+    otel_service_name: str | None = setting(None, "`service.name` of the spans", shown="g-aigateway")
+    otel_traces_sampler: str | None = setting(
+        None, "the SDK's sampler: `parentbased_traceidratio`, `traceidratio`, `always_on`, ...",
+        shown="parentbased_always_on (every trace)")
+    otel_traces_sampler_arg: float | None = setting(None, "the ratio sampled by the `*traceidratio` samplers",
+                                                    check=_between(0.0, 1.0), shown="1.0")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
         """Read every setting; `.env` in the working directory fills what the environment leaves unset."""

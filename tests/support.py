@@ -118,6 +118,101 @@ class MockUpstream:
             self.process.kill()
 
 
+class OtlpReceiver:
+    """An OTLP/HTTP traces receiver in a thread of this process: decodes each export (protobuf, as the gateway's
+    exporter sends it) with opentelemetry-proto and keeps the spans, flattened to dicts.
+
+    Each span: name, kind (SERVER, CLIENT, INTERNAL), trace_id, span_id, parent_id (hex, "" for a root),
+    attributes (plain values; arrays as lists), status ("UNSET", "OK", "ERROR"), resource (its attributes).
+    `keep=False` only counts them (a sink for benchmarks).
+    """
+
+    def __init__(self, *, keep: bool = True) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+        self.keep = keep
+        self.spans: list[dict[str, Any]] = []
+        self.count = 0
+        self.exports = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                receiver._received(self.path, body)
+                from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _received(self, path: str, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = _otlp_attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append({
+                        "name": span.name, "kind": _SPAN_KINDS.get(span.kind, str(span.kind)),
+                        "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                        "parent_id": span.parent_span_id.hex(), "attributes": _otlp_attributes(span.attributes),
+                        "status": ("UNSET", "OK", "ERROR")[span.status.code], "resource": resource,
+                        "scope": scope_spans.scope.name, "path": path,
+                        "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
+                    })
+        with self._lock:
+            self.exports += 1
+            self.count += len(spans)
+            if self.keep:
+                self.spans.extend(spans)
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [span for span in self.spans if span["trace_id"] == trace_id]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+_SPAN_KINDS = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+
+
+def _otlp_attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: _otlp_value(pair.value) for pair in pairs}
+
+
+def _otlp_value(value: Any) -> Any:
+    which = value.WhichOneof("value")
+    if which == "array_value":
+        return [_otlp_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return _otlp_attributes(value.kvlist_value.values)
+    return getattr(value, which) if which else None
+
+
 class Gateway:
     """gunicorn -c gunicorn.conf.py wsgi:app with gevent workers, bound to a loopback port.
 

@@ -1,6 +1,7 @@
 """Benchmarks of the gateway under gunicorn on loopback, printed as markdown tables for the README.
 
     .venv/bin/python tools/bench.py proxy     # proxy overhead: direct vs through the gateway, c = 1, 32, 128
+    .venv/bin/python tools/bench.py proxy --traces  # ... and (t): (b) with every request traced (OTLP to a sink)
     .venv/bin/python tools/bench.py cache     # cache layers: miss, L0, L1, L2 hits; L1 throughput; L2 search
     .venv/bin/python tools/bench.py new-prompts   # defaults (L2 on), every prompt new: vs direct and cache off
 
@@ -33,11 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import Gateway, MockUpstream  # noqa: E402
+from tests.support import Gateway, MockUpstream, OtlpReceiver  # noqa: E402
 from tools.bench_client import LoadGenerator, cpu_ticks  # noqa: E402
 
 UPSTREAM_KEY = "bench-key"
 CHAT_PATH = "/v1/chat/completions"
+TRACED = "gateway (t) = (b), traced"  # proxy --traces
 MODEL = "mock-gpt"
 # Paraphrase pairs for L2 (stored question, later question); {n} makes every pair unique, so exact keys never
 # repeat. Each passes app/cache/verify.py with the local model (cosine 0.9-0.99 on their own).
@@ -283,6 +285,14 @@ def proxy_mode(args: argparse.Namespace) -> None:
                 gateway, pids = start_gateway(env, args.workers, root=checkout)
                 stack.callback(gateway.stop)
                 extra.append((f"gateway {name} at {rev}", gateway, pids, headers))
+        sink = None
+        if args.traces:  # (b) again, every request traced: spans to an OTLP receiver in this process (a sink)
+            sink = OtlpReceiver(keep=False)
+            stack.callback(sink.stop)
+            gw_traced, traced_pids = start_gateway({**common, **limited_env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                                                    "OTEL_TRACES_SAMPLER": "always_on"}, args.workers)
+            stack.callback(gw_traced.stop)
+            extra.append((TRACED, gw_traced, traced_pids, auth))
         load = LoadGenerator()
         stack.callback(load.close)
 
@@ -315,6 +325,9 @@ def proxy_mode(args: argparse.Namespace) -> None:
                     f"{t.name} p50 {pct_ms(s.latencies, 50):.2f} ms {s.rps:.0f}/s"
                     for t, s in zip(targets, samples, strict=True)))
         balance = worker_balance(open_pids + auth_pids + [pid for _n, _g, pids, _h in extra for pid in pids])
+        if sink is not None:
+            time.sleep(6)  # the batch processor's schedule (5 s): the last spans arrive
+            notes.append(f"{TRACED}: {sink.count} spans received in {sink.exports} OTLP exports")
 
     print_proxy_table(args, targets, rows, notes, balance)
 
@@ -401,6 +414,10 @@ def print_proxy_table(args: argparse.Namespace, targets: list[Target], rows: lis
             if kind == "chat":
                 checks.append(f"CPU per request at c={concurrency}, {target.name}: {fmt(sample.cpu_ms, 3)} ms "
                               f"(target < 1 ms: {mark(sample.cpu_ms < 1.0)})")
+            if target.name == TRACED:
+                added = sample.cpu_ms - samples[2].cpu_ms
+                checks.append(f"tracing's CPU per request, {kind} c={concurrency}: (t) - (b) = {fmt(added, 3)} ms "
+                              f"(target <= 0.2 ms: {mark(added <= 0.2)})")
     print("\nTargets:\n")
     for line in checks:
         print(f"- {line}")
@@ -590,6 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="also measure (b) with fallback rules configured (nothing failing): side by side")
     proxy.add_argument("--budget", action="store_true",
                        help="also measure (b) with a daily budget for its tenant (nothing reaches it): side by side")
+    proxy.add_argument("--traces", action="store_true",
+                       help="add gateway (t): (b) with every request traced, spans sent to an OTLP sink")
     cache = sub.add_parser("cache", help="cache layer latency, L1 throughput, L2 search time")
     cache.add_argument("--rounds", type=int, default=3)
     cache.add_argument("--miss-count", type=int, default=40, help="unique prompts per round")

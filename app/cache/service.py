@@ -27,7 +27,7 @@ from app.concurrency import BackgroundQueue, new_event
 from app.embeddings.base import Embedder, EmbeddingError
 from app.embeddings.static import StaticEmbedder
 from app.errors import BadRequest
-from app.observability import metrics
+from app.observability import metrics, tracing
 from app.redis_client import REDIS_FAILURES, RedisBudget, RedisClient, bounded, opens_breaker
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,8 @@ class CacheService:
             metrics.CACHE_LOOKUPS.labels("L2", "error").inc()
             return None
         try:
-            vectors = self.embedder.embed(texts)
+            with tracing.embedding(self.embedder, len(texts)):
+                vectors = self.embedder.embed(texts)
         except EmbeddingError as exc:
             self.embedding_breaker.failed(time.time())
             metrics.CACHE_LOOKUPS.labels("L2", "error").inc()

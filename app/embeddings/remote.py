@@ -119,6 +119,11 @@ class RemoteEmbedder:
     def model_id(self) -> str:
         return f"remote:{self._model}"
 
+    @property
+    def endpoint(self) -> str:
+        """Where it posts (no credentials: the key goes in a header)."""
+        return self._endpoint
+
     def close(self) -> None:
         self._session.close()
 

@@ -41,6 +41,8 @@ class RequestRecord:
     saved_usd: float | None = None  # on a cache hit: what the original answer cost
     stream: bool = False
     error: str | None = None
+    trace_id: str | None = None  # the request's trace when tracing is on (the client's, when it sent one)
+    span_id: str | None = None  # the gateway's server span in it
     started: float = field(default_factory=time.perf_counter, repr=False)
     # Not logged: the exact amounts the budgets and rollups add up, and the usage of the answer a hit replayed.
     cost_nanos: int | None = field(default=None, repr=False)

@@ -16,7 +16,7 @@ from flask import Response, current_app, g, request
 
 from app.api import BY_NAME, ENDPOINTS, MODELS
 from app.gateway import Gateway
-from app.observability import metrics
+from app.observability import metrics, tracing
 from app.observability.record import RequestRecord
 from app.redis_client import RedisBudget
 
@@ -60,6 +60,8 @@ def start_request() -> None:
         client=client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), gw.trusted_networks),
     )
     g.gw_on_close = []
+    rule = request.url_rule
+    tracing.start_request(request.headers, request.method, rule.rule if rule is not None else None, g.gw_record)
 
 
 def on_close(callback: Callable[[], None]) -> None:
@@ -150,6 +152,7 @@ def _close(rec: RequestRecord, callbacks: list[Callable[[], None]]) -> None:
         except Exception:  # noqa: BLE001 - one failed step must not skip the others (slot release, log line)
             log.exception("request close step failed", extra={"request_id": rec.request_id})
     rec.finish()
+    tracing.end_request(rec)
     rec.log()
     _observe(rec)
 

@@ -18,6 +18,7 @@ from werkzeug.datastructures import Headers
 from app.api import EMBEDDINGS, FORWARDED, Endpoint, ParsedRequest
 from app.auth import Tenant
 from app.errors import Forbidden, GatewayError, NotFound, UpstreamBadResponse
+from app.observability import tracing
 from app.observability.record import RequestRecord
 from app.proxy.body import read_body
 from app.proxy.context import on_close, record, redis_budget, services
@@ -41,6 +42,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @bp.before_request
+@tracing.traced(tracing.ADMIT)
 def admit() -> None:
     """Authenticate and rate-limit before any body work (a refused request costs almost nothing).
 
@@ -171,7 +173,9 @@ def _forward(endpoint: Endpoint) -> Response:
         plan = gw.cache.plan(parsed, g.gw_tenant.name, request.headers.get("Cache-Control"),
                              request.headers.get("X-Cache-TTL"), request.headers.get("X-Cache-Min-Similarity"),
                              redis_budget())
-        hit = gw.cache.lookup(plan)
+        with tracing.span(tracing.CACHE_LOOKUP) as span:
+            hit = gw.cache.lookup(plan)
+            span.cache_outcome(plan.outcome, plan.reason, hit)
         rec.cache = plan.outcome
         rec.semantic = plan.reason
         if hit is not None:
@@ -330,8 +334,10 @@ class _Settle:
 
     def parsed(self, answer: dict[str, Any], content: bytes) -> None:
         _note_usage(self.rec, answer.get("usage"))
+        tracing.answered(answer)
         if self.plan is not None and self.cache is not None and replayable(answer, self.route):
-            self.cache.store(self.plan, answer, content)
+            with tracing.span(tracing.CACHE_STORE):
+                self.cache.store(self.plan, answer, content)
 
 
 def _pass_through(result: UpstreamResult, first: bytes, chunks: Iterator[bytes], settle: _Settle) -> Iterator[bytes]:
@@ -388,6 +394,7 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: CachePlan | None, rec: 
 
     Runs after the view returned, outside the request context: everything it needs is passed in.
     """
+    stream = tracing.span(tracing.STREAM)
     try:
         # An empty first item makes gunicorn send the head now, as the upstream's arrived, not with the first
         # complete event (the worker does not hold an event stream's head back).
@@ -408,9 +415,11 @@ def _relay(result: UpstreamResult, tap: StreamTap, plan: CachePlan | None, rec: 
     finally:
         result.close()
         _note_usage(rec, tap.usage)
+        stream.stream_done(tap)
         answer = tap.answer()
         if answer is not None and plan is not None and cache is not None and replayable(answer, tap.route):
-            cache.store(plan, answer, None)
+            with tracing.span(tracing.CACHE_STORE):
+                cache.store(plan, answer, None)
 
 
 def _from_cache(parsed: ParsedRequest, hit: CacheHit) -> Response:

@@ -95,6 +95,15 @@ class StreamTap:
         first = self._choices.get(0)
         return first.finish_reason if first is not None else None
 
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [self._choices[index].finish_reason for index in sorted(self._choices)]
+
+    @property
+    def first_chunk(self) -> dict[str, Any] | None:
+        """The stream's first chunk (its `id` and `model`)."""
+        return self._first
+
     def feed(self, data: bytes) -> bytes:
         """Take the bytes that arrived; give back the complete events to forward, in order."""
         self._buffer += data

@@ -39,7 +39,7 @@ from app.errors import (
     UpstreamUnreachable,
     retry_after,
 )
-from app.observability import metrics
+from app.observability import metrics, tracing
 from app.upstream.backends import Backend, UpstreamKey
 from app.upstream.connection import DirectPools
 from app.upstream.health import DISABLED
@@ -234,11 +234,13 @@ class UpstreamClient:
             is_last = index == len(candidates) - 1
             started = time.perf_counter()
             self.pool.acquire(key)
+            tracing.upstream_attempt(method, path, backend, key.key_id, model)
             try:
                 response = self._pools.urlopen(method, backend.base_url, path, body=payload(backend),
                                                headers=_headers(key, request_id), retries=retry,
                                                timeout=self._timeout)
             except (HTTPError, OSError) as exc:
+                tracing.upstream_done(error=exc)
                 self.pool.release(key)
                 attempts += retry.total + 1  # urllib3 gave up: at most every attempt it had was used
                 spent += retry.total + 1
@@ -250,9 +252,11 @@ class UpstreamClient:
                 _count_retry("connection")
                 last_error = error
                 continue
-            except BaseException:
+            except BaseException as exc:
+                tracing.upstream_done(error=exc)
                 self.pool.release(key)  # a gevent Timeout or the worker stopping: no answer to account for
                 raise
+            tracing.upstream_done(status=response.status)
             result = UpstreamResult(
                 status=response.status,
                 content_type=_content_type(response.headers.get("content-type")),

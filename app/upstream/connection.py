@@ -9,6 +9,7 @@ behaviour they rely on):
   syscall; gevent's patched one switched to the hub mid-request: c=32 went from ~85 % to ~96 % of direct);
 - `_OneWrite` writes a request's head and body in one send: http.client writes the head, then the body, two
   syscalls, and on a keep-alive connection to a local upstream (vLLM, Ollama, a sidecar) two wake-ups of the peer.
+  It is also where each send gets its W3C `traceparent` when tracing is on (app/observability/tracing.py).
 
 `ONE_WRITE` and `DIRECT_URLOPEN` exist to measure each side by side (a tree with one set False); both are True.
 """
@@ -27,6 +28,7 @@ from urllib3.util import Timeout, parse_url
 from urllib3.util.retry import Retry
 
 from app.concurrency import readable_now
+from app.observability import tracing
 
 #: Head and body of an upstream request in one send (False: urllib3's own connections, for a side-by-side run).
 ONE_WRITE = True
@@ -71,9 +73,11 @@ class _OneWrite:
             data, self._held = self._held + bytes(data), b""
         super().send(data)  # type: ignore[misc]
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
+        if headers is not None:
+            tracing.traceparent(headers)  # each send, urllib3's own retries too, names its own attempt span
         try:
-            super().request(*args, **kwargs)  # type: ignore[misc]
+            super().request(method, url, body, headers, **kwargs)  # type: ignore[misc]
         except BaseException:
             self._held = b""  # the request failed before its body: urllib3 discards this connection
             raise

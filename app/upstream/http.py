@@ -16,6 +16,7 @@ import requests
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
+from app.observability import tracing
 from app.upstream.connection import OneWriteAdapter
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -37,7 +38,13 @@ class UpstreamRetry(Retry):
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is not None and wait > self.retry_after_max:
                 raise MaxRetryError(_pool, url, reason=None)  # urllib3 hands the 429 back untouched
-        return super().increment(method, url, response, error, _pool, _stacktrace)
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        tracing.upstream_retrying(response, error)  # this attempt's span ends; the next starts after `sleep`
+        return retry
+
+    def sleep(self, response=None) -> None:  # noqa: ANN001 - urllib3's signature
+        super().sleep(response)
+        tracing.upstream_resending()
 
     def get_retry_after(self, response) -> float | None:  # noqa: ANN001 - urllib3's signature
         # urllib3's own parser raises InvalidHeader on a value it cannot read, which fails the whole request.

@@ -162,15 +162,15 @@ def test_log_line_carries_the_trace_of_a_request_without_traceparent(traced: Gat
 def test_l2_hit_shows_the_embedding_and_the_similarity(traced: Gateway, upstream: MockUpstream,
                                                        receiver: OtlpReceiver, unique: str) -> None:
     """A paraphrase served from L2: the look-up span has the layer and similarity, the model run is its child."""
-    chat(traced, f"How do I reset the password of account {unique}?", temperature=0)
-    trace_id = uuid.uuid4().hex
-    deadline = time.monotonic() + 15  # the L2 entry is written after the answer; the model loads on first need
-    while True:
-        response = chat(traced, f"How can I reset my password for account {unique}?", temperature=0,
+    for attempt in range(3):  # a fresh pair each time: a paraphrase that missed is an exact hit the next time
+        account = f"{unique}{attempt}"
+        chat(traced, f"How do I reset the password of account {account}?", temperature=0)
+        time.sleep(1.0)  # the L2 entry is written after the answer (the model loads on the first look-up's need)
+        trace_id = uuid.uuid4().hex
+        response = chat(traced, f"How can I reset my password for account {account}?", temperature=0,
                         traceparent=f"00-{trace_id}-{CLIENT_SPAN}-01")
-        if response.headers.get("X-Cache-Layer") == "L2" or time.monotonic() > deadline:
+        if response.headers.get("X-Cache-Layer") == "L2":
             break
-        time.sleep(0.3)
     assert response.headers.get("X-Cache-Layer") == "L2"
     spans = [span for span in wait_for_trace(receiver, trace_id, 3)]
     lookup = next(span for span in reversed(sorted(spans, key=lambda span: span["start"]))

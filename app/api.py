@@ -19,6 +19,7 @@ class Endpoint:
     ``input``): an endpoint with one is a POST forwarded upstream, one without (the model list) is a GET the
     routes answer themselves. ``streams``: the client may ask for SSE (its answers carry `choices` with a
     `finish_reason`; the others answer a `data` list). ``cacheable``: its answers may be stored and replayed.
+    ``genai_operation``: its `gen_ai.operation.name` in traces (OpenTelemetry GenAI conventions' values).
     """
 
     name: str
@@ -27,14 +28,17 @@ class Endpoint:
     body_field: str | None
     streams: bool
     cacheable: bool
+    genai_operation: str | None = None
 
 
 CHAT, COMPLETIONS, EMBEDDINGS, MODELS = "chat", "completions", "embeddings", "models"
 
 ENDPOINTS = (
-    Endpoint(CHAT, "/v1/chat/completions", "chat", "messages", streams=True, cacheable=True),
-    Endpoint(COMPLETIONS, "/v1/completions", "completions", "prompt", streams=True, cacheable=True),
-    Endpoint(EMBEDDINGS, "/v1/embeddings", "embeddings", "input", streams=False, cacheable=True),
+    Endpoint(CHAT, "/v1/chat/completions", "chat", "messages", streams=True, cacheable=True, genai_operation="chat"),
+    Endpoint(COMPLETIONS, "/v1/completions", "completions", "prompt", streams=True, cacheable=True,
+             genai_operation="text_completion"),
+    Endpoint(EMBEDDINGS, "/v1/embeddings", "embeddings", "input", streams=False, cacheable=True,
+             genai_operation="embeddings"),
     Endpoint(MODELS, "/v1/models", "models", None, streams=False, cacheable=False),
 )
 BY_NAME = {endpoint.name: endpoint for endpoint in ENDPOINTS}

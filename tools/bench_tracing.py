@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "1000000")  # a tight loop outruns the exporter; drop nothing
 
-from app.observability import tracing  # noqa: E402
+from app.observability import otlp_wire, tracing  # noqa: E402
 from app.observability.record import RequestRecord  # noqa: E402
 
 SPANS_PER_REQUEST = 6
@@ -40,7 +40,7 @@ class EncodingSink:
     def export(self, spans):  # noqa: ANN001, ANN201 - the SDK's SpanExporter interface
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        tracing.encode_request(spans)
+        otlp_wire.encode_request(spans)
         self.spans += len(spans)
         return SpanExportResult.SUCCESS
 

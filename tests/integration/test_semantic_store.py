@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import redis
 
-from app.cache.semantic import IndexBounds, SemanticStore
+from app.cache.local import LocalCache
+from app.cache.semantic import SYNC_SECONDS, IndexBounds, SemanticStore
+from app.cache.service import CacheHit, CacheOptions, CachePlan, CacheService
+from app.embeddings.local import LocalEmbedder
+from app.embeddings.static import StaticEmbedder
 
 pytestmark = pytest.mark.redis
 
 DIM = 16
+ANSWER = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
 
 
 def vectors(n: int, seed: int) -> np.ndarray:
@@ -73,15 +79,9 @@ def test_a_full_write_queue_drops_counts_and_logs_without_slowing_requests(redis
                                                                            caplog) -> None:
     """Stores past the queue's cap return at once; each dropped L2 write is counted in the metric and logged."""
     import logging
-    from types import SimpleNamespace
 
     import gevent
     from prometheus_client import REGISTRY
-
-    from app.cache.local import LocalCache
-    from app.cache.service import CacheOptions, CacheService
-    from app.embeddings.local import LocalEmbedder
-    from app.embeddings.static import StaticEmbedder
 
     def dropped() -> float:
         return REGISTRY.get_sample_value("gateway_background_dropped_total", {"queue": "semantic_store"}) or 0.0
@@ -90,16 +90,11 @@ def test_a_full_write_queue_drops_counts_and_logs_without_slowing_requests(redis
                            semantic_max_temperature=0.7, store_queue_size=3)
     service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder(),
                            background=True)
-    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
     before = dropped()
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="app.concurrency"):
         for i in range(10):  # the consumer greenlet cannot run: nothing here yields to the hub
-            body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
-                                                                  {"role": "user", "content": f"Ticket {i}?"}]}
-            plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
-            service.lookup(plan)
-            service.store(plan, answer, None)
+            plan, _ = ask(service, unique, f"Ticket {i}?")
     assert time.perf_counter() - started < 2.0
     assert service.writes.dropped == 7 and dropped() == before + 7
     assert any("background queue semantic_store full" in r.getMessage() for r in caplog.records)
@@ -110,135 +105,90 @@ def test_a_full_write_queue_drops_counts_and_logs_without_slowing_requests(redis
 
 def test_a_partition_where_l2_never_pays_is_only_sampled(redis_conn: redis.Redis, unique: str) -> None:
     """After a long run of look-ups without a hit, a partition is looked up (and written) one request in eight."""
-    from types import SimpleNamespace
+    from app.cache.service import COLD_AFTER, COLD_SAMPLE
 
-    from app.cache.local import LocalCache
-    from app.cache.service import COLD_AFTER, COLD_SAMPLE, CacheOptions, CacheService
-    from app.embeddings.local import LocalEmbedder
-    from app.embeddings.static import StaticEmbedder
+    service = l2_service(redis_conn)
 
-    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
-                           semantic_max_temperature=0.7)
-    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
+    def reason(text: str) -> str | None:
+        plan = chat_plan(service, unique, text)
+        service.lookup(plan)
+        return plan.reason
 
-    def ask(text: str) -> tuple[object, str | None]:
-        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
-                                                              {"role": "user", "content": text}]}
-        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
-        return service.lookup(plan), plan.reason
-
-    reasons = [ask(f"Summarise ticket {i} in one line.")[1] for i in range(COLD_AFTER + 4 * COLD_SAMPLE)]
+    reasons = [reason(f"Summarise ticket {i} in one line.") for i in range(COLD_AFTER + 4 * COLD_SAMPLE)]
     assert "cold_partition" not in reasons[:COLD_AFTER]
     tail = reasons[COLD_AFTER:]
     assert tail.count("cold_partition") == len(tail) - len(tail) // COLD_SAMPLE
+
+
+def l2_service(redis_conn: redis.Redis, embedder: LocalEmbedder | None = None) -> CacheService:
+    """A worker's cache service with L2 on, the local model run in-process."""
+    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
+                           semantic_max_temperature=0.7)
+    return CacheService(redis_conn, options, LocalCache(0, 0), embedder or LocalEmbedder(offload=False),
+                        StaticEmbedder())
+
+
+def chat_plan(service: CacheService, tenant: str, text: str) -> CachePlan:
+    body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": tenant},
+                                                          {"role": "user", "content": text}]}
+    return service.plan(SimpleNamespace(route="chat", model="m", body=body), tenant, None, None)
+
+
+def ask(service: CacheService, tenant: str, text: str) -> tuple[CachePlan, CacheHit | None]:
+    """Look the prompt up; on a miss, store an answer for it (as the route does after the upstream answered)."""
+    plan = chat_plan(service, tenant, text)
+    hit = service.lookup(plan)
+    if hit is None:
+        service.store(plan, ANSWER, None)
+    return plan, hit
+
+
+def entry_key(plan: CachePlan) -> str:
+    assert plan.key is not None and plan.partition is not None
+    return SemanticStore._entry_key(plan.partition, plan.key.rsplit(":", 1)[-1][:32])
+
+
+def has_vector(redis_conn: redis.Redis, plan: CachePlan) -> bool:
+    return redis_conn.hget(entry_key(plan), "t") is not None
 
 
 def test_after_a_hit_new_entries_of_the_partition_get_their_transformer_vector(redis_conn: redis.Redis,
                                                                                unique: str) -> None:
     """Where paraphrases do come, a new entry is embedded after its answer, so the next paraphrase embeds only itself;
     elsewhere entries keep only their static vector (no model run on a new prompt)."""
-    from types import SimpleNamespace
-
-    from app.cache.local import LocalCache
-    from app.cache.service import CacheOptions, CacheService
-    from app.embeddings.local import LocalEmbedder
-    from app.embeddings.static import StaticEmbedder
-
-    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
-                           semantic_max_temperature=0.7)
-    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
-    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
-
-    def ask(text: str) -> tuple[object, object]:
-        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
-                                                              {"role": "user", "content": text}]}
-        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
-        hit = service.lookup(plan)
-        if hit is None:
-            service.store(plan, answer, None)
-        return plan, hit
-
-    def has_vector(plan: object) -> bool:
-        entry = plan.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
-        return redis_conn.hget(SemanticStore._entry_key(plan.partition, entry), "t") is not None  # type: ignore[attr-defined]
-
-    first, _ = ask("How do I reset my password?")
-    assert not has_vector(first)
-    _, hit = ask("How can I reset my password?")
+    service = l2_service(redis_conn)
+    first, _ = ask(service, unique, "How do I reset my password?")
+    assert not has_vector(redis_conn, first)
+    _, hit = ask(service, unique, "How can I reset my password?")
     assert hit is not None and hit.layer == "L2"
-    later, _ = ask("How do I delete my account?")
-    assert has_vector(later)
+    later, _ = ask(service, unique, "How do I delete my account?")
+    assert has_vector(redis_conn, later)
 
 
 def test_a_hit_in_one_worker_warms_the_partition_for_every_worker(redis_conn: redis.Redis, unique: str) -> None:
     """Workers share the warm mark: after worker A serves a paraphrase, worker B's new entries there get their
     transformer vector too (at B's next sync), so a paraphrase B's entry attracts needs one model run, not two."""
-    from types import SimpleNamespace
-
-    from app.cache.local import LocalCache
-    from app.cache.semantic import SYNC_SECONDS
-    from app.cache.service import CacheOptions, CacheService
-    from app.embeddings.local import LocalEmbedder
-    from app.embeddings.static import StaticEmbedder
-
-    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
-                           semantic_max_temperature=0.7)
     embedder = LocalEmbedder(offload=False)
-    worker_a = CacheService(redis_conn, options, LocalCache(0, 0), embedder, StaticEmbedder())
-    worker_b = CacheService(redis_conn, options, LocalCache(0, 0), embedder, StaticEmbedder())
-    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
-
-    def ask(service: CacheService, text: str) -> tuple[object, object]:
-        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
-                                                              {"role": "user", "content": text}]}
-        plan = service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
-        hit = service.lookup(plan)
-        if hit is None:
-            service.store(plan, answer, None)
-        return plan, hit
-
-    def has_vector(plan: object) -> bool:
-        entry = plan.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
-        return redis_conn.hget(SemanticStore._entry_key(plan.partition, entry), "t") is not None  # type: ignore[attr-defined]
-
-    before, _ = ask(worker_b, "How do I change my email address?")
-    assert not has_vector(before)  # nobody has hit here yet: B stores the static vector only
-    ask(worker_a, "How do I reset my password?")
-    _, hit = ask(worker_a, "How can I reset my password?")
+    worker_a, worker_b = l2_service(redis_conn, embedder), l2_service(redis_conn, embedder)
+    before, _ = ask(worker_b, unique, "How do I change my email address?")
+    assert not has_vector(redis_conn, before)  # nobody has hit here yet: B stores the static vector only
+    ask(worker_a, unique, "How do I reset my password?")
+    _, hit = ask(worker_a, unique, "How can I reset my password?")
     assert hit is not None and hit.layer == "L2"
     time.sleep(SYNC_SECONDS + 0.1)
-    after, _ = ask(worker_b, "Translate into French: the weather is lovely by the sea today.")
-    assert after.vector is None  # type: ignore[attr-defined] # no candidate near it: the look-up ran no model
-    assert has_vector(after)
+    after, _ = ask(worker_b, unique, "Translate into French: the weather is lovely by the sea today.")
+    assert after.vector is None  # no candidate near it: the look-up ran no model
+    assert has_vector(redis_conn, after)
 
 
 def test_an_entry_gone_from_redis_is_never_served_and_leaves_the_index(redis_conn: redis.Redis, unique: str) -> None:
     """The worker's index still lists an entry deleted (or expired) in Redis since its last sync: the paraphrase
     that would have hit it is a miss, and the row goes."""
-    from types import SimpleNamespace
-
-    from app.cache.local import LocalCache
-    from app.cache.service import CacheOptions, CacheService
-    from app.embeddings.local import LocalEmbedder
-    from app.embeddings.static import StaticEmbedder
-
-    options = CacheOptions(ttl_seconds=60, semantic_enabled=True, semantic_threshold=None,
-                           semantic_max_temperature=0.7)
-    service = CacheService(redis_conn, options, LocalCache(0, 0), LocalEmbedder(offload=False), StaticEmbedder())
-    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
-
-    def plan_for(text: str) -> object:
-        body = {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": unique},
-                                                              {"role": "user", "content": text}]}
-        return service.plan(SimpleNamespace(route="chat", model="m", body=body), unique, None, None)
-
-    stored = plan_for("How do I reset my password?")
-    assert service.lookup(stored) is None
-    service.store(stored, answer, None)
-    hit = service.lookup(plan_for("How can I reset my password?"))
+    service = l2_service(redis_conn)
+    stored, _ = ask(service, unique, "How do I reset my password?")
+    _, hit = ask(service, unique, "How can I reset my password?")
     assert hit is not None and hit.layer == "L2"
-    entry = stored.key.rsplit(":", 1)[-1][:32]  # type: ignore[attr-defined]
-    assert redis_conn.delete(SemanticStore._entry_key(stored.partition, entry)) == 1  # type: ignore[attr-defined]
+    assert redis_conn.delete(entry_key(stored)) == 1
     rows = service.semantic.rows
-    assert service.lookup(plan_for("How could I reset my password?")) is None
+    assert service.lookup(chat_plan(service, unique, "How could I reset my password?")) is None
     assert service.semantic.rows == rows - 1

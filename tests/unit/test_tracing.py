@@ -24,7 +24,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 
 from app.errors import RateLimited
-from app.observability import tracing
+from app.observability import otlp_wire, tracing
 from app.observability.record import RequestRecord
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -184,9 +184,9 @@ def sdk_spans() -> list[Any]:
 def test_encoder_writes_what_the_sdk_encoder_writes() -> None:
     """The OTLP request the gateway sends parses to the same message the SDK's own encoder builds."""
     spans = sdk_spans()
-    ours = ExportTraceServiceRequest.FromString(tracing.encode_request(spans))
+    ours = ExportTraceServiceRequest.FromString(otlp_wire.encode_request(spans))
     assert ours == encode_spans(spans)
-    assert tracing.encode_request(spans) == tracing.encode_request(spans)  # cached attributes encode the same
+    assert otlp_wire.encode_request(spans) == otlp_wire.encode_request(spans)  # cached attributes encode the same
 
 
 def test_encoder_tells_true_from_one() -> None:
@@ -198,4 +198,4 @@ def test_encoder_tells_true_from_one() -> None:
         span = tracer.start_span("s", attributes={"v": value})
         span.end()
         spans.append(span)
-    assert ExportTraceServiceRequest.FromString(tracing.encode_request(spans)) == encode_spans(spans)
+    assert ExportTraceServiceRequest.FromString(otlp_wire.encode_request(spans)) == encode_spans(spans)

@@ -37,57 +37,6 @@ class QuietAccessLogger(Logger):
         return
 
 
-class _HeadWithBodySocket:
-    """A client socket that holds the response head until the first body bytes, and sends both in one write.
-
-    gunicorn writes a response's head and its body with two `sendall` calls: two syscalls and two segments for
-    the client (or nginx) to wake up for. Nothing waits longer for it: gunicorn only writes the head when the
-    first body chunk is ready. Any other use of the socket flushes
-    first. (Side by side, the CPU saved was within the noise of this project's machine; fewer packets remain.)
-    An event stream's head is not held: it leaves when the app starts the response, as the upstream's head came.
-    """
-
-    __slots__ = ("_sock", "_head", "_first")
-
-    def __init__(self, sock) -> None:  # noqa: ANN001 - a gevent socket
-        self._sock = sock
-        self._head = b""
-        self._first = True
-
-    def sendall(self, data: bytes) -> None:
-        if self._first:  # gunicorn's first write of a response is always its head
-            self._first = False
-            if _has_body(data):
-                self._head = bytes(data)
-                return
-        if self._head:
-            data, self._head = self._head + data, b""
-        self._sock.sendall(data)
-
-    def flush(self) -> None:
-        if self._head:
-            head, self._head = self._head, b""
-            self._sock.sendall(head)
-
-    def __getattr__(self, name: str):  # noqa: ANN204 - whatever the socket has
-        self.flush()
-        return getattr(self._sock, name)
-
-
-def _has_body(head: bytes) -> bool:
-    """Whether to hold this head for the body bytes that follow: not after a 1xx (103 Early Hints), 204, 304 or a
-    zero length (no body follows), nor for an event stream (its head must not wait for its first event).
-
-    A head with nothing after it goes out at once rather than after the request's close steps.
-    """
-    status = head[9:12]
-    if status[:1] == b"1" or status in (b"204", b"304"):
-        return False
-    lower = head.lower()
-    # An event stream's head leaves at once: its first event may be seconds away (a queued request).
-    return b"\r\ncontent-length: 0\r\n" not in lower and b"\r\ncontent-type: text/event-stream" not in lower
-
-
 class RequestReadTimeout(Exception):
     """A request head not read in time (REQUEST_HEADER_TIMEOUT or REQUEST_IDLE_TIMEOUT): answered 408.
 
@@ -199,8 +148,7 @@ class _ReadDeadlineSocket:
 
 
 class GatewayGeventWorker(GeventWorker):
-    """gunicorn's gevent worker with bounded request reads, OpenAI-style errors of its own, and each response's
-    head written together with its first body bytes."""
+    """gunicorn's gevent worker with bounded request reads and OpenAI-style errors of its own."""
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -225,16 +173,7 @@ class GatewayGeventWorker(GeventWorker):
         if isinstance(sock, _ReadDeadlineSocket):
             sock.read_body()
         try:
-            if req.method == "HEAD":  # no body will follow the head
-                return super().handle_request(listener_name, req, sock, addr)
-            wrapped = _HeadWithBodySocket(sock)
-            try:
-                return super().handle_request(listener_name, req, wrapped, addr)
-            finally:
-                try:
-                    wrapped.flush()  # a head whose body turned out empty (an empty iterable)
-                except OSError:
-                    pass  # the client is gone; gunicorn closes the connection
+            return super().handle_request(listener_name, req, sock, addr)
         finally:
             if isinstance(sock, _ReadDeadlineSocket):
                 sock.wait_for_request()

@@ -19,7 +19,7 @@ from redis.retry import Retry
 from app.auth import Tenant
 from app.breaker import Breaker
 from app.errors import ServiceUnavailable
-from app.ratelimit.admission import Admission, decision_headers
+from app.ratelimit.admission import BUDGET_SETTLE_SECONDS, Admission, decision_headers
 from app.ratelimit.limiter import BudgetCharge, Limits, RateLimiter
 from app.spend.budget import Budget
 from app.spend.ledger import SpendLedger
@@ -223,5 +223,5 @@ def test_budget_corrections_alone_wait_for_the_background_in_the_worker(client: 
     for one in tickets:
         background.finish(one, 10, 0)
     assert int(client.get(key)) == USD // 20 + 3 * USD // 10 and background.owed() == 1
-    gevent.sleep(0.2)
+    gevent.sleep(BUDGET_SETTLE_SECONDS + 0.15)
     assert int(client.get(key)) == USD // 20 and background.owed() == 0

@@ -39,7 +39,8 @@ class HubFreeConnection(redis.Connection):
     ~200 us a GET cost a gevent worker (4,000 GETs in a loop, side by side; README, "Performance").
     Here the common answer, "nothing buffered and nothing on the socket", comes from `readable_now`; anything
     else (buffered bytes, a readable or closed socket, TLS, the pure-Python parser) goes to redis-py's own check.
-    This relies on hiredis' parser keeping its `hiredis.Reader` in `_reader` (pinned by a unit test).
+    This relies on hiredis' parser keeping its `hiredis.Reader` in `_reader` (pinned by
+    tests/integration/test_redis_connection.py).
     """
 
     def can_read(self, timeout: float = 0) -> bool:

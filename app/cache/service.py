@@ -276,6 +276,11 @@ class CacheService:
         if not self._transformer_ready():
             return self._skip(plan, "model_loading")
         stored = self.semantic.candidates(plan.partition, [c.entry_id for c in survivors])
+        present = [(candidate, vector, content) for candidate, (vector, content) in zip(survivors, stored, strict=True)
+                   if content is not None]  # the others left Redis since this worker's last sync
+        if not present:  # nothing left to compare with: no model run
+            metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
+            return None
         query = self._embed([text])
         if query is None:
             plan.l2_store = False  # no second wait on a failing embedder to store: this answer skips L2
@@ -284,9 +289,7 @@ class CacheService:
         best: float | None = None
         # Best static candidate first; a candidate's vector (and a typo-repaired query) is computed only when
         # reached, so a hit on the first candidate costs one or two model runs, not one per survivor.
-        for candidate, (vector, content) in zip(survivors, stored, strict=True):
-            if content is None:
-                continue  # gone from Redis since this worker's last sync
+        for candidate, vector, content in present:
             if vector is None:
                 computed = self._embed([candidate.text])
                 if computed is None:
@@ -298,8 +301,9 @@ class CacheService:
             repair = None if verdict.ok else repair_typos(text, candidate.text)
             if repair is not None:  # only when it could change the answer: one more model run
                 repaired = self._embed([repair])
-                if repaired is not None and float(repaired[0] @ vector) > similarity:
-                    similarity = float(repaired[0] @ vector)
+                repaired_similarity = float(repaired[0] @ vector) if repaired is not None else similarity
+                if repaired_similarity > similarity:
+                    similarity = repaired_similarity
                     verdict = decide(text, candidate.text, similarity=similarity,
                                      static_similarity=candidate.static_similarity, threshold=plan.threshold)
             best = similarity if best is None else max(best, similarity)

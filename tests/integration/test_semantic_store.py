@@ -183,12 +183,13 @@ def test_a_hit_in_one_worker_warms_the_partition_for_every_worker(redis_conn: re
 
 def test_an_entry_gone_from_redis_is_never_served_and_leaves_the_index(redis_conn: redis.Redis, unique: str) -> None:
     """The worker's index still lists an entry deleted (or expired) in Redis since its last sync: the paraphrase
-    that would have hit it is a miss, and the row goes."""
+    that would have hit it is a miss, without a model run, and the row goes."""
     service = l2_service(redis_conn)
     stored, _ = ask(service, unique, "How do I reset my password?")
     _, hit = ask(service, unique, "How can I reset my password?")
     assert hit is not None and hit.layer == "L2"
     assert redis_conn.delete(entry_key(stored)) == 1
-    rows = service.semantic.rows
+    rows, runs = service.semantic.rows, service.embedder.calls  # type: ignore[union-attr]
     assert service.lookup(chat_plan(service, unique, "How could I reset my password?")) is None
     assert service.semantic.rows == rows - 1
+    assert service.embedder.calls == runs  # type: ignore[union-attr] # nothing left to compare: no model run

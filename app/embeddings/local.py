@@ -174,7 +174,8 @@ class LocalEmbedder:
             raise EmbeddingError(f"local embedding failed: {exc}") from exc
 
     def _infer_batch(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tokenizer.encode_batch(texts)
+        # A single text (the gateway's case) skips the thread pool `encode_batch` wakes (see static.py).
+        encodings = [self._tokenizer.encode(texts[0])] if len(texts) == 1 else self._tokenizer.encode_batch(texts)
         ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
         mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask}

@@ -60,7 +60,11 @@ class StaticEmbedder:
         reading ``n`` tokens would see. One tokenisation serves both."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         counts = []
-        for row, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+        # One `encode` per text, not `encode_batch`: the batch call hands even a single text to the tokenizers'
+        # thread pool, and waking it costs an idle worker about as much CPU as the encoding (226 against 117 us
+        # per prompt, measured with 30 ms between prompts).
+        for row, text in enumerate(texts):
+            encoding = self._tokenizer.encode(text, add_special_tokens=False)
             counts.append(len(encoding.ids))
             if encoding.ids:
                 out[row] = self._table[encoding.ids].sum(axis=0, dtype=np.float32)

@@ -148,6 +148,7 @@ def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> Ca
         index_bounds=IndexBounds(settings.semantic_index_max_rows, settings.semantic_index_max_bytes),
         store_queue_size=settings.semantic_store_queue_size,
         max_entry_bytes=settings.cache_max_entry_bytes,
+        outage_local_seconds=settings.local_cache_outage_seconds,
     )
     return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
                         embedder, static, breaker)

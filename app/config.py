@@ -276,6 +276,10 @@ class Settings:
                                      check=_POSITIVE)
     local_cache_size: int = setting(1024, "L0 entries per worker (0 = L0 off)", check=_NON_NEGATIVE)
     local_cache_max_bytes: int = setting(64 * _MIB, "L0 bytes per worker", check=_NON_NEGATIVE)
+    local_cache_outage_seconds: float = setting(
+        30.0, "while Redis is unreachable, L0 keeps answering for this long after the worker last read the "
+        "invalidation counters (a deletion made meanwhile reaches it at most this late); 0 = no cache at all "
+        "during an outage", check=_between(0.0, 3600.0))
     semantic_cache_enabled: bool = setting(True, "L2 on or off")
     semantic_cache_threshold: float | None = setting(
         None, "least cosine (local MiniLM) an L2 hit needs, on top of the verifier's rules and score: raising it "

@@ -35,6 +35,11 @@ class Generations:
         self._values = values
         return changed
 
+    def age(self, now: float) -> float:
+        """Seconds since the counters were last read from Redis (infinite before the first read, or after a bump
+        this worker made, which it re-reads next)."""
+        return now - self._read_at if self._read_at else float("inf")
+
     def tag(self, tenant: str, model: str) -> str:
         """The generation part of a key: any bump of these three counters changes it."""
         v = self._values

@@ -97,6 +97,7 @@ class CacheOptions:
     index_bounds: IndexBounds = IndexBounds(max_rows=100_000, max_bytes=64 * 1024 * 1024)
     store_queue_size: int = 1000
     max_entry_bytes: int = 2 * 1024 * 1024  # CACHE_MAX_ENTRY_BYTES: larger answers are passed on, never stored
+    outage_local_seconds: float = 30.0  # LOCAL_CACHE_OUTAGE_SECONDS: how long L0 answers while Redis is out of reach
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class CacheService:
             return None
         now = time.time()
         if _spent(plan.redis_budget) or not self.breaker.available(now):
-            return None
+            return self._local_during_outage(plan, now)
         try:
             with bounded(plan.redis_budget):
                 if self.generations.refresh(now):
@@ -196,7 +197,7 @@ class CacheService:
             hit = hit or self._semantic(plan, now)
         except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
-            return None
+            return self._local_during_outage(plan, now)
         except ValueError as exc:  # an entry that is not the JSON we wrote: a miss, not an outage
             log.warning("unreadable cache entry ignored: %s", type(exc).__name__)
             plan.outcome = MISS
@@ -205,6 +206,24 @@ class CacheService:
         if hit is not None:
             plan.outcome = hit.layer
         return hit
+
+    def _local_during_outage(self, plan: CachePlan, now: float) -> CacheHit | None:
+        """While Redis is out of reach (or this request's Redis time is spent), L0 alone still answers.
+
+        Only for `outage_local_seconds` after this worker last read the generation counters: a deletion made
+        meanwhile (by a worker that can reach Redis) reaches this one at most that late, as it does within
+        REFRESH_SECONDS when Redis is well. Entries keep their own expiry. Nothing is stored (`plan.key` stays
+        unset), and a request that L0 cannot answer is a BYPASS, as before.
+        """
+        if not plan.lookup or self.generations.age(now) > self.options.outage_local_seconds:
+            return None
+        key, _ = self._keys(plan)
+        entry = self.local.get(key, now)
+        if entry is None:
+            return None
+        metrics.CACHE_LOOKUPS.labels("L0", "hit").inc()
+        plan.outcome = "L0"
+        return CacheHit("L0", entry.content, entry.answer)
 
     def _keys(self, plan: CachePlan) -> tuple[str, str | None]:
         """The exact key and, when L2 applies, the partition: both carry the scope's generation."""

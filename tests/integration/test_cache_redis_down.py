@@ -36,7 +36,8 @@ def cache_of(response: requests.Response) -> str:
 
 def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redis: RedisServer,
                                                       upstream: MockUpstream, unique: str) -> None:
-    """Redis dies: 200 BYPASS answers, /readyz 503, /healthz 200; Redis back: stored and hit again by itself."""
+    """Redis dies: 200 BYPASS answers (L0 still answers what it holds), /readyz 503, /healthz 200; Redis back:
+    stored and hit again by itself."""
     before = f"Before the outage {unique}"
     assert cache_of(ask(gateway, before)) == "MISS"
     assert cache_of(ask(gateway, before)) == "HIT"
@@ -45,9 +46,11 @@ def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redi
     ids = [f"redis-down-{unique}-{i}" for i in range(4)]
     during = [ask(gateway, f"During the outage {unique}", request_id) for request_id in ids[:3]]
     during.append(ask(gateway, before, ids[3]))
-    assert [cache_of(r) for r in during] == ["BYPASS"] * 4
+    assert [cache_of(r) for r in during] == ["BYPASS"] * 3 + ["HIT"]
+    assert during[3].headers["X-Cache-Layer"] == "L0"  # the worker's own copy, within LOCAL_CACHE_OUTAGE_SECONDS
+    assert during[3].json()["choices"][0]["message"]["content"] == f"Mock answer to: {before}"
     assert all(r.json()["choices"][0]["message"]["content"].startswith("Mock answer to: ") for r in during)
-    assert len(upstream.requests()) == 1 + 4
+    assert len(upstream.requests()) == 1 + 3
     assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 503
     assert requests.get(gateway.url + "/healthz", timeout=10).status_code == 200
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -57,7 +60,7 @@ def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redi
     assert stats.status_code in (200, 503) and stats.json()  # what it can say, or why not: never a 500
     time.sleep(0.2)  # log lines are written when the response closes
     lines = {line["request_id"]: line for line in gateway.request_lines() if line.get("request_id") in ids}
-    assert {line["cache"] for line in lines.values()} == {"BYPASS"} and len(lines) == 4
+    assert [lines[i]["cache"] for i in ids] == ["BYPASS"] * 3 + ["L0"]
     assert all(line["status"] == 200 for line in lines.values())
 
     own_redis.start()
@@ -68,3 +71,23 @@ def test_redis_outage_bypasses_the_cache_and_recovers(gateway: Gateway, own_redi
         time.sleep(0.1)
     assert cache_of(ask(gateway, after)) == "HIT"
     assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_l0_answers_during_an_outage_only_within_its_bound(upstream_server: MockUpstream, own_redis: RedisServer,
+                                                           upstream: MockUpstream, unique: str) -> None:
+    """LOCAL_CACHE_OUTAGE_SECONDS after its last read of the invalidation counters, a worker that cannot reach
+    Redis stops answering from L0: a deletion it cannot see is served at most that long."""
+    gw = Gateway(base_env(upstream_server, REDIS_URL=own_redis.url, UPSTREAM_MAX_RETRIES="0",
+                          LOCAL_CACHE_OUTAGE_SECONDS="1"))
+    try:
+        held = f"Held in L0 {unique}"
+        assert cache_of(ask(gw, held)) == "MISS"
+        own_redis.kill()
+        during = ask(gw, held)
+        assert (cache_of(during), during.headers["X-Cache-Layer"]) == ("HIT", "L0")
+        time.sleep(1.6)  # past the bound (the counters were read at most 0.5 s before the kill)
+        assert cache_of(ask(gw, held)) == "BYPASS"
+        assert len(upstream.requests()) == 2
+    finally:
+        gw.stop()
+        own_redis.start()

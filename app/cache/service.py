@@ -182,7 +182,7 @@ class CacheService:
             return None
         now = time.time()
         if _spent(plan.redis_budget) or not self.breaker.available(now):
-            return self._local_during_outage(plan, now)
+            return self._local_during_outage(plan)
         try:
             with bounded(plan.redis_budget):
                 if self.generations.refresh(now):
@@ -197,7 +197,7 @@ class CacheService:
             hit = hit or self._semantic(plan, now)
         except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
-            return self._local_during_outage(plan, now)
+            return self._local_during_outage(plan)
         except ValueError as exc:  # an entry that is not the JSON we wrote: a miss, not an outage
             log.warning("unreadable cache entry ignored: %s", type(exc).__name__)
             plan.outcome = MISS
@@ -207,19 +207,23 @@ class CacheService:
             plan.outcome = hit.layer
         return hit
 
-    def _local_during_outage(self, plan: CachePlan, now: float) -> CacheHit | None:
+    def _local_during_outage(self, plan: CachePlan) -> CacheHit | None:
         """While Redis is out of reach (or this request's Redis time is spent), L0 alone still answers.
 
         Only for `outage_local_seconds` after this worker last read the generation counters: a deletion made
         meanwhile (by a worker that can reach Redis) reaches this one at most that late, as it does within
-        REFRESH_SECONDS when Redis is well. Entries keep their own expiry. Nothing is stored (`plan.key` stays
-        unset), and a request that L0 cannot answer is a BYPASS, as before.
+        REFRESH_SECONDS when Redis is well. Entries keep their own expiry. Nothing is stored: the store meets the
+        same open breaker or spent budget. A request that L0 cannot answer is a BYPASS, as before.
         """
-        if not plan.lookup or self.generations.age(now) > self.options.outage_local_seconds:
+        bound = self.options.outage_local_seconds
+        now = time.time()  # not the look-up's start: its Redis wait must not stretch the bound
+        if not plan.lookup or bound <= 0 or self.generations.age(now) > bound:
             return None
         key, _ = self._keys(plan)
         entry = self.local.get(key, now)
         if entry is None:
+            if self.local.enabled:
+                metrics.CACHE_LOOKUPS.labels("L0", "miss").inc()
             return None
         metrics.CACHE_LOOKUPS.labels("L0", "hit").inc()
         plan.outcome = "L0"

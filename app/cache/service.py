@@ -219,15 +219,10 @@ class CacheService:
         now = time.time()  # not the look-up's start: its Redis wait must not stretch the bound
         if not plan.lookup or bound <= 0 or self.generations.age(now) > bound:
             return None
-        key, _ = self._keys(plan)
-        entry = self.local.get(key, now)
-        if entry is None:
-            if self.local.enabled:
-                metrics.CACHE_LOOKUPS.labels("L0", "miss").inc()
-            return None
-        metrics.CACHE_LOOKUPS.labels("L0", "hit").inc()
-        plan.outcome = "L0"
-        return CacheHit("L0", entry.content, entry.answer)
+        hit = self._local(self._keys(plan)[0], now)
+        if hit is not None:
+            plan.outcome = hit.layer
+        return hit
 
     def _keys(self, plan: CachePlan) -> tuple[str, str | None]:
         """The exact key and, when L2 applies, the partition: both carry the scope's generation."""
@@ -236,14 +231,21 @@ class CacheService:
         partition = f"{tag}:{self._space}:{plan.semantic.partition}" if plan.semantic is not None else None
         return f"{prefix}{tag}:{exact_key(plan.route, plan.tenant, plan.body)}", partition
 
-    def _exact(self, plan: CachePlan, now: float) -> CacheHit | None:
-        assert plan.key is not None
-        entry = self.local.get(plan.key, now)
+    def _local(self, key: str, now: float) -> CacheHit | None:
+        """L0: this worker's own copy, counted as a hit or (when L0 is on) a miss."""
+        entry = self.local.get(key, now)
         if entry is not None:
             metrics.CACHE_LOOKUPS.labels("L0", "hit").inc()
             return CacheHit("L0", entry.content, entry.answer)
         if self.local.enabled:
             metrics.CACHE_LOOKUPS.labels("L0", "miss").inc()
+        return None
+
+    def _exact(self, plan: CachePlan, now: float) -> CacheHit | None:
+        assert plan.key is not None
+        hit = self._local(plan.key, now)
+        if hit is not None:
+            return hit
         found = self.exact.get(plan.key)
         if found is None:
             metrics.CACHE_LOOKUPS.labels("L1", "miss").inc()

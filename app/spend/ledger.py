@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from app.breaker import Breaker
@@ -39,8 +40,14 @@ GROUPS = ("tenant", "model", "day")
 Pair = tuple[str, str, str]  # (tenant, model, day as YYYYMMDD)
 
 
+@lru_cache(maxsize=4)
+def _day_id(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86400, UTC).strftime("%Y%m%d")
+
+
 def day_of(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+    """The UTC day of `now` as YYYYMMDD; formatted once per day (every answered request asks)."""
+    return _day_id(int(now // 86400))
 
 
 class SpendLedger:

@@ -55,7 +55,9 @@ class RequestRecord:
             self.upstream_ms = round(self.upstream_ms, 2)
 
     def log(self) -> None:
-        fields = dict(vars(self))  # flat fields: a shallow copy is enough (asdict deep-copies, slowly)
+        # One dict as the message (python-json-logger writes its keys as the line's fields): the same line as
+        # `extra=` gives, without copying 30 fields onto the LogRecord and scanning them back off it.
+        fields = {"message": "request", **vars(self)}  # flat fields: a shallow copy is enough
         for name in NOT_LOGGED:
             del fields[name]
-        access_log.info("request", extra=fields)
+        access_log.info(fields)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -88,6 +89,19 @@ class KeyStateCollector:
         for backend, key_id, state in self._states():
             family.add_metric([backend, key_id], KEY_STATE_VALUES[state])
         yield family
+
+
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, kept: what every request records skips prometheus_client's per-call label
+    checks and lock (the child is the same object either way). Only for labels of a bounded set of values."""
+    key = (id(metric), values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 def render(extra: list[object]) -> tuple[bytes, str]:

@@ -9,9 +9,6 @@ at once (429) and their connections closed, so a tenant trickling bodies cannot 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from flask import request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
@@ -32,8 +29,8 @@ class PendingBodies:
     def __len__(self) -> int:
         return sum(self._counts.values())
 
-    @contextmanager
-    def reading(self, tenant: str) -> Iterator[None]:
+    def start(self, tenant: str) -> None:
+        """One more of `tenant`'s bodies is being received; RateLimited when it already has `limit` of them."""
         count = self._counts.get(tenant, 0)
         if self.limit and count >= self.limit:
             metrics.RATELIMITED.labels("pending_bodies").inc()
@@ -42,31 +39,32 @@ class PendingBodies:
                 code="too_many_pending_requests", headers={"Retry-After": "1"},
             )
         self._counts[tenant] = count + 1
-        try:
-            yield
-        finally:
-            left = self._counts[tenant] - 1
-            if left:
-                self._counts[tenant] = left
-            else:
-                del self._counts[tenant]
+
+    def done(self, tenant: str) -> None:
+        left = self._counts[tenant] - 1
+        if left:
+            self._counts[tenant] = left
+        else:
+            del self._counts[tenant]
 
 
 def read_body(pending: PendingBodies, tenant: str) -> bytes:
     """The whole request body, read within the worker's deadlines and the tenant's share of open bodies."""
-    with pending.reading(tenant):
-        try:
-            return request.get_data(cache=False)
-        except ClientDisconnected as exc:
-            # werkzeug turns every read error into this; the worker's timeout is what it wraps.
-            if isinstance(exc.__context__, TimeoutError):
-                raise RequestTimeout(TIMED_OUT) from None
-            raise BadRequest("The request body ended before it was complete.", code="incomplete_body") from None
-        except TimeoutError:
+    pending.start(tenant)  # start/done, not a context manager: this runs on every request with a body
+    try:
+        return request.get_data(cache=False)
+    except ClientDisconnected as exc:
+        # werkzeug turns every read error into this; the worker's timeout is what it wraps.
+        if isinstance(exc.__context__, TimeoutError):
             raise RequestTimeout(TIMED_OUT) from None
-        except ParseException:
-            raise BadRequest("The request body is not valid chunked transfer encoding (a chunk size that is "
-                             "not hexadecimal, or larger than the gateway accepts).",
-                             code="invalid_chunked_body") from None
-        except OSError:  # gunicorn's NoMoreData: the connection ended inside a chunked body
-            raise BadRequest("The request body ended before it was complete.", code="incomplete_body") from None
+        raise BadRequest("The request body ended before it was complete.", code="incomplete_body") from None
+    except TimeoutError:
+        raise RequestTimeout(TIMED_OUT) from None
+    except ParseException:
+        raise BadRequest("The request body is not valid chunked transfer encoding (a chunk size that is "
+                         "not hexadecimal, or larger than the gateway accepts).",
+                         code="invalid_chunked_body") from None
+    except OSError:  # gunicorn's NoMoreData: the connection ended inside a chunked body
+        raise BadRequest("The request body ended before it was complete.", code="incomplete_body") from None
+    finally:
+        pending.done(tenant)

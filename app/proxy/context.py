@@ -49,19 +49,21 @@ def redis_budget() -> RedisBudget:
 
 def start_request() -> None:
     """Open the record for every /v1 and /admin request, before anything can refuse it."""
-    if not request.path.startswith(("/v1/", "/admin/")):
+    req = request._get_current_object()  # the request itself: one context look-up here, not one per attribute
+    path = req.path
+    if not path.startswith(("/v1/", "/admin/")):
         return
-    incoming = request.headers.get("X-Request-ID", "")
+    headers = req.headers
+    incoming = headers.get("X-Request-ID", "")
     # 128 random bits without a syscall: an id needs to be unique, not secret (`random` reseeds after a fork).
     request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else f"{random.getrandbits(128):032x}"
-    gw = services()
-    g.gw_record = RequestRecord(
-        request_id=request_id, method=request.method, path=request.path,
-        client=client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), gw.trusted_networks),
+    rec = RequestRecord(
+        request_id=request_id, method=req.method, path=path,
+        client=client_address(req.remote_addr, headers.get("X-Forwarded-For"), services().trusted_networks),
     )
-    g.gw_on_close = []
-    rule = request.url_rule
-    tracing.start_request(request.headers, request.method, rule.rule if rule is not None else None, g.gw_record)
+    g.gw_record, g.gw_on_close = rec, []
+    rule = req.url_rule
+    tracing.start_request(headers, req.method, rule.rule if rule is not None else None, rec)
 
 
 def on_close(callback: Callable[[], None]) -> None:
@@ -70,16 +72,18 @@ def on_close(callback: Callable[[], None]) -> None:
 
 
 def finish_request(response: Response) -> Response:
-    rec: RequestRecord | None = g.get("gw_record")
+    state = g._get_current_object()  # the request's `g`: one context look-up here, not one per attribute
+    rec: RequestRecord | None = state.get("gw_record")
     if rec is None:
         return response
-    response.headers["X-Request-ID"] = rec.request_id
+    headers = response.headers
+    headers["X-Request-ID"] = rec.request_id
     rec.status = response.status_code
     if rec.cache is not None:  # only requests that reached the cache step: a refusal is no BYPASS
-        response.headers["X-Cache"] = "HIT" if rec.cache in ("L0", "L1", "L2") else rec.cache
-    for name, value in g.get("gw_limit_headers", {}).items():
-        response.headers[name] = value  # the tenant's own limits win over the upstream's headers of that name
-    callbacks: list[Callable[[], None]] = g.gw_on_close
+        headers["X-Cache"] = "HIT" if rec.cache in ("L0", "L1", "L2") else rec.cache
+    for name, value in state.get("gw_limit_headers", {}).items():
+        headers[name] = value  # the tenant's own limits win over the upstream's headers of that name
+    callbacks: list[Callable[[], None]] = state.gw_on_close
     closer = _Closer(rec, callbacks)
     response.call_on_close(closer)
     request.environ[CLOSER_KEY] = closer  # for close_on_failure, if the response never starts
@@ -162,14 +166,14 @@ def _observe(rec: RequestRecord) -> None:
         return
     route = ROUTE_LABELS.get(rec.path) or (MODEL_LABEL if rec.path.startswith(MODEL_PATH_PREFIX) else "other")
     cache = rec.cache or NO_CACHE_STEP
-    metrics.REQUESTS.labels(route, str(rec.status), cache).inc()
-    metrics.REQUEST_DURATION.labels(route, cache).observe(rec.latency_ms / 1000.0)
+    metrics.child(metrics.REQUESTS, route, str(rec.status), cache).inc()
+    metrics.child(metrics.REQUEST_DURATION, route, cache).observe(rec.latency_ms / 1000.0)
     if rec.upstream_ms is not None and rec.backend is not None:
-        metrics.UPSTREAM_DURATION.labels(rec.backend).observe(rec.upstream_ms / 1000.0)
+        metrics.child(metrics.UPSTREAM_DURATION, rec.backend).observe(rec.upstream_ms / 1000.0)
     if rec.prompt_tokens and rec.cache not in ("L0", "L1", "L2"):
-        metrics.TOKENS.labels("prompt").inc(rec.prompt_tokens)
+        metrics.child(metrics.TOKENS, "prompt").inc(rec.prompt_tokens)
     if rec.completion_tokens and rec.cache not in ("L0", "L1", "L2"):
-        metrics.TOKENS.labels("completion").inc(rec.completion_tokens)
+        metrics.child(metrics.TOKENS, "completion").inc(rec.completion_tokens)
     if rec.tokens_saved:
         metrics.TOKENS_SAVED.inc(rec.tokens_saved)
 

@@ -86,11 +86,13 @@ def _worst_case(tenant: Tenant, parsed: ParsedRequest, prices: Prices) -> int:
 
 def _parsed(endpoint: Endpoint) -> ParsedRequest:
     """The request body, parsed and checked once (by the limiter's hook or the view, whichever is first)."""
-    parsed = g.get("gw_parsed")
+    state = g._get_current_object()  # the request's `g`: one context look-up, not one per attribute
+    parsed = state.get("gw_parsed")
     if parsed is None:
-        body = decode_body(read_body(services().pending_bodies, g.gw_tenant.name),
-                           request.headers.get("Content-Encoding"), services().settings.max_body_bytes)
-        parsed = g.gw_parsed = parse_request(endpoint.name, body)
+        gw = services()
+        body = decode_body(read_body(gw.pending_bodies, state.gw_tenant.name),
+                           request.headers.get("Content-Encoding"), gw.settings.max_body_bytes)
+        parsed = state.gw_parsed = parse_request(endpoint.name, body)
     return parsed
 
 
@@ -301,19 +303,22 @@ def _answer(result: UpstreamResult, route: str, plan: CachePlan | None, rec: Req
 
     An answer over CACHE_MAX_ENTRY_BYTES is neither kept nor parsed: its usage is read from its end.
     """
-    chunks = result.iter_raw()
-    try:
-        first = next((data for data in chunks if data), b"")
-    except BaseException:
-        result.close()
-        raise
-    if first and not first.strip() and result.response.length_remaining != 0:
-        return Response(_pass_through(result, first, chunks, _Settle(route, plan, rec, cache, max_entry)),
-                        status=200, content_type=result.content_type, headers=_headers(result))
-    try:
-        content = first + b"".join(chunks)  # bounded by MAX_RESPONSE_BYTES: over it, a 502 before any byte left
-    finally:
-        result.close()
+    if result.sized:
+        content = result.read()  # one read of a declared length (most answers), bounded by MAX_RESPONSE_BYTES
+    else:
+        chunks = result.iter_raw()
+        try:
+            first = next((data for data in chunks if data), b"")
+        except BaseException:
+            result.close()
+            raise
+        if first and not first.strip() and result.response.length_remaining != 0:
+            return Response(_pass_through(result, first, chunks, _Settle(route, plan, rec, cache, max_entry)),
+                            status=200, content_type=result.content_type, headers=_headers(result))
+        try:
+            content = first + b"".join(chunks)  # bounded by MAX_RESPONSE_BYTES: over it, a 502 before any byte left
+        finally:
+            result.close()
     if len(content) > max_entry:
         # Too large to store: nothing needs it parsed, and parsing megabytes would stall this worker's other
         # requests. Passed on as it came, its usage read from the end.
@@ -375,10 +380,14 @@ def _pass_through(result: UpstreamResult, first: bytes, chunks: Iterator[bytes],
     settle.parsed(answer, content)
 
 
-def _headers(result: UpstreamResult, own: dict[str, str] | None = None) -> Headers:
+def _headers(result: UpstreamResult, own: dict[str, str] | None = None) -> Headers | dict[str, str]:
     """The upstream's passed-on headers, then the gateway's own, which replace any of the same name."""
-    headers = Headers(result.passed_headers())
-    for name, value in {**(own or {}), **result.extra_headers}.items():
+    gateway = {**own, **result.extra_headers} if own else result.extra_headers
+    passed = result.passed_headers()
+    if not passed:  # most answers (DeepSeek sends none of them): nothing to merge
+        return gateway
+    headers = Headers(passed)
+    for name, value in gateway.items():
         headers[name] = value
     return headers
 

@@ -14,6 +14,7 @@ from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 # duplicated key another way than Python's last-one-wins, so a body repeating one of them is refused.
 READ_FIELDS = ("model", "stream", "messages", "prompt", "input", "temperature", "top_p", "n", "max_tokens",
                "max_completion_tokens", "stream_options")
+_QUOTED_READ_FIELDS = tuple(f'"{name}"' for name in READ_FIELDS)  # as each occurs in the body's text
 # OpenAI's documented maximum for `n`: more choices than this are never a real request.
 MAX_N = 128
 
@@ -93,7 +94,10 @@ def _check_duplicates(text: str) -> None:
     A key can only be repeated if its quoted name occurs twice in the text (inside a JSON string the quotes
     would be escaped), so the exact parse with a pairs hook runs only for those rare bodies.
     """
-    if not any(text.count(f'"{name}"') > 1 for name in READ_FIELDS):
+    for quoted in _QUOTED_READ_FIELDS:  # a loop, not any(<genexpr>): this runs on every request
+        if text.count(quoted) > 1:
+            break
+    else:
         return
     objects: list[list[str]] = []
 

@@ -51,6 +51,6 @@ class Spend:
                 rec.cost_nanos = price.nanos(used)
                 rec.cost_usd = usd(rec.cost_nanos)
                 counts["cost_nanos"] = rec.cost_nanos
-                metrics.COST.labels(label).inc(rec.cost_usd)
+                metrics.child(metrics.COST, label).inc(rec.cost_usd)
         if self.ledger is not None:
             self.ledger.add(rec.tenant, model, day_of(time.time()), counts)

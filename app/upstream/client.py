@@ -78,6 +78,12 @@ class UpstreamResult:
         return {name: value for name, value in self.response.headers.items()
                 if name.lower().startswith(PASSED_PREFIXES) and _PRINTABLE_HEADER.fullmatch(value)}
 
+    @property
+    def sized(self) -> bool:
+        """The upstream declared the answer's length (and no content coding): it had the whole answer when it
+        sent the head, so the body follows at once (an answer still queueing upstream comes chunked)."""
+        return _declared_length(self.response) is not None and not self.response.headers.get("content-encoding")
+
     def read(self) -> bytes:
         """The whole body, for non-streamed answers: at most `max_bytes` of it, or UpstreamResponseTooLarge."""
         try:

@@ -306,8 +306,7 @@ def rule_check(query: str, candidate: str, static_similarity: float | None = Non
     cosine of 1: no embedding could make it a hit.
     """
     a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
-    al = _align(a, b)
-    refused = _rules(a, b, al)
+    refused, al = _checked(a, b)
     if refused is not None or static_similarity is None:
         return refused
     model = verifier_model()
@@ -317,13 +316,32 @@ def rule_check(query: str, candidate: str, static_similarity: float | None = Non
     return None
 
 
-def _rules(a: _Text, b: _Text, al: _Alignment) -> Verdict | None:
+def _checked(a: _Text, b: _Text) -> tuple[Verdict | None, _Alignment | None]:
+    """The hard rules' rejection of the pair (None: no rule objects), and the pair's word alignment (None when a
+    rule that needs none refused the pair).
+
+    The rules that need no alignment go first and end the check: most look-alikes an index finds differ in a
+    number ("ticket 1042" / "ticket 1043"), and aligning their words would be wasted on them.
+    """
+    refused = _unaligned_rules(a, b)
+    if refused is not None:
+        return refused, None
+    al = _align(a, b)
+    return _rules(a, b, al), al
+
+
+def _unaligned_rules(a: _Text, b: _Text) -> Verdict | None:
     if a.numbers != b.numbers:
         only_a = sorted(a.numbers - b.numbers) or ["-"]
         only_b = sorted(b.numbers - a.numbers) or ["-"]
         return Verdict(False, f"numbers differ: {','.join(only_a)} vs {','.join(only_b)}", "number")
     if a.negated != b.negated:
         return Verdict(False, "negation on one side only", "negation")
+    return None
+
+
+def _rules(a: _Text, b: _Text, al: _Alignment) -> Verdict | None:
+    """The rules that weigh the aligned words (after `_unaligned_rules` found nothing)."""
     keys_a = frozenset(k for k, _, _ in a.content)
     keys_b = frozenset(k for k, _, _ in b.content)
     for x, y in _opposed(al, keys_a, keys_b, a.words, b.words):
@@ -495,8 +513,8 @@ def _around_markers(
 def features(query: str, candidate: str, similarity: float, static_similarity: float) -> dict[str, float] | None:
     """The pair features the learned score weighs, or None when a hard rule rejects the pair (for tuning)."""
     a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
-    al = _align(a, b)
-    if _rules(a, b, al) is not None:
+    refused, al = _checked(a, b)
+    if refused is not None:
         return None
     return _features(similarity, static_similarity, a, b, al)
 
@@ -560,8 +578,7 @@ def decide(query: str, candidate: str, *, similarity: float, static_similarity: 
     if similarity < threshold:
         return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}", "similarity")
     a, b = _analyse(normalise(query)), _analyse(normalise(candidate))
-    al = _align(a, b)
-    rejected = _rules(a, b, al)
+    rejected, al = _checked(a, b)
     if rejected is not None:
         return rejected
     if a.words == b.words:

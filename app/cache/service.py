@@ -235,10 +235,10 @@ class CacheService:
         """L0: this worker's own copy, counted as a hit or (when L0 is on) a miss."""
         entry = self.local.get(key, now)
         if entry is not None:
-            metrics.CACHE_LOOKUPS.labels("L0", "hit").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L0", "hit").inc()
             return CacheHit("L0", entry.content, entry.answer)
         if self.local.enabled:
-            metrics.CACHE_LOOKUPS.labels("L0", "miss").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L0", "miss").inc()
         return None
 
     def _exact(self, plan: CachePlan, now: float) -> CacheHit | None:
@@ -248,12 +248,12 @@ class CacheService:
             return hit
         found = self.exact.get(plan.key)
         if found is None:
-            metrics.CACHE_LOOKUPS.labels("L1", "miss").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L1", "miss").inc()
             return None
         content, expires_at = found
         answer = _stored_answer(content)
         self.local.put(plan.key, LocalEntry(content, answer, expires_at))
-        metrics.CACHE_LOOKUPS.labels("L1", "hit").inc()
+        metrics.child(metrics.CACHE_LOOKUPS, "L1", "hit").inc()
         return CacheHit("L1", content, answer)
 
     def _semantic(self, plan: CachePlan, now: float) -> CacheHit | None:
@@ -276,7 +276,7 @@ class CacheService:
         if not len(index):
             return self._skip(plan, "empty_partition")
         vectors, (tokens,) = self.static.embed_counted([text])
-        metrics.EMBEDDINGS.labels("static").inc()
+        metrics.child(metrics.EMBEDDINGS, "static").inc()
         if tokens > SEMANTIC_MAX_TOKENS:
             plan.l2_store = False  # nor stored: a later prompt could never be told apart from it
             return self._skip(plan, "too_long")
@@ -292,7 +292,7 @@ class CacheService:
         if not survivors:
             if not found:
                 self._skip(plan, "no_candidate")
-            metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L2", "miss").inc()
             return None
         return self._verify(plan, text, survivors)
 
@@ -304,7 +304,7 @@ class CacheService:
         present = [(candidate, vector, content) for candidate, (vector, content) in zip(survivors, stored, strict=True)
                    if content is not None]  # the others left Redis since this worker's last sync
         if not present:  # nothing left to compare with: no model run
-            metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L2", "miss").inc()
             return None
         query = self._embed([text])
         if query is None:
@@ -336,9 +336,9 @@ class CacheService:
                 self._refused(plan, verdict.rule, verdict.reason)
                 continue
             answer = _stored_answer(content)
-            metrics.SEMANTIC_DECISIONS.labels("served").inc()
+            metrics.child(metrics.SEMANTIC_DECISIONS, "served").inc()
             metrics.SEMANTIC_SIMILARITY.observe(max(similarity, 0.0))
-            metrics.CACHE_LOOKUPS.labels("L2", "hit").inc()
+            metrics.child(metrics.CACHE_LOOKUPS, "L2", "hit").inc()
             plan.reason = verdict.reason
             self._streaks[plan.partition] = 0
             hit_at = time.time()
@@ -352,7 +352,7 @@ class CacheService:
             return CacheHit("L2", content, answer, round(similarity, 4))
         if best is not None:
             metrics.SEMANTIC_SIMILARITY.observe(max(best, 0.0))
-        metrics.CACHE_LOOKUPS.labels("L2", "miss").inc()
+        metrics.child(metrics.CACHE_LOOKUPS, "L2", "miss").inc()
         return None
 
     def warm_up(self) -> None:
@@ -383,12 +383,12 @@ class CacheService:
                 self._loaded.set()
 
     def _skip(self, plan: CachePlan, reason: str) -> None:
-        metrics.SEMANTIC_SKIPPED.labels(reason).inc()
+        metrics.child(metrics.SEMANTIC_SKIPPED, reason).inc()
         plan.reason = reason
         return None
 
     def _refused(self, plan: CachePlan, rule: str, reason: str) -> None:
-        metrics.SEMANTIC_DECISIONS.labels(rule).inc()
+        metrics.child(metrics.SEMANTIC_DECISIONS, rule).inc()
         if plan.reason is None:  # the best candidate's reason is the one worth a log line
             plan.reason = reason
         log.debug("L2 candidate refused: %s", reason)
@@ -409,7 +409,7 @@ class CacheService:
                         self.embedding_breaker.pause_seconds, exc)
             return None
         self.embedding_breaker.succeeded()
-        metrics.EMBEDDINGS.labels("transformer").inc(len(texts))
+        metrics.child(metrics.EMBEDDINGS, "transformer").inc(len(texts))
         metrics.EMBEDDING_DURATION.observe(time.perf_counter() - started)
         return vectors
 
@@ -455,7 +455,7 @@ class CacheService:
         static = job.static_vector
         if static is None and job.entry_id is not None:
             vectors, (tokens,) = self.static.embed_counted([job.text])
-            metrics.EMBEDDINGS.labels("static").inc()
+            metrics.child(metrics.EMBEDDINGS, "static").inc()
             if tokens <= SEMANTIC_MAX_TOKENS:  # past what the transformer reads, nothing could be told apart
                 static = vectors[0]
         vector = job.vector

@@ -70,7 +70,11 @@ class _Choice:
             if value is None:
                 self.logprobs.setdefault(name, None)
             elif isinstance(value, list):
-                self.logprobs[name] = (self.logprobs.get(name) or []) + value
+                held = self.logprobs.get(name)
+                if held is None:
+                    self.logprobs[name] = list(value)  # a list of our own, extended in place by later chunks
+                else:
+                    held.extend(value)
             else:
                 raise TypeError("a logprobs field that is not a list")
 
@@ -187,18 +191,24 @@ class StreamTap:
         if _unknown(delta, _DELTA_KEYS):
             raise TypeError("a delta field the replay cannot carry")
         state.seen.update(delta)
-        if isinstance(delta.get("role"), str):
-            state.role = delta["role"]
-        if isinstance(delta.get("content"), str):
-            state.text.append(delta["content"])
-        for name in ("reasoning_content", "refusal"):
-            value = delta.get(name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} that is not a string")
-        if isinstance(delta.get("reasoning_content"), str):
-            state.reasoning = (state.reasoning or []) + [delta["reasoning_content"]]
-        if isinstance(delta.get("refusal"), str):
-            state.refusal = (state.refusal or []) + [delta["refusal"]]
+        role, content = delta.get("role"), delta.get("content")
+        if isinstance(role, str):
+            state.role = role
+        if isinstance(content, str):
+            state.text.append(content)
+        reasoning, refusal = delta.get("reasoning_content"), delta.get("refusal")
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise TypeError("reasoning_content that is not a string")
+            if state.reasoning is None:
+                state.reasoning = []
+            state.reasoning.append(reasoning)  # appended in place: a reasoner streams thousands of these
+        if refusal is not None:
+            if not isinstance(refusal, str):
+                raise TypeError("refusal that is not a string")
+            if state.refusal is None:
+                state.refusal = []
+            state.refusal.append(refusal)
         for call in delta.get("tool_calls") or []:
             call = _object(call)
             slot = state.tool_calls.setdefault(
@@ -276,7 +286,8 @@ def replayable(answer: dict[str, Any], route: str) -> bool:
 
 def _unknown(obj: dict[str, Any], known: frozenset[str]) -> bool:
     """A field outside `known` that carries a value (null, empty and "" carry nothing a client would miss)."""
-    return any(key not in known and value not in _EMPTY for key, value in obj.items())
+    extra = obj.keys() - known  # nearly always empty: one set operation per object of every streamed chunk
+    return bool(extra) and any(obj[key] not in _EMPTY for key in extra)
 
 
 def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterator[bytes]:

@@ -196,7 +196,7 @@ def _forward(endpoint: Endpoint) -> Response:
         plan = None  # another model's answer: never stored under the requested model's key
     _note_upstream(result)
     if parsed.stream and result.status == 200 and result.content_type.startswith("text/event-stream"):
-        tap = StreamTap(endpoint.name, strip_usage=strip_usage)
+        tap = StreamTap(endpoint.name, strip_usage=strip_usage, assemble=plan is not None)
         return Response(_relay(result, tap, plan, rec, gw.cache), status=200, mimetype="text/event-stream",
                         headers=_headers(result, SSE_HEADERS))
     if result.status == 200:

@@ -82,9 +82,12 @@ class _Choice:
 class StreamTap:
     """Incremental parser of OpenAI chat/completions SSE, fed the raw bytes as they go by."""
 
-    def __init__(self, route: str, *, strip_usage: bool = False) -> None:
+    def __init__(self, route: str, *, strip_usage: bool = False, assemble: bool = True) -> None:
         self.route = route
         self.strip_usage = strip_usage  # the gateway asked for usage; the client did not
+        # Assemble the answer for the cache. Without it (nothing will be stored: cache off, no-store, a fallback's
+        # answer) only what accounting and tracing read is kept: usage, the first chunk, finish reasons, [DONE].
+        self.assemble = assemble
         self._buffer = b""
         self.done = False
         self.errored = False
@@ -158,11 +161,14 @@ class StreamTap:
         if not isinstance(chunk, dict):
             self.errored = True
             return
-        if "error" in chunk or _unknown(chunk, _CHUNK_KEYS):
+        if "error" in chunk or (self.assemble and _unknown(chunk, _CHUNK_KEYS)):
             self.errored = True
             return
         if self._first is None:
             self._first = chunk
+        if not self.assemble:
+            self._follow(chunk)
+            return
         for name in _CARRIED_KEYS:
             if chunk.get(name) is not None:
                 self._carried[name] = chunk[name]
@@ -186,6 +192,17 @@ class StreamTap:
                 self._delta(state, _object(choice.get("delta")))
             elif isinstance(choice.get("text"), str):
                 state.text.append(choice["text"])
+
+    def _follow(self, chunk: dict[str, Any]) -> None:
+        """What a chunk says without assembling the answer: its usage and its choices' finish reasons."""
+        usage, choices = chunk.get("usage"), chunk.get("choices") or []
+        if isinstance(usage, dict):
+            self.usage = usage
+            self.usage_with_choices = bool(choices)
+        for choice in choices:
+            reason, index = choice.get("finish_reason"), choice.get("index", 0)
+            if reason and isinstance(index, int) and not isinstance(index, bool):
+                self._choices.setdefault(index, _Choice()).finish_reason = reason
 
     def _delta(self, state: _Choice, delta: dict[str, Any]) -> None:
         if _unknown(delta, _DELTA_KEYS):
@@ -229,8 +246,8 @@ class StreamTap:
                 and all(c.finish_reason in CLEAN_FINISH for c in self._choices.values()))
 
     def answer(self) -> dict[str, Any] | None:
-        """The non-streamed answer equivalent to what went by; None unless the stream ended cleanly."""
-        if not self.clean or self._first is None:
+        """The non-streamed answer equivalent to what went by; None unless it was assembled and ended cleanly."""
+        if not self.assemble or not self.clean or self._first is None:
             return None
         base = {"id": self._first.get("id"), "created": self._first.get("created"), "model": self._first.get("model")}
         choices = [self._assembled(index, self._choices[index]) for index in sorted(self._choices)]

@@ -183,6 +183,19 @@ def test_without_strip_usage_the_usage_chunk_is_forwarded() -> None:
     assert {"choices": [], "usage": USAGE}.items() <= parse_events(out)[-2].items()
 
 
+@pytest.mark.parametrize("strip_usage", [True, False])
+def test_a_tap_that_assembles_nothing_passes_the_same_wire_and_still_counts(strip_usage: bool) -> None:
+    """Nothing will be stored (cache off, no-store): the client gets the same bytes, and accounting and tracing
+    still get the usage, the finish reasons and [DONE]; there is no answer to cache."""
+    data = chat_stream(["Hi ", "you"])
+    full, full_out = tap_all(data, strip_usage=strip_usage)
+    light, light_out = tap_all(data, strip_usage=strip_usage, assemble=False)
+    assert light_out == full_out
+    assert (light.usage, light.finish_reasons, light.done) == (USAGE, ["stop"], True)
+    assert light.first_chunk is not None and light.first_chunk["model"] == "mock-gpt"
+    assert full.answer() is not None and light.answer() is None
+
+
 def answer_from(data: bytes) -> dict[str, Any]:
     tap, _ = tap_all(data)
     answer = tap.answer()

@@ -41,6 +41,16 @@ _TEXT_CHOICE_KEYS = frozenset({"index", "text", "logprobs", "finish_reason"})
 _EMPTY = (None, [], {}, "")
 # `"usage": null` as a member of a chunk object (never inside a string, where its quotes would be escaped).
 _NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|(?<=[{,])\s*"usage"\s*:\s*null\s*,')
+# `"usage": null` after another field, as compact JSON and as Python's json.dumps writes it: removed with a plain
+# replace (the regex above, which also takes any spacing and a leading position, costs ~12 µs per chunk).
+_NULL_USAGE_AFTER_A_FIELD = (b',"usage":null', b', "usage": null')
+
+
+def _without_null_usage(event: bytes) -> bytes:
+    """The event without its `"usage": null` (valid JSON puts only `,`, `}` or space after a `null`)."""
+    for form in _NULL_USAGE_AFTER_A_FIELD:
+        event = event.replace(form, b"")
+    return _NULL_USAGE.sub(b"", event) if b'"usage"' in event else event
 
 
 class _Choice:
@@ -132,7 +142,7 @@ class StreamTap:
         if not self._event(event):
             return b""
         if self.strip_usage and b'"usage"' in event:
-            event = _NULL_USAGE.sub(b"", event)
+            event = _without_null_usage(event)
         return event + b"\n\n"
 
     def _event(self, event: bytes) -> bool:

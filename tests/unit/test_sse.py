@@ -177,6 +177,20 @@ def test_strip_usage_removes_only_the_usage_only_chunk() -> None:
     assert tap.answer()["usage"] == USAGE
 
 
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+@pytest.mark.parametrize("first", [False, True])
+def test_strip_usage_removes_usage_null_wherever_it_stands(separators: tuple[str, str], first: bool) -> None:
+    """OpenAI puts `"usage": null` on every chunk once usage is asked for: a client that did not ask never sees it,
+    whatever the spacing or position, and a string that merely contains those words is left alone."""
+    chunk = chat_chunk({"content": 'say ,"usage":null and , "usage": null'})
+    chunk = {"usage": None, **chunk} if first else {**chunk, "usage": None}
+    data = b"data: " + json.dumps(chunk, separators=separators).encode() + b"\n\n" + event("[DONE]")
+    _, out = tap_all(data, strip_usage=True)
+    kept = parse_events(out)[0]
+    assert "usage" not in kept
+    assert kept["choices"][0]["delta"]["content"] == 'say ,"usage":null and , "usage": null'
+
+
 def test_without_strip_usage_the_usage_chunk_is_forwarded() -> None:
     """A client that asked for usage gets the usage-only chunk."""
     _, out = tap_all(chat_stream(["Hi"]), strip_usage=False)

@@ -304,7 +304,11 @@ def _answer(result: UpstreamResult, route: str, plan: CachePlan | None, rec: Req
     An answer over CACHE_MAX_ENTRY_BYTES is neither kept nor parsed: its usage is read from its end.
     """
     if result.sized:
-        content = result.read()  # one read of a declared length (most answers), bounded by MAX_RESPONSE_BYTES
+        try:
+            content = result.read()  # one read of a declared length (most answers), bounded by MAX_RESPONSE_BYTES
+        except BaseException:
+            result.close()  # a killed greenlet too: the connection and the key's in-flight count are freed
+            raise
     else:
         chunks = result.iter_raw()
         try:

@@ -171,7 +171,7 @@ class StreamTap:
         if not isinstance(chunk, dict):
             self.errored = True
             return
-        if "error" in chunk or (self.assemble and _unknown(chunk, _CHUNK_KEYS)):
+        if "error" in chunk or _unknown(chunk, _CHUNK_KEYS):
             self.errored = True
             return
         if self._first is None:
@@ -204,15 +204,23 @@ class StreamTap:
                 state.text.append(choice["text"])
 
     def _follow(self, chunk: dict[str, Any]) -> None:
-        """What a chunk says without assembling the answer: its usage and its choices' finish reasons."""
+        """What a chunk says without assembling the answer: its usage and its choices' finish reasons, with the
+        same checks of the chunk and its choices as when assembling (so usage counts the same either way)."""
         usage, choices = chunk.get("usage"), chunk.get("choices") or []
         if isinstance(usage, dict):
             self.usage = usage
             self.usage_with_choices = bool(choices)
         for choice in choices:
-            reason, index = choice.get("finish_reason"), choice.get("index", 0)
-            if reason and isinstance(index, int) and not isinstance(index, bool):
-                self._choices.setdefault(index, _Choice()).finish_reason = reason
+            if not isinstance(choice, dict):
+                raise TypeError("a choice that is not an object")
+            if _unknown(choice, _CHAT_CHOICE_KEYS if self.route == CHAT else _TEXT_CHOICE_KEYS):
+                raise TypeError("a choice field the replay cannot carry")
+            index = choice.get("index", 0)
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError("a choice index that is not an integer")
+            state = self._choices.setdefault(index, _Choice())
+            if choice.get("finish_reason"):
+                state.finish_reason = choice["finish_reason"]
 
     def _delta(self, state: _Choice, delta: dict[str, Any]) -> None:
         if _unknown(delta, _DELTA_KEYS):

@@ -80,9 +80,10 @@ class UpstreamResult:
 
     @property
     def sized(self) -> bool:
-        """The upstream declared the answer's length (and no content coding): it had the whole answer when it
+        """The upstream declared the answer's length (not chunked, no content coding): it had the whole answer when it
         sent the head, so the body follows at once (an answer still queueing upstream comes chunked)."""
-        return _declared_length(self.response) is not None and not self.response.headers.get("content-encoding")
+        raw = self.response
+        return not raw.chunked and _declared_length(raw) is not None and not raw.headers.get("content-encoding")
 
     def read(self) -> bytes:
         """The whole body, for non-streamed answers: at most `max_bytes` of it, or UpstreamResponseTooLarge."""
@@ -106,7 +107,8 @@ class UpstreamResult:
             return peeked + (raw.read(decode_content=True) or b"")
         limit = self.max_bytes
         length = _declared_length(raw)
-        if not limit or (length is not None and length <= limit and not raw.headers.get("content-encoding")):
+        if not limit or (length is not None and length <= limit and not raw.chunked
+                         and not raw.headers.get("content-encoding")):
             return raw.read(decode_content=True)  # one read of a known, allowed size (the common case)
         if length is not None and length > limit:
             raise self._too_large()  # refused before a byte of it is read

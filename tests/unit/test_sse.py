@@ -177,6 +177,17 @@ def test_strip_usage_removes_only_the_usage_only_chunk() -> None:
     assert tap.answer()["usage"] == USAGE
 
 
+@pytest.mark.parametrize("assemble", [True, False])
+def test_a_stream_the_tap_cannot_follow_counts_no_usage_whether_or_not_it_assembles(assemble: bool) -> None:
+    """Chunks with a field the gateway does not know (and could not replay) are passed on but not trusted: the
+    same with the cache off as on, so what a tenant is charged does not depend on the cache."""
+    data = b"".join(event({**chat_chunk({"content": "Hi"}, "stop"), "obfuscation": "x"}) for _ in range(2))
+    data += event({**usage_chunk(), "obfuscation": "x"}) + event("[DONE]")
+    tap, out = tap_all(data, assemble=assemble)
+    assert out == data
+    assert (tap.usage, tap.finish_reasons, tap.answer()) == (None, [], None)
+
+
 @pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
 @pytest.mark.parametrize("first", [False, True])
 def test_strip_usage_removes_usage_null_wherever_it_stands(separators: tuple[str, str], first: bool) -> None:

@@ -176,12 +176,10 @@ class StreamTap:
             return
         if self._first is None:
             self._first = chunk
-        if not self.assemble:
-            self._follow(chunk)
-            return
-        for name in _CARRIED_KEYS:
-            if chunk.get(name) is not None:
-                self._carried[name] = chunk[name]
+        if self.assemble:
+            for name in _CARRIED_KEYS:
+                if chunk.get(name) is not None:
+                    self._carried[name] = chunk[name]
         choices = chunk.get("choices") or []
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -197,30 +195,13 @@ class StreamTap:
             state = self._choices.setdefault(index, _Choice())
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
+            if not self.assemble:  # the same checks either way, so usage counts the same; no answer to build
+                continue
             state.add_logprobs(choice.get("logprobs"), self.route)
             if self.route == CHAT:
                 self._delta(state, _object(choice.get("delta")))
             elif isinstance(choice.get("text"), str):
                 state.text.append(choice["text"])
-
-    def _follow(self, chunk: dict[str, Any]) -> None:
-        """What a chunk says without assembling the answer: its usage and its choices' finish reasons, with the
-        same checks of the chunk and its choices as when assembling (so usage counts the same either way)."""
-        usage, choices = chunk.get("usage"), chunk.get("choices") or []
-        if isinstance(usage, dict):
-            self.usage = usage
-            self.usage_with_choices = bool(choices)
-        for choice in choices:
-            if not isinstance(choice, dict):
-                raise TypeError("a choice that is not an object")
-            if _unknown(choice, _CHAT_CHOICE_KEYS if self.route == CHAT else _TEXT_CHOICE_KEYS):
-                raise TypeError("a choice field the replay cannot carry")
-            index = choice.get("index", 0)
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError("a choice index that is not an integer")
-            state = self._choices.setdefault(index, _Choice())
-            if choice.get("finish_reason"):
-                state.finish_reason = choice["finish_reason"]
 
     def _delta(self, state: _Choice, delta: dict[str, Any]) -> None:
         if _unknown(delta, _DELTA_KEYS):

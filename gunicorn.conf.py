@@ -114,8 +114,11 @@ class _ReadDeadlineSocket:
             if _sized_body(data):
                 self._head = bytes(data)
                 return
-        if self._head:
-            data, self._head = self._head + data, b""
+        head, self._head = self._head, b""
+        if head and len(data) <= _JOIN_MAX_BYTES:
+            data = head + data
+        elif head:
+            self._sock.sendall(head)  # a large body is not copied to save one send
         self._sock.sendall(data)
 
     def flush(self) -> None:
@@ -175,6 +178,10 @@ class _ReadDeadlineSocket:
     def __getattr__(self, name: str):  # noqa: ANN204 - whatever the socket has
         self.flush()
         return getattr(self._sock, name)
+
+
+#: A held head and a body up to this size leave in one send; a larger body follows its head in a send of its own.
+_JOIN_MAX_BYTES = 64 * 1024
 
 
 def _sized_body(head: bytes) -> bool:

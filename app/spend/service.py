@@ -42,7 +42,7 @@ class Spend:
                     rec.saved_nanos = price.nanos(saved)
                     rec.saved_usd = usd(rec.saved_nanos)
                     counts["saved_nanos"] = counts[f"saved_nanos_{rec.cache}"] = rec.saved_nanos
-                    metrics.COST_SAVED.labels(label).inc(rec.saved_usd)
+                    metrics.child(metrics.COST_SAVED, label).inc(rec.saved_usd)
         elif rec.upstream_ms is not None and (rec.prompt_tokens is not None or rec.completion_tokens is not None):
             used = Usage(input=rec.prompt_tokens or 0, cached=rec.cached_tokens or 0, output=rec.completion_tokens or 0)
             counts.update(input_tokens=used.input, cached_input_tokens=min(used.cached, used.input),

@@ -84,3 +84,13 @@ def test_only_a_response_head_is_held(conf: ModuleType) -> None:
     sock.sendall(HEAD_SIZED)
     sock.sendall(HEAD_SIZED + b"{}")
     assert raw.sent == [HEAD_SIZED, HEAD_SIZED + b"{}"]
+
+
+def test_a_large_body_is_not_copied_to_join_its_head(conf: ModuleType) -> None:
+    """Past _JOIN_MAX_BYTES the head goes first and the body as it is: one more send, no copy of megabytes."""
+    sock, raw = _socket(conf)
+    sock.expect_response(True)
+    sock.sendall(HEAD_SIZED)
+    body = b"x" * (conf._JOIN_MAX_BYTES + 1)
+    sock.sendall(body)
+    assert raw.sent == [HEAD_SIZED, body]

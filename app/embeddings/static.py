@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from app.embeddings.base import EmbeddingError, l2_normalise
+from app.embeddings.wordpiece import AsciiWordPiece
 
 TABLE_DIM = 256
 #: Tokens read per text: far beyond what a paraphrase check needs, and bounds the cost of a giant prompt.
@@ -43,6 +44,7 @@ class StaticEmbedder:
         self._tokenizer = Tokenizer.from_str(tok_json)
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=MAX_TOKENS)
+        self._ascii = AsciiWordPiece(json.loads(tok_json))  # the same ids, cheaper, for plain-ASCII text
 
     @property
     def dim(self) -> int:
@@ -64,8 +66,13 @@ class StaticEmbedder:
         # thread pool, and waking it costs an idle worker about as much CPU as the encoding (226 against 117 us
         # per prompt, measured with 30 ms between prompts).
         for row, text in enumerate(texts):
-            encoding = self._tokenizer.encode(text, add_special_tokens=False)
-            counts.append(len(encoding.ids))
-            if encoding.ids:
-                out[row] = self._table[encoding.ids].sum(axis=0, dtype=np.float32)
+            ids = self.token_ids(text)
+            counts.append(len(ids))
+            if ids:
+                out[row] = self._table[ids].sum(axis=0, dtype=np.float32)
         return l2_normalise(out), counts
+
+    def token_ids(self, text: str) -> list[int]:
+        """The text's first MAX_TOKENS WordPiece ids, without [CLS]/[SEP]."""
+        ids = self._ascii.encode(text, MAX_TOKENS)
+        return ids if ids is not None else self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -132,3 +132,36 @@ def test_verifier_model_is_consistent() -> None:
     model = verifier_model()
     assert set(model.weights) == set(values)
     assert 0.0 < model.default_threshold < 1.0 and 0.0 < model.static_floor < 1.0
+
+
+NUMBER_TEXTS = [
+    "How do I install Python 3.11 on Ubuntu 22.04?",
+    "What are two ways to cook rice for 1,000 guests?",
+    "Summarise ticket 007 and ticket 7 in one line.",
+    "I don't want three options, I want none.",
+    "Won't the 2nd release ship before v2?",
+    "No one said twelve; it's 12 o'clock at 10:30.",
+    "user's order #A12 costs $4.50 (50% off)",
+]
+
+
+@pytest.mark.parametrize("text", NUMBER_TEXTS + [t for pair in LOOK_ALIKES + PARAPHRASES for t in pair[:2]])
+def test_the_number_shortcut_finds_what_the_full_analysis_finds(text: str) -> None:
+    from app.cache.verify import _analyse, _numbers
+
+    for form in (text, normalise(text)):
+        assert _numbers(form) == _analyse(form).numbers
+
+
+def test_a_templated_look_alike_is_refused_without_analysing_the_new_prompt() -> None:
+    from app.cache.verify import _analyse
+
+    stored = "Summarise support ticket 1042 in one line for the on-call engineer."
+    assert rule_check("Summarise support ticket 1041 in one line for the on-call engineer.", stored) is not None
+    new = f"Summarise support ticket {time.time_ns()} in one line for the on-call engineer."
+    before = _analyse.cache_info().misses
+    refused = rule_check(new, stored, 0.97)
+    assert refused is not None and refused.rule == "number" and "1042" in refused.reason
+    assert _analyse.cache_info().misses == before  # neither text analysed in full
+    # a pair the number rule lets through still gets every other rule
+    assert rule_check("Is coffee good for your health?", "Is coffee not good for your health?").rule == "negation"

@@ -127,7 +127,8 @@ class CacheService:
         self.static = static if self.embedder is not None else None
         self.threshold = (options.semantic_threshold if options.semantic_threshold is not None
                           else verifier_model().default_threshold)
-        self.exact = ExactStore(redis_client)
+        self.exact = ExactStore(redis_client, on_error=self._store_failed,
+                                on_drop=metrics.BACKGROUND_DROPPED.labels("exact_store").inc)
         self.semantic = SemanticStore(redis_client, options.index_bounds)
         self.generations = Generations(redis_client)
         self.breaker = breaker or Breaker()  # the worker's Redis breaker, shared with the limiter
@@ -443,6 +444,13 @@ class CacheService:
                 embed=plan.vector is None and self._warm(plan.partition, now),
             ))
 
+    def _store_failed(self, exc: Exception) -> None:
+        """An L1 SET that failed after its answer had gone (see ExactStore): a future miss, counted and logged."""
+        if opens_breaker(exc):
+            self.breaker.failed(time.time())
+        metrics.REDIS_ERRORS.labels("cache").inc()
+        log.warning("L1 store failed: %s", type(exc).__name__)
+
     def _warm(self, partition: str, now: float) -> bool:
         """A hit here lately, in this worker or (as of the last sync) in any other."""
         return self._last_hit.get(partition, 0.0) > now - WARM_SECONDS or self.semantic.is_warm(partition)
@@ -491,6 +499,7 @@ class CacheService:
     def stats(self) -> dict[str, Any]:
         return {
             "l0": {"entries": len(self.local), "bytes": self.local.size_bytes, "max_entries": self.local.max_entries},
+            "l1": {"pending_writes": self.exact.pending()},  # SETs waiting for the next look-up (≤ 5 ms)
             "l2": {**self.semantic.stats(), "enabled": self.embedder is not None,
                    "threshold": self.threshold, "store_queue": self.writes.pending(),
                    "store_dropped": self.writes.dropped},

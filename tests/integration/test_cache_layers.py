@@ -112,9 +112,20 @@ def test_repeat_is_an_l0_hit_in_the_same_worker(gw: Gateway, upstream: MockUpstr
     assert len(upstream.requests()) == 1
 
 
+def stored(gw: Gateway) -> float:
+    """Seconds until this gateway's stored answers have left for Redis. A store's SET is sent after its answer
+    (app/cache/exact.py): the answer is not held for it, and another process finds the entry a few milliseconds
+    later, not before. (Each gateway of this module has one worker, so its stats are the whole process's.)"""
+    return seconds_until(lambda: admin(gw, "GET", "/admin/cache/stats").json()["l1"]["pending_writes"] == 0,
+                         limit=0.5)
+
+
 def test_another_process_gets_an_l1_hit(gw: Gateway, other: Gateway, upstream: MockUpstream, unique: str) -> None:
-    """An answer stored by one gateway process is an L1 (Redis) hit in another, then L0 there."""
+    """An answer stored by one gateway process is an L1 (Redis) hit in another, then L0 there.
+
+    The SET is not waited for by the answer (app/cache/exact.py): it reaches Redis within milliseconds."""
     first = post(gw, chat(unique))
+    stored(gw)
     from_redis = post(other, chat(unique))
     from_memory = post(other, chat(unique))
     assert cache_of(first) == "MISS"
@@ -133,6 +144,7 @@ def test_an_unreadable_entry_is_a_miss_not_an_outage(gw: Gateway, other: Gateway
     import redis
 
     assert cache_of(post(gw, chat(unique))) == "MISS"
+    stored(gw)
     client = redis.Redis.from_url(redis_url)
     entries = [key for key in client.scan_iter("gw:c:*") if client.type(key) == b"string"]
     for key in entries:
@@ -154,6 +166,7 @@ def test_streamed_miss_is_a_hit_for_the_plain_request(gw: Gateway, other: Gatewa
     plain = post(gw, chat(unique))
     assert cache_of(plain) == "HIT/L0"
     assert content(plain) == text == f"Mock answer to: Tell me about {unique}"
+    stored(gw)
     assert cache_of(post(other, chat(unique))) == "HIT/L1"
     assert len(upstream.requests()) == 1
 
@@ -202,6 +215,7 @@ def test_embeddings_answers_are_cached(gw: Gateway, other: Gateway, upstream: Mo
     body = {"model": "text-embedding-3-small", "input": [f"alpha {unique}", f"beta {unique}"]}
     first = post(gw, body, path="/v1/embeddings")
     again = post(gw, body, path="/v1/embeddings")
+    stored(gw)
     elsewhere = post(other, body, path="/v1/embeddings")
     assert (cache_of(first), cache_of(again), cache_of(elsewhere)) == ("MISS", "HIT/L0", "HIT/L1")
     assert again.json()["data"] == elsewhere.json()["data"] == first.json()["data"]
@@ -318,6 +332,7 @@ def warm(gateways: tuple[Gateway, Gateway], body: dict[str, Any], key: str = ALP
     """Put the answer in Redis and in both processes' L0."""
     first, second = gateways
     assert cache_of(post(first, body, key=key)) == "MISS"
+    stored(first)
     assert cache_of(post(second, body, key=key)) == "HIT/L1"
     assert cache_of(post(first, body, key=key)) == "HIT/L0"
     assert cache_of(post(second, body, key=key)) == "HIT/L0"

@@ -233,6 +233,7 @@ def test_no_cache_goes_upstream_and_refreshes_the_entry(gw: Gateway, other: Gate
     assert cache_of(refreshed) == "MISS"
     assert len(upstream.requests()) == 2
     assert refreshed.json()["id"] != first.json()["id"]
+    stored(gw)
     here, there = post(gw, chat(unique)), post(other, chat(unique))
     assert (cache_of(here), cache_of(there)) == ("HIT/L0", "HIT/L1")
     assert here.json()["id"] == there.json()["id"] == refreshed.json()["id"]

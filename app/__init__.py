@@ -123,9 +123,12 @@ def _fallback_rules(settings: Settings, pool: UpstreamPool, auth: Authenticator)
 
 
 def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> CacheService:
+    import atexit
+
     from app.cache.local import LocalCache
     from app.cache.semantic import IndexBounds
     from app.cache.service import CacheOptions, CacheService
+    from app.concurrency import gevent_patched
 
     embedder = static = None
     if settings.semantic_cache_enabled:
@@ -150,8 +153,11 @@ def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> Ca
         max_entry_bytes=settings.cache_max_entry_bytes,
         outage_local_seconds=settings.local_cache_outage_seconds,
     )
-    return CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
-                        embedder, static, breaker)
+    cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
+                         embedder, static, breaker)
+    if gevent_patched():  # only there do SETs wait (app/cache/exact.py): the last few ms of stores leave at exit
+        atexit.register(cache.exact.flush)
+    return cache
 
 
 def _build_spend(settings: Settings, redis: RedisClient, breaker: Breaker) -> Spend:

@@ -130,6 +130,10 @@ class ExactStore:
             sleep(WRITE_DELAY_SECONDS)
         finally:
             self._flushing = False  # a store made while this one's SETs travel starts the next flush
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the waiting SETs now (also as the worker exits); a failure is reported to `on_error`, not raised."""
         pending, self._pending = self._pending, []
         if not pending:
             return

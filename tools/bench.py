@@ -622,6 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fresh.add_argument("--rounds", type=int, default=3)
     fresh.add_argument("--seconds", type=float, default=3.0)
     fresh.add_argument("--warmup-seconds", type=float, default=1.0)
+    fresh.add_argument("--baseline", type=Path, action="append", default=[], metavar="CHECKOUT",
+                       help="also run the defaults gateway from another checkout (a git worktree of an older "
+                            "commit) in the same rounds (repeatable)")
     for sub_parser in (proxy, cache, fresh):
         sub_parser.add_argument("--latency", type=float, default=0.05, help="mock upstream latency (seconds)")
         sub_parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per gateway")

@@ -10,8 +10,10 @@ set of the master and its workers after the run; start-up is the time from launc
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -30,6 +32,9 @@ from tools.bench import (
     start_gateway,
     worker_pids,
 )
+
+if TYPE_CHECKING:
+    from tests.support import Gateway
 
 # LLM-style requests an application sends from templates; {n} makes each one new.
 TEMPLATES = (
@@ -102,6 +107,15 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
             Target("gateway, cache off", gw_off.url, {}, off_pids),
             Target("gateway, defaults (L2 on)", gw_default.url, {}, default_pids),
         ]
+        gateways = {"gateway, cache off": gw_off, "gateway, defaults (L2 on)": gw_default}
+        for checkout in args.baseline:  # the defaults as another checkout runs them: before/after in one run
+            rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True, check=False).stdout.strip() or str(checkout)
+            gateway, pids = start_gateway(common, args.workers, root=checkout)
+            stack.callback(gateway.stop)
+            name = f"gateway, defaults (L2 on) at {rev}"
+            targets.append(Target(name, gateway.url, {}, pids))
+            gateways[name] = gateway
         start = 10_000_000
         rows: list[tuple[int, list[Sample]]] = []
         for concurrency in args.concurrency:
@@ -122,11 +136,21 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
             rows.append((concurrency, samples))
             log(f"  c={concurrency}: " + ", ".join(f"{t.name} {s.rps:.0f}/s" for t, s in zip(targets, samples,
                                                                                              strict=True)))
-        memory = {"gateway, cache off": rss_mb(gw_off.process.pid),
-                  "gateway, defaults (L2 on)": rss_mb(gw_default.process.pid)}
+        memory = {name: rss_mb(gateway.process.pid) for name, gateway in gateways.items()}
+        in_worker = {name: in_worker_ms(gateway) for name, gateway in gateways.items()}
         stats = requests.get(gw_default.metrics_url, timeout=10).text
     starts = {"gateway, cache off": off_start, "gateway, defaults (L2 on)": default_start}
     print_table(args, targets, rows, memory, starts, notes, stats)
+    print("\nIn-worker time (median of latency_ms - upstream_ms over every request of the run, from each "
+          "gateway's log): " + "; ".join(f"{name} {value:.2f} ms" for name, value in in_worker.items()))
+
+
+def in_worker_ms(gateway: Gateway) -> float:
+    """The gateway's own share of its requests' time: the log line's latency less the upstream's."""
+    lines = [line for line in gateway.request_lines()
+             if line.get("upstream_ms") is not None and line.get("latency_ms") is not None]
+    values = sorted(line["latency_ms"] - line["upstream_ms"] for line in lines)
+    return values[len(values) // 2] if values else float("nan")
 
 
 def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tuple[int, list[Sample]]],
@@ -148,7 +172,7 @@ def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tupl
             share = 100.0 * sample.rps / direct.rps if direct.rps else float("nan")
             print(f"| {concurrency} | {target.name} | {fmt(p50)} | {fmt(p99)} | {sample.rps:.0f} | {fmt(p50 - d50)} "
                   f"| {fmt(p99 - d99)} | {fmt(share, 0)}% | {fmt(sample.cpu_ms, 3)} | {memory[target.name]:.0f} "
-                  f"| {starts[target.name]:.2f} |")
+                  f"| {fmt(starts.get(target.name, float('nan')))} |")
             if target is targets[2]:
                 if concurrency == 1:
                     checks.append(f"c=1 overhead p50 {fmt(p50 - d50)} ms (target <= 3 ms: {mark(p50 - d50 <= 3)})")

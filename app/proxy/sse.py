@@ -192,7 +192,9 @@ class StreamTap:
             index = choice.get("index", 0)
             if isinstance(index, bool) or not isinstance(index, int):
                 raise TypeError("a choice index that is not an integer")
-            state = self._choices.setdefault(index, _Choice())
+            state = self._choices.get(index)
+            if state is None:  # not setdefault: that would build a _Choice for every chunk
+                state = self._choices[index] = _Choice()
             if choice.get("finish_reason"):
                 state.finish_reason = choice["finish_reason"]
             if not self.assemble:  # the same checks either way, so usage counts the same; no answer to build

@@ -240,6 +240,12 @@ def start_gateway(env: dict[str, str], workers: int, root: Path = ROOT) -> tuple
     return gateway, pids
 
 
+def checkout_rev(checkout: Path) -> str:
+    """A `--baseline` checkout's short commit, for its rows' names (the path when it is not a git tree)."""
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip() or str(checkout)
+
+
 def proxy_mode(args: argparse.Namespace) -> None:
     """Direct (client -> mock) against through the gateway, with auth off and with auth + rate limiting on."""
     client_key = "gw-bench-" + uuid.uuid4().hex
@@ -278,8 +284,7 @@ def proxy_mode(args: argparse.Namespace) -> None:
             extra.append((f"gateway ({'cd'[len(extra)]}) = (b) + a budget", gw_budget, budget_pids, auth))
         for checkout in args.baseline:
             # (a) and (b) as another checkout runs them (a worktree of an older commit): before/after in one run.
-            rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True, check=False).stdout.strip() or str(checkout)
+            rev = checkout_rev(checkout)
             for name, env, headers in (("(a) auth off", {**common, "AUTH_DISABLED": "true"}, {}),
                                        ("(b) auth + rate limit", {**common, **limited_env}, auth)):
                 gateway, pids = start_gateway(env, args.workers, root=checkout)

@@ -10,7 +10,6 @@ set of the master and its workers after the run; start-up is the time from launc
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from tools.bench import (
     Target,
     chat_body,
     check,
+    checkout_rev,
     fmt,
     log,
     mark,
@@ -109,11 +109,9 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
         ]
         gateways = {"gateway, cache off": gw_off, "gateway, defaults (L2 on)": gw_default}
         for checkout in args.baseline:  # the defaults as another checkout runs them: before/after in one run
-            rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True, check=False).stdout.strip() or str(checkout)
             gateway, pids = start_gateway(common, args.workers, root=checkout)
             stack.callback(gateway.stop)
-            name = f"gateway, defaults (L2 on) at {rev}"
+            name = f"gateway, defaults (L2 on) at {checkout_rev(checkout)}"
             targets.append(Target(name, gateway.url, {}, pids))
             gateways[name] = gateway
         start = 10_000_000

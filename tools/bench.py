@@ -152,9 +152,11 @@ class Sample:
     errors: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
+    round_p50s: list[float] = field(default_factory=list)  # each added phase's own median, ms
 
     def add(self, result: dict[str, Any]) -> None:
         self.latencies += result["latencies"]
+        self.round_p50s.append(pct_ms(result["latencies"], 50))
         self.tags += result["tags"]
         self.wall += result["wall"]
         self.cpu_seconds += result["cpu_seconds"]
@@ -426,12 +428,36 @@ def print_proxy_table(args: argparse.Namespace, targets: list[Target], rows: lis
     print("\nTargets:\n")
     for line in checks:
         print(f"- {line}")
+    print_round_differences(targets, rows)
     spent = sum(s for s, _ in client_cpu)
     done = sum(n for _, n in client_cpu)
     print(f"\nLoad generator CPU: {1000.0 * spent / max(done, 1):.3f} ms per request (its own process). "
           f"Gateway worker CPU totals: {balance}. {blas_line()}.")
     for note in notes:
         print(f"- note: {note}")
+
+
+def round_differences(sample: Sample, baseline: Sample) -> tuple[float, float, float]:
+    """A gateway's p50 less its baseline's, round by round (the rounds alternate, so each pair met the same
+    machine): the median, lowest and highest of those differences, in ms. The direct path's p50 cancels out."""
+    diffs = np.array(sample.round_p50s) - np.array(baseline.round_p50s)
+    return float(np.median(diffs)), float(diffs.min()), float(diffs.max())
+
+
+def print_round_differences(targets: list[Target], rows: list[tuple[str, int, list[Sample]]]) -> None:
+    """For each `--baseline` row, its twin's p50 against it round by round: what a single p50 difference hides
+    is whether the rounds agree (a regression shows in every round, noise in some)."""
+    names = [t.name for t in targets]
+    pairs = [(names.index(name.split(" at ")[0]), i) for i, name in enumerate(names)
+             if " at " in name and name.split(" at ")[0] in names]
+    if not pairs:
+        return
+    print("\np50 against the baseline, round by round (this tree less the baseline; median, lowest, highest):\n")
+    for kind, concurrency, samples in rows:
+        for mine, base in pairs:
+            median, low, high = round_differences(samples[mine], samples[base])
+            print(f"- {kind} c={concurrency}, {names[mine]} vs {names[base].split(' at ')[1]}: {median:+.2f} ms "
+                  f"({low:+.2f} .. {high:+.2f}) over {len(samples[mine].round_p50s)} rounds")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tools.bench import (
     log,
     mark,
     pct_ms,
+    print_round_differences,
     run,
     start_gateway,
     worker_pids,
@@ -185,6 +186,7 @@ def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tupl
     print("\nTargets (defaults, L2 on):\n")
     for line in checks:
         print(f"- {line}")
+    print_round_differences(targets, [("new prompts", concurrency, samples) for concurrency, samples in rows])
     counted = [row for row in metrics.splitlines()
                if row.startswith(("gateway_embeddings_total{", "gateway_semantic_skipped_total{"))]
     print("\nL2 work in the defaults gateway (its /metrics): " + "; ".join(counted))

@@ -1,0 +1,53 @@
+"""The benchmark's before/after judgement: a tree against its baseline, round by round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tools.bench import Sample, Target, print_round_differences, round_differences
+
+
+def phase(*latencies_ms: float) -> dict[str, Any]:
+    """One measured phase as the load generator reports it (latencies in seconds)."""
+    return {"latencies": [ms / 1000.0 for ms in latencies_ms], "tags": ["200"] * len(latencies_ms), "wall": 1.0,
+            "cpu_seconds": 0.0, "client_cpu_seconds": 0.0, "error_count": 0, "errors": [], "statuses": {}}
+
+
+def sample(*rounds: tuple[float, ...]) -> Sample:
+    result = Sample()
+    for latencies in rounds:
+        result.add(phase(*latencies))
+    return result
+
+
+def test_each_round_keeps_its_own_median() -> None:
+    s = sample((50.0, 52.0, 54.0), (60.0, 61.0, 62.0))
+    assert s.round_p50s == pytest.approx([52.0, 61.0])
+    assert len(s.latencies) == 6
+
+
+def test_differences_are_paired_round_by_round() -> None:
+    """A slow round hits both trees: paired, it cancels; pooled p50s would not show that."""
+    mine = sample((53.0,), (63.0,), (54.0,))
+    base = sample((52.0,), (62.5,), (54.5,))
+    median, low, high = round_differences(mine, base)
+    assert (median, low, high) == pytest.approx((0.5, -0.5, 1.0))
+
+
+def test_only_rows_with_a_baseline_twin_are_compared(capsys: pytest.CaptureFixture[str]) -> None:
+    targets = [Target(name, f"http://127.0.0.1:{port}", {}) for port, name in
+               enumerate(("direct", "gateway (a)", "gateway (b)", "gateway (a) at abc123"), start=1)]
+    rows = [("chat", 1, [sample((51.0,), (51.0,)), sample((53.0,), (54.0,)), sample((55.0,), (55.0,)),
+                         sample((52.5,), (53.0,))])]
+    print_round_differences(targets, rows)
+    out = capsys.readouterr().out
+    assert "chat c=1, gateway (a) vs abc123: +0.75 ms (+0.50 .. +1.00) over 2 rounds" in out
+    assert "gateway (b) vs" not in out
+
+
+def test_no_baseline_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    targets = [Target("direct", "http://127.0.0.1:1", {}), Target("gateway (a)", "http://127.0.0.1:2", {})]
+    print_round_differences(targets, [("chat", 1, [sample((51.0,)), sample((53.0,))])])
+    assert capsys.readouterr().out == ""

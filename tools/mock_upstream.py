@@ -579,7 +579,8 @@ class MockUpstream:
         logprobs = None
         if body.get("logprobs") is True:
             logprobs = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
-        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body), logprobs=logprobs)
+        reply = ChatReply(model, n, prompt_tokens, answer, include_usage=wants_usage(body), logprobs=logprobs,
+                          obfuscation=wants_obfuscation(body))
         if request.stream:
             return "200 OK", list(SSE_HEADERS), self.paced(reply.events(), fault)
         return json_response(200, reply.completion())
@@ -745,13 +746,17 @@ class StreamFrames:
     zero point of the latency benchmark.
     """
 
-    def __init__(self, envelope: Json, *, usage_null: bool) -> None:
+    def __init__(self, envelope: Json, *, usage_null: bool, obfuscation: bool = False) -> None:
         encoded = encode(envelope)  # '{...}' without "choices", which goes last
         self.head = b"data: " + encoded[:-1] + b',"choices":'
         # OpenAI sends "usage": null on every chunk but the last when the stream asked for usage.
         self.tail = b',"usage":null}\n\n' if usage_null else b"}\n\n"
+        self.obfuscation = obfuscation
 
     def event(self, choices: list[Json]) -> bytes:
+        if self.obfuscation:  # OpenAI's padding of delta chunks: random characters, a random number of them
+            pad = secrets.token_urlsafe(1 + secrets.randbelow(12)).encode()
+            return self.head + encode(choices) + b',"obfuscation":"' + pad + b'"' + self.tail
         return self.head + encode(choices) + self.tail
 
     def usage_event(self, usage: Json) -> bytes:
@@ -802,8 +807,9 @@ class ChatReply:
     """
 
     def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool,
-                 logprobs: int | None = None) -> None:
+                 logprobs: int | None = None, obfuscation: bool = True) -> None:
         self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.obfuscation = obfuscation  # OpenAI-shaped streams pad their delta chunks unless asked not to
         self.created = int(time.time())
         self.model = model
         self.n = n
@@ -887,7 +893,8 @@ class ChatReply:
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
-        frames = StreamFrames(envelope, usage_null=self.include_usage and not self.deepseek)
+        frames = StreamFrames(envelope, usage_null=self.include_usage and not self.deepseek,
+                              obfuscation=self.obfuscation and not self.deepseek)
         for delta, logprobs in self._deltas():
             yield frames.event(
                 [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None} for i in range(self.n)]
@@ -979,6 +986,13 @@ def wants_usage(body: Json) -> bool:
     """Whether a stream should end with a usage chunk (stream_options.include_usage)."""
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def wants_obfuscation(body: Json) -> bool:
+    """OpenAI pads each streamed delta chunk with an `obfuscation` field of random characters (a mitigation of
+    side channels on payload sizes), on by default; `stream_options.include_obfuscation: false` turns it off."""
+    options = body.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_obfuscation") is False)
 
 
 def embedding_inputs(value: Any) -> list[str]:

@@ -30,9 +30,12 @@ def sse_error(message: str, error_type: str = "upstream_error", code: str | None
 
 # What the tap and the replay know how to carry. Anything else with a value makes an answer unfollowable: it is
 # passed on untouched on the miss, but never cached (a hit would come back without it).
-_CHUNK_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
-                         "service_tier"})
-_ANSWER_KEYS = _CHUNK_KEYS
+_ANSWER_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
+                          "service_tier"})
+# `obfuscation`: OpenAI pads streamed delta chunks with random characters (`stream_options.include_obfuscation`,
+# on by default) so their sizes do not give the tokens away. Padding, not content: the tap lets it by, and no
+# answer or replay carries it (README, "Compatibility").
+_CHUNK_KEYS = _ANSWER_KEYS | {"obfuscation"}
 _CARRIED_KEYS = ("system_fingerprint", "service_tier")  # top-level fields every chunk of a replay repeats
 _DELTA_KEYS = frozenset({"role", "content", "reasoning_content", "refusal", "tool_calls"})
 _MESSAGE_KEYS = _DELTA_KEYS

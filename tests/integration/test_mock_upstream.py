@@ -143,6 +143,26 @@ def test_stream_raw_events(url: str) -> None:
     assert b'"finish_reason":"stop"' in events[-2] and b'"usage"' not in b"".join(events)
 
 
+def stream_chunks(url: str, body: dict) -> list[dict]:
+    return [json.loads(line[6:]) for line in chat(url, {**body, "stream": True}).text.split("\n\n")
+            if line.startswith("data: {")]
+
+
+def test_openai_streams_pad_their_delta_chunks_unless_asked_not_to(url: str) -> None:
+    """OpenAI's `obfuscation` (stream_options.include_obfuscation, on by default): random characters of random
+    length on every delta chunk, none on the usage chunk; off when the client says false; DeepSeek sends none."""
+    options = {"stream_options": {"include_usage": True}}
+    chunks = stream_chunks(url, {**CHAT, **options})
+    deltas, (usage,) = chunks[:-1], chunks[-1:]
+    pads = [chunk.get("obfuscation") for chunk in deltas]
+    assert all(isinstance(pad, str) and pad for pad in pads) and len(set(pads)) > 1
+    assert "obfuscation" not in usage and usage["usage"]["total_tokens"] > 0
+    off = stream_chunks(url, {**CHAT, "stream_options": {"include_usage": True, "include_obfuscation": False}})
+    assert not any("obfuscation" in chunk for chunk in off)
+    deepseek = stream_chunks(url, {**CHAT, "model": "deepseek-chat"})
+    assert not any("obfuscation" in chunk for chunk in deepseek)
+
+
 def test_sdk_tool_call(client: openai.OpenAI) -> None:
     """With tools and "call a tool" in the question, the answer is a function call with JSON arguments."""
     tool = {

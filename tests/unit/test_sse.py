@@ -181,11 +181,29 @@ def test_strip_usage_removes_only_the_usage_only_chunk() -> None:
 def test_a_stream_the_tap_cannot_follow_counts_no_usage_whether_or_not_it_assembles(assemble: bool) -> None:
     """Chunks with a field the gateway does not know (and could not replay) are passed on but not trusted: the
     same with the cache off as on, so what a tenant is charged does not depend on the cache."""
-    data = b"".join(event({**chat_chunk({"content": "Hi"}, "stop"), "obfuscation": "x"}) for _ in range(2))
-    data += event({**usage_chunk(), "obfuscation": "x"}) + event("[DONE]")
+    data = b"".join(event({**chat_chunk({"content": "Hi"}, "stop"), "moderation": "x"}) for _ in range(2))
+    data += event({**usage_chunk(), "moderation": "x"}) + event("[DONE]")
     tap, out = tap_all(data, assemble=assemble)
     assert out == data
     assert (tap.usage, tap.finish_reasons, tap.answer()) == (None, [], None)
+
+
+@pytest.mark.parametrize("strip_usage", [False, True])
+def test_openai_obfuscation_padding_is_passed_on_and_the_answer_still_assembled(strip_usage: bool) -> None:
+    """OpenAI pads every delta chunk with `obfuscation` (random characters, on by default): the client gets the
+    chunks as they came, usage is counted, and the answer is assembled (cached) without the padding."""
+    data = b"".join(event(chat_chunk(delta, finish, usage=None, obfuscation=pad)) for delta, finish, pad in (
+        ({"role": "assistant", "content": ""}, None, "aB3"), ({"content": "Hello"}, None, "Zq9x_1"),
+        ({}, "stop", "k")))
+    data += event(usage_chunk()) + event("[DONE]")
+    tap, out = tap_all(data, strip_usage=strip_usage)
+    forwarded = parse_events(out)
+    assert [chunk["obfuscation"] for chunk in forwarded if isinstance(chunk, dict) and chunk["choices"]] == \
+        ["aB3", "Zq9x_1", "k"]
+    assert tap.usage == USAGE and tap.finish_reasons == ["stop"]
+    answer = tap.answer()
+    assert answer is not None and "obfuscation" not in answer
+    assert answer["choices"][0]["message"]["content"] == "Hello"
 
 
 @pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])

@@ -123,6 +123,10 @@ def chat_body(user: str, *, system: str = "You are a concise assistant for the G
         body["temperature"] = temperature
     if stream:
         body["stream"] = True
+        # The mock pads OpenAI-shaped stream chunks as OpenAI does by default; trees before ebe9b0b took padded
+        # chunks for ones they could not follow and skipped their work, so `--baseline` runs against them would
+        # compare unequal work. Without it every tree sees the stream this README's figures were measured with.
+        body["stream_options"] = {"include_obfuscation": False}
     return json.dumps(body)
 
 
@@ -440,23 +444,25 @@ def print_proxy_table(args: argparse.Namespace, targets: list[Target], rows: lis
 def round_differences(sample: Sample, baseline: Sample) -> tuple[float, float, float]:
     """A gateway's p50 less its baseline's, round by round (the rounds alternate, so each pair met the same
     machine): the median, lowest and highest of those differences, in ms. The direct path's p50 cancels out."""
-    diffs = np.array(sample.round_p50s) - np.array(baseline.round_p50s)
-    return float(np.median(diffs)), float(diffs.min()), float(diffs.max())
+    if len(sample.round_p50s) != len(baseline.round_p50s):
+        raise ValueError("a gateway and its baseline must have run the same rounds")
+    diffs = np.array(sample.round_p50s) - np.array(baseline.round_p50s)  # nan: a round without an answer
+    return float(np.nanmedian(diffs)), float(np.nanmin(diffs)), float(np.nanmax(diffs))
 
 
 def print_round_differences(targets: list[Target], rows: list[tuple[str, int, list[Sample]]]) -> None:
     """For each `--baseline` row, its twin's p50 against it round by round: what a single p50 difference hides
     is whether the rounds agree (a regression shows in every round, noise in some)."""
     names = [t.name for t in targets]
-    pairs = [(names.index(name.split(" at ")[0]), i) for i, name in enumerate(names)
-             if " at " in name and name.split(" at ")[0] in names]
+    pairs = [(names.index(name.rpartition(" at ")[0]), i) for i, name in enumerate(names)
+             if " at " in name and name.rpartition(" at ")[0] in names]
     if not pairs:
         return
     print("\np50 against the baseline, round by round (this tree less the baseline; median, lowest, highest):\n")
     for kind, concurrency, samples in rows:
         for mine, base in pairs:
             median, low, high = round_differences(samples[mine], samples[base])
-            print(f"- {kind} c={concurrency}, {names[mine]} vs {names[base].split(' at ')[1]}: {median:+.2f} ms "
+            print(f"- {kind} c={concurrency}, {names[mine]} vs {names[base].rpartition(' at ')[2]}: {median:+.2f} ms "
                   f"({low:+.2f} .. {high:+.2f}) over {len(samples[mine].round_p50s)} rounds")
 
 

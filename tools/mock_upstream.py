@@ -750,13 +750,14 @@ class StreamFrames:
         encoded = encode(envelope)  # '{...}' without "choices", which goes last
         self.head = b"data: " + encoded[:-1] + b',"choices":'
         # OpenAI sends "usage": null on every chunk but the last when the stream asked for usage.
-        self.tail = b',"usage":null}\n\n' if usage_null else b"}\n\n"
+        self.usage_null = b',"usage":null' if usage_null else b""
+        self.tail = self.usage_null + b"}\n\n"
         self.obfuscation = obfuscation
 
     def event(self, choices: list[Json]) -> bytes:
-        if self.obfuscation:  # OpenAI's padding of delta chunks: random characters, a random number of them
+        if self.obfuscation:  # OpenAI's padding of delta chunks, last: random characters, a random number of them
             pad = secrets.token_urlsafe(1 + secrets.randbelow(12)).encode()
-            return self.head + encode(choices) + b',"obfuscation":"' + pad + b'"' + self.tail
+            return self.head + encode(choices) + self.usage_null + b',"obfuscation":"' + pad + b'"}\n\n'
         return self.head + encode(choices) + self.tail
 
     def usage_event(self, usage: Json) -> bytes:

@@ -51,3 +51,18 @@ def test_no_baseline_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     targets = [Target("direct", "http://127.0.0.1:1", {}), Target("gateway (a)", "http://127.0.0.1:2", {})]
     print_round_differences(targets, [("chat", 1, [sample((51.0,)), sample((53.0,))])])
     assert capsys.readouterr().out == ""
+
+
+def test_rounds_must_pair_up_and_a_round_without_answers_is_left_out() -> None:
+    with pytest.raises(ValueError, match="same rounds"):
+        round_differences(sample((53.0,), (54.0,)), sample((52.0,)))
+    mine, base = sample((53.0,), (), (55.0,)), sample((52.0,), (52.0,), (52.0,))
+    assert round_differences(mine, base) == pytest.approx((2.0, 1.0, 3.0))
+
+
+def test_a_name_that_itself_contains_at_pairs_with_its_own_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    targets = [Target(name, f"http://127.0.0.1:{port}", {}) for port, name in
+               enumerate(("direct", "gateway (a) at rest", "gateway (a) at rest at f00ba47"), start=1)]
+    rows = [("chat", 1, [sample((51.0,)), sample((53.0,)), sample((52.0,))])]
+    print_round_differences(targets, rows)
+    assert "chat c=1, gateway (a) at rest vs f00ba47: +1.00 ms" in capsys.readouterr().out

@@ -174,7 +174,16 @@ class StreamTap:
         if not isinstance(chunk, dict):
             self.errored = True
             return
-        if "error" in chunk or _unknown(chunk, _CHUNK_KEYS):
+        if "error" in chunk:
+            self.errored = True
+            return
+        choices = chunk.get("choices") or []
+        if isinstance(chunk.get("usage"), dict):
+            # Counted even when the chunk has a field the tap does not know: what was used does not change, and a
+            # provider adding a field (as OpenAI did with `obfuscation`) must not stop token limits and budgets.
+            self.usage = chunk["usage"]
+            self.usage_with_choices = bool(choices)
+        if _unknown(chunk, _CHUNK_KEYS):
             self.errored = True
             return
         if self._first is None:
@@ -183,10 +192,6 @@ class StreamTap:
             for name in _CARRIED_KEYS:
                 if chunk.get(name) is not None:
                     self._carried[name] = chunk[name]
-        choices = chunk.get("choices") or []
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-            self.usage_with_choices = bool(choices)
         for choice in choices:
             if not isinstance(choice, dict):
                 raise TypeError("a choice that is not an object")

@@ -178,14 +178,15 @@ def test_strip_usage_removes_only_the_usage_only_chunk() -> None:
 
 
 @pytest.mark.parametrize("assemble", [True, False])
-def test_a_stream_the_tap_cannot_follow_counts_no_usage_whether_or_not_it_assembles(assemble: bool) -> None:
-    """Chunks with a field the gateway does not know (and could not replay) are passed on but not trusted: the
-    same with the cache off as on, so what a tenant is charged does not depend on the cache."""
+def test_a_stream_the_tap_cannot_follow_is_not_cached_but_its_usage_counts(assemble: bool) -> None:
+    """Chunks with a field the gateway does not know (and could not replay) are passed on, never cached, and their
+    usage still counted: the same with the cache off as on, so what a tenant is charged does not depend on the
+    cache, and a provider adding a field does not switch off token limits and budgets."""
     data = b"".join(event({**chat_chunk({"content": "Hi"}, "stop"), "moderation": "x"}) for _ in range(2))
     data += event({**usage_chunk(), "moderation": "x"}) + event("[DONE]")
     tap, out = tap_all(data, assemble=assemble)
     assert out == data
-    assert (tap.usage, tap.finish_reasons, tap.answer()) == (None, [], None)
+    assert (tap.usage, tap.finish_reasons, tap.answer()) == (USAGE, [], None)
 
 
 @pytest.mark.parametrize("strip_usage", [False, True])

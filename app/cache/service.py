@@ -127,7 +127,7 @@ class CacheService:
         self.static = static if self.embedder is not None else None
         self.threshold = (options.semantic_threshold if options.semantic_threshold is not None
                           else verifier_model().default_threshold)
-        self.exact = ExactStore(redis_client, on_error=self._store_failed,
+        self.exact = ExactStore(redis_client, on_error=lambda exc: self._store_failed("L1", exc),
                                 on_drop=metrics.BACKGROUND_DROPPED.labels("exact_store").inc)
         self.semantic = SemanticStore(redis_client, options.index_bounds)
         self.generations = Generations(redis_client)
@@ -444,12 +444,13 @@ class CacheService:
                 embed=plan.vector is None and self._warm(plan.partition, now),
             ))
 
-    def _store_failed(self, exc: Exception) -> None:
-        """An L1 SET that failed after its answer had gone (see ExactStore): a future miss, counted and logged."""
+    def _store_failed(self, layer: str, exc: Exception) -> None:
+        """A store that failed after its answer had gone (an L1 SET, see ExactStore, or an L2 write): a future
+        miss, counted and logged."""
         if opens_breaker(exc):
             self.breaker.failed(time.time())
         metrics.REDIS_ERRORS.labels("cache").inc()
-        log.warning("L1 store failed: %s", type(exc).__name__)
+        log.warning("%s store failed: %s", layer, type(exc).__name__)
 
     def _warm(self, partition: str, now: float) -> bool:
         """A hit here lately, in this worker or (as of the last sync) in any other."""
@@ -478,9 +479,7 @@ class CacheService:
             if job.mark_warm:
                 self.semantic.mark_warm(job.partition, int(WARM_SECONDS))
         except REDIS_FAILURES as exc:
-            self.breaker.failed(time.time())
-            metrics.REDIS_ERRORS.labels("cache").inc()
-            log.warning("L2 store failed: %s", type(exc).__name__)
+            self._store_failed("L2", exc)
             return
         stats = self.semantic.stats()
         metrics.SEMANTIC_INDEX_ROWS.set(stats["rows"])

@@ -120,20 +120,39 @@ def readable_now(sock: Any) -> bool:
     return bool(poller.poll(0))
 
 
+class Drops:
+    """Work given up because the buffer it waits in is full: counted, told to ``on_drop`` (a metric) and logged, the
+    first time and every 100th, so a sustained overload shows in the log without flooding it.
+
+    The one home of that rule for every bounded buffer of a worker (background queues, waiting L1 SETs, spend
+    records), so an operator reading the log sees each of them the same way.
+    """
+
+    def __init__(self, what: str, bound: str, on_drop: Callable[[], None] | None = None) -> None:
+        self.what, self.bound = what, bound  # as the log line names them: "<what> full (<bound>)"
+        self.count = 0
+        self._on_drop = on_drop
+
+    def __call__(self) -> None:
+        self.count += 1
+        if self._on_drop is not None:
+            self._on_drop()
+        if self.count == 1 or self.count % 100 == 0:
+            log.warning("%s full (%s): %d dropped so far", self.what, self.bound, self.count)
+
+
 class BackgroundQueue:
     """A bounded queue drained by one greenlet: offering never blocks, a full queue drops and counts.
 
-    Jobs must be plain data (never the request context). ``on_drop`` is told each drop; the first drop and every
-    100th are logged, so a sustained overload shows in the log without flooding it.
+    Jobs must be plain data (never the request context). Drops are counted, told to ``on_drop`` and logged (`Drops`).
     """
 
     def __init__(self, name: str, handler: Callable[[Any], None], capacity: int,
                  on_drop: Callable[[], None] | None = None, background: bool | None = None) -> None:
         self.name = name
         self.capacity = capacity
-        self.dropped = 0
+        self._drops = Drops(f"background queue {name}", f"{capacity} jobs", on_drop)
         self._handler = handler
-        self._on_drop = on_drop
         self.background = gevent_patched() if background is None else background
         self._queue: Any = None
         self._consumer: Any = None
@@ -146,15 +165,14 @@ class BackgroundQueue:
         if self._queue is None:
             self._start()
         if self._queue.qsize() >= self.capacity:
-            self.dropped += 1
-            if self._on_drop is not None:
-                self._on_drop()
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("background queue %s full (%d jobs): %d dropped so far", self.name, self.capacity,
-                            self.dropped)
+            self._drops()
             return False
         self._queue.put_nowait(job)
         return True
+
+    @property
+    def dropped(self) -> int:
+        return self._drops.count
 
     def pending(self) -> int:
         return 0 if self._queue is None else self._queue.qsize()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.concurrency import gevent_patched, sleep, spawn
+from app.concurrency import Drops, gevent_patched, sleep, spawn
 from app.redis_client import REDIS_FAILURES
 
 GENERATIONS_KEY = "gw:cache:gen"
@@ -71,8 +71,8 @@ class ExactStore:
     many (fewer round trips and less CPU per request at c=32). One request at a time gains nothing on this
     project's VM: a Redis idle for a few ms answers ~0.3 ms slower, and the next GET now meets it. The entry is in
     this worker's L0 at once; other workers find it in Redis a few milliseconds later. At most `max_pending`
-    SETs wait; past that a store is dropped (`on_drop`: a future miss, never a wrong answer), and a SET that
-    fails is reported to `on_error`. Outside gevent (tests, tools) every SET is sent at once.
+    SETs wait; past that a store is dropped (a future miss, never a wrong answer; counted, told to `on_drop` and
+    logged), and a SET that fails is reported to `on_error`. Outside gevent (tests, tools) every SET is sent at once.
     """
 
     def __init__(self, redis_client: Any, *, max_pending: int = MAX_PENDING_WRITES,
@@ -81,7 +81,7 @@ class ExactStore:
         self._redis = redis_client
         self._max_pending = max_pending
         self._on_error = on_error or (lambda exc: None)
-        self._on_drop = on_drop or (lambda: None)
+        self._drops = Drops("L1 stores waiting for Redis", f"{max_pending} SETs", on_drop)
         self._pending: list[tuple[str, bytes, int]] = []
         self._flushing = False
 
@@ -114,7 +114,7 @@ class ExactStore:
             self._redis.set(key, value, ex=ttl)
             return expires_at
         if len(self._pending) >= self._max_pending:
-            self._on_drop()
+            self._drops()
             return expires_at
         self._pending.append((key, value, ttl))
         if not self._flushing:
@@ -124,6 +124,10 @@ class ExactStore:
 
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def dropped(self) -> int:
+        return self._drops.count
 
     def _flush_soon(self) -> None:
         """The SETs no look-up took within WRITE_DELAY_SECONDS, sent in one pipeline (a greenlet of its own)."""

@@ -498,7 +498,8 @@ class CacheService:
     def stats(self) -> dict[str, Any]:
         return {
             "l0": {"entries": len(self.local), "bytes": self.local.size_bytes, "max_entries": self.local.max_entries},
-            "l1": {"pending_writes": self.exact.pending()},  # SETs waiting for the next look-up (≤ 5 ms)
+            # SETs waiting for the next look-up (≤ 5 ms), and those dropped because too many waited
+            "l1": {"pending_writes": self.exact.pending(), "dropped_writes": self.exact.dropped},
             "l2": {**self.semantic.stats(), "enabled": self.embedder is not None,
                    "threshold": self.threshold, "store_queue": self.writes.pending(),
                    "store_dropped": self.writes.dropped},

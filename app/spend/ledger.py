@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from app.breaker import Breaker
-from app.concurrency import gevent_patched, sleep, spawn
+from app.concurrency import Drops, gevent_patched, sleep, spawn
 from app.observability import metrics
 from app.ratelimit.limiter import model_part, tenant_tag
 from app.redis_client import REDIS_FAILURES, opens_breaker
@@ -64,6 +64,8 @@ class SpendLedger:
         self._pending: dict[Pair, Counter[str]] = {}
         self._indexed: set[Pair] = set()  # pairs this worker has put in their day's set
         self._flusher: Any = None
+        self._drops = Drops("spend records waiting for Redis", f"{MAX_PENDING} tenant/model/day pairs",
+                            metrics.BACKGROUND_DROPPED.labels("spend").inc)
 
     def rollup_key(self, tenant: str, model: str, day: str) -> str:
         return f"{self.prefix}:{tenant_tag(tenant)}:spend:{day}:{model_part(model)}"
@@ -77,7 +79,7 @@ class SpendLedger:
         pending = self._pending.get(pair)
         if pending is None:
             if len(self._pending) >= MAX_PENDING:
-                metrics.BACKGROUND_DROPPED.labels("spend").inc()
+                self._drops()
                 return
             pending = self._pending[pair] = Counter()
         pending.update(counts)

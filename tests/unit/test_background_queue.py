@@ -9,7 +9,7 @@ import gevent
 import gevent.event
 import pytest
 
-from app.concurrency import BackgroundQueue
+from app.concurrency import BackgroundQueue, Drops
 
 
 def test_a_full_queue_drops_counts_and_logs_without_waiting(caplog: pytest.LogCaptureFixture) -> None:
@@ -60,3 +60,16 @@ def test_outside_gevent_jobs_run_inline() -> None:
     queue = BackgroundQueue("test", done.append, capacity=1, background=False)
     assert queue.offer(1) and queue.offer(2)
     assert done == [1, 2]
+
+
+def test_drops_are_counted_reported_and_logged_first_and_every_hundredth(caplog: pytest.LogCaptureFixture) -> None:
+    """Every bounded buffer of a worker reports a drop the same way: the metric each time, the log line at the
+    first and every 100th, so an overload shows without flooding the log."""
+    told: list[int] = []
+    drops = Drops("L1 stores waiting for Redis", "3 SETs", lambda: told.append(1))
+    with caplog.at_level(logging.WARNING, logger="app.concurrency"):
+        for _ in range(250):
+            drops()
+    assert drops.count == 250 and len(told) == 250
+    assert [r.getMessage() for r in caplog.records] == [
+        f"L1 stores waiting for Redis full (3 SETs): {n} dropped so far" for n in (1, 100, 200)]

@@ -428,8 +428,9 @@ class CacheService:
         if len(content) > self.options.max_entry_bytes:  # in no layer: L0's byte bound holds, Redis stays small
             return
         try:
-            with bounded(plan.redis_budget):
-                expires_at = self.exact.put(plan.key, content, plan.ttl)
+            # No Redis budget around it: in a gevent worker the SET only waits for the next look-up's pipeline (or
+            # its own flush, after the answer), so this call does no I/O; elsewhere (tests, tools) it is sent now.
+            expires_at = self.exact.put(plan.key, content, plan.ttl)
             self.local.put(plan.key, LocalEntry(content, answer, expires_at))
         except REDIS_FAILURES as exc:  # a failed store only costs a future miss
             self._redis_failed(plan, exc, now)

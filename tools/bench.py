@@ -662,6 +662,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fresh.add_argument("--baseline", type=Path, action="append", default=[], metavar="CHECKOUT",
                        help="also run the defaults gateway from another checkout (a git worktree of an older "
                             "commit) in the same rounds (repeatable)")
+    fresh.add_argument("--exact-only", action="store_true",
+                       help="also run the gateway with the exact cache only (SEMANTIC_CACHE_ENABLED=false) in the "
+                            "same rounds: what L0/L1 cost and what L2 adds")
     for sub_parser in (proxy, cache, fresh):
         sub_parser.add_argument("--latency", type=float, default=0.05, help="mock upstream latency (seconds)")
         sub_parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per gateway")

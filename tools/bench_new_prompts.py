@@ -5,6 +5,7 @@ rounds: the mock upstream directly, the gateway with the cache off, and the gate
 cache, local embeddings). Every request carries a prompt no earlier request had (LLM-style templates, each made
 unique by a number), so nothing is ever a hit and L2 pays its whole cost on every request. Memory is the resident
 set of the master and its workers after the run; start-up is the time from launch to a worker answering /readyz.
+`--exact-only` adds the gateway with L0/L1 on and L2 off, to split the defaults' cost between the two.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ TEMPLATES = (
     "What are the next steps for incident {n} after the database failover?",
     "Rewrite paragraph {n} of the onboarding guide in plain English.",
 )
+
+
+EXACT_ONLY = "gateway, exact cache only (L2 off)"
 
 
 def bodies(run_id: str) -> list[str]:
@@ -109,6 +113,11 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
             Target("gateway, defaults (L2 on)", gw_default.url, {}, default_pids),
         ]
         gateways = {"gateway, cache off": gw_off, "gateway, defaults (L2 on)": gw_default}
+        if args.exact_only:  # where the defaults' cost lies: the exact cache alone, in the same rounds
+            gateway, pids = start_gateway({**common, "SEMANTIC_CACHE_ENABLED": "false"}, args.workers)
+            stack.callback(gateway.stop)
+            targets.append(Target(EXACT_ONLY, gateway.url, {}, pids))
+            gateways[EXACT_ONLY] = gateway
         for checkout in args.baseline:  # the defaults as another checkout runs them: before/after in one run
             gateway, pids = start_gateway(common, args.workers, root=checkout)
             stack.callback(gateway.stop)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.concurrency import Drops, gevent_patched, sleep, spawn
-from app.redis_client import REDIS_FAILURES
+from app.redis_client import REDIS_FAILURES, send_now
 
 GENERATIONS_KEY = "gw:cache:gen"
 ENTRY_PREFIX = "gw:c:"
@@ -87,16 +87,35 @@ class ExactStore:
 
     def get(self, key: str) -> tuple[bytes, float] | None:
         """The entry and its absolute expiry, in one GET (the expiry travels in the value's first line)."""
+        return self.send_get(key)()
+
+    def send_get(self, key: str) -> Callable[[], tuple[bytes, float] | None]:
+        """The GET (behind the waiting SETs: one round trip) sent now; the function returned reads the entry and
+        must be called once. The caller works while the round trip travels; a cluster client sends it as a
+        pipeline when read."""
         pending, self._pending = self._pending, []
-        if pending:
-            pipe = self._pipeline(pending)
-            pipe.get(key)
-            *written, value = pipe.execute(raise_on_error=False)
-            self._report(written)
-            if isinstance(value, Exception):
-                raise value
-        else:
-            value = self._redis.get(key)
+        commands: list[tuple[Any, ...]] = [("SET", k, value, "EX", ttl) for k, value, ttl in pending]
+        commands.append(("GET", key))
+        read = send_now(self._redis, commands)
+        if read is None:
+            return lambda: self._read_pipeline(pending, key)
+        return lambda: self._entry(self._answered(read()))
+
+    def _read_pipeline(self, pending: list[tuple[str, bytes, int]], key: str) -> tuple[bytes, float] | None:
+        pipe = self._pipeline(pending)
+        pipe.get(key)
+        return self._entry(self._answered(pipe.execute(raise_on_error=False)))
+
+    def _answered(self, replies: list[Any]) -> Any:
+        """The GET's reply, the last; a failed SET ahead of it is reported, a failed GET raised."""
+        *written, value = replies
+        self._report(written)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    @staticmethod
+    def _entry(value: bytes | None) -> tuple[bytes, float] | None:
         if value is None:
             return None
         head, sep, content = value.partition(b"\n")

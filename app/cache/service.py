@@ -21,7 +21,7 @@ from app.cache.exact import EMBEDDINGS_PREFIX, ENTRY_PREFIX, ExactStore, Generat
 from app.cache.keys import SemanticParts, digest, exact_key, semantic_parts
 from app.cache.lexicon import verifier_model
 from app.cache.local import LocalCache, LocalEntry
-from app.cache.semantic import Candidate, IndexBounds, SemanticStore
+from app.cache.semantic import Candidate, IndexBounds, PartitionIndex, SemanticStore
 from app.cache.verify import decide, normalise, repair_typos, rule_check
 from app.concurrency import BackgroundQueue, new_event
 from app.embeddings.base import Embedder, EmbeddingError
@@ -78,6 +78,22 @@ class CachePlan:
     vector: np.ndarray | None = field(default=None, repr=False)
     learned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # candidates' transformer vectors
     reason: str | None = None  # the L2 decision, for the log line
+
+
+@dataclass
+class L2Stage:
+    """L2's first stage for one look-up, computed while L1's GET travels and applied (counted, remembered) only if
+    L1 misses: an L1 hit leaves no trace of it."""
+
+    streak: int  # the partition's L2 look-ups since its last hit, this one included
+    text: str = ""  # the normalised last user turn (not needed in a cold partition)
+    skip: str | None = None  # why L2 stops here (cold or empty partition, prompt too long)
+    index: PartitionIndex | None = field(default=None, repr=False)
+    static_embedded: bool = False
+    static_vector: np.ndarray | None = field(default=None, repr=False)
+    found: list[Candidate] = field(default_factory=list)
+    survivors: list[Candidate] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (rule, reason) of each candidate dropped
 
 
 @dataclass(frozen=True)
@@ -194,8 +210,9 @@ class CacheService:
                 if not plan.lookup:
                     self.breaker.succeeded(now)
                     return None
-                hit = self._exact(plan, now)
-            hit = hit or self._semantic(plan, now)
+                hit, stage = self._exact(plan, now)
+            if hit is None and stage is not None:
+                hit = self._semantic(plan, stage)
         except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
             return self._local_during_outage(plan)
@@ -242,60 +259,93 @@ class CacheService:
             metrics.child(metrics.CACHE_LOOKUPS, "L0", "miss").inc()
         return None
 
-    def _exact(self, plan: CachePlan, now: float) -> CacheHit | None:
+    def _exact(self, plan: CachePlan, now: float) -> tuple[CacheHit | None, L2Stage | None]:
+        """L0, then L1; while L1's GET travels, L2's first stage (pure CPU: the query's static vector, the search,
+        the lexical rules), which only an L1 miss uses (`_semantic`). The round trip is mostly waiting for Redis,
+        so the first stage costs a new prompt almost no time of its own."""
         assert plan.key is not None
         hit = self._local(plan.key, now)
         if hit is not None:
-            return hit
-        found = self.exact.get(plan.key)
+            return hit, None
+        stage = self._l2_start(plan, now)
+        read = self.exact.send_get(plan.key)
+        try:
+            if stage is not None and stage.index is not None:
+                self._l2_first(stage, now)
+        finally:
+            found = read()
         if found is None:
             metrics.child(metrics.CACHE_LOOKUPS, "L1", "miss").inc()
-            return None
+            return None, stage
         content, expires_at = found
         answer = _stored_answer(content)
         self.local.put(plan.key, LocalEntry(content, answer, expires_at))
         metrics.child(metrics.CACHE_LOOKUPS, "L1", "hit").inc()
-        return CacheHit("L1", content, answer)
+        return CacheHit("L1", content, answer), None
 
-    def _semantic(self, plan: CachePlan, now: float) -> CacheHit | None:
-        """The cascade: static vectors find candidates, lexical rules drop look-alikes, the transformer decides.
+    def _l2_start(self, plan: CachePlan, now: float) -> L2Stage | None:
+        """Whether L2 looks this request up, and the partition's index (synced with Redis when due); None when L2
+        does not apply. A cold or empty partition ends here (its stage says why)."""
+        if plan.semantic is None or plan.partition is None or self.static is None:
+            return None
+        stage = L2Stage(streak=self._streaks.get(plan.partition, 0) + 1)
+        if stage.streak > COLD_AFTER and stage.streak % COLD_SAMPLE:
+            stage.skip = "cold_partition"
+            return stage
+        stage.text = normalise(plan.semantic.text)
+        index = self.semantic.index(plan.partition, self.static.dim, now)
+        if not len(index):
+            stage.skip = "empty_partition"
+        else:
+            stage.index = index
+        return stage
+
+    def _l2_first(self, stage: L2Stage, now: float) -> None:
+        """The cascade's cheap stages, without side effects (they are counted only if L1 misses): the static
+        vector, the index's best candidates, and the lexical rules that drop look-alikes."""
+        assert self.static is not None and stage.index is not None
+        vectors, (tokens,) = self.static.embed_counted([stage.text])
+        stage.static_embedded = True
+        if tokens > SEMANTIC_MAX_TOKENS:
+            stage.skip = "too_long"
+            return
+        stage.static_vector = vectors[0]
+        stage.found = stage.index.search(stage.static_vector, verifier_model().static_floor, now)
+        for candidate in stage.found:
+            refused = rule_check(stage.text, candidate.text, candidate.static_similarity)
+            if refused is None:
+                stage.survivors.append(candidate)
+            else:
+                stage.refused.append((refused.rule, refused.reason))
+
+    def _semantic(self, plan: CachePlan, stage: L2Stage) -> CacheHit | None:
+        """The cascade after an L1 miss: the first stage's outcome counted, and the transformer for survivors.
 
         Each stage runs only when the one before left something to look at, so a new prompt with no near
         neighbour costs a table look-up, and one in an empty partition not even that.
         """
-        if plan.semantic is None or plan.partition is None or self.static is None:
-            return None
-        streak = self._streaks.pop(plan.partition, 0) + 1
-        self._streaks[plan.partition] = streak  # most recently used last
+        assert plan.partition is not None
+        self._streaks.pop(plan.partition, None)
+        self._streaks[plan.partition] = stage.streak  # most recently used last
         if len(self._streaks) > COLD_TRACKED:
             self._streaks.popitem(last=False)
-        if streak > COLD_AFTER and streak % COLD_SAMPLE:
-            plan.l2_store = False  # nor written: a partition where L2 has not paid for a long time
-            return self._skip(plan, "cold_partition")
-        text = normalise(plan.semantic.text)
-        index = self.semantic.index(plan.partition, self.static.dim, now)
-        if not len(index):
-            return self._skip(plan, "empty_partition")
-        vectors, (tokens,) = self.static.embed_counted([text])
-        metrics.child(metrics.EMBEDDINGS, "static").inc()
-        if tokens > SEMANTIC_MAX_TOKENS:
-            plan.l2_store = False  # nor stored: a later prompt could never be told apart from it
-            return self._skip(plan, "too_long")
-        plan.static_vector = vectors[0]
-        found = index.search(plan.static_vector, verifier_model().static_floor, now)
-        survivors: list[Candidate] = []
-        for candidate in found:
-            refused = rule_check(text, candidate.text, candidate.static_similarity)
-            if refused is None:
-                survivors.append(candidate)
-            else:
-                self._refused(plan, refused.rule, refused.reason)
-        if not survivors:
-            if not found:
+        if stage.static_embedded:
+            metrics.child(metrics.EMBEDDINGS, "static").inc()
+        if stage.skip is not None:
+            if stage.skip in ("cold_partition", "too_long"):
+                # Nor written: a partition where L2 has not paid for a long time; a prompt past what the
+                # transformer reads, which a later prompt could never be told apart from.
+                plan.l2_store = False
+            return self._skip(plan, stage.skip)
+        plan.static_vector = stage.static_vector
+        for rule, reason in stage.refused:
+            self._refused(plan, rule, reason)
+        if not stage.survivors:
+            if not stage.found:
                 self._skip(plan, "no_candidate")
             metrics.child(metrics.CACHE_LOOKUPS, "L2", "miss").inc()
             return None
-        return self._verify(plan, text, survivors)
+        return self._verify(plan, stage.text, stage.survivors)
 
     def _verify(self, plan: CachePlan, text: str, survivors: list[Candidate]) -> CacheHit | None:
         assert plan.partition is not None

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.redis_client import HubFreeConnection, build_redis
+from app.redis_client import HubFreeConnection, build_redis, send_now
 from tests.support import REDIS_URL
 
 pytestmark = [pytest.mark.redis]
@@ -62,3 +62,33 @@ def test_a_connection_the_server_closed_is_replaced_not_used(client: redis.Redis
         admin.close()
     # The pool's check sees the closed socket (readable: EOF) and reconnects; the command succeeds.
     assert client.get(key) == b"before"
+
+
+def test_commands_sent_now_are_read_later_in_order_with_an_error_reply_as_its_exception() -> None:
+    """`send_now` is a pipeline split in two: the replies come back in order once read, a failed command as its
+    exception (the others still answered), and the connection goes back to the pool for the next user."""
+    single = build_redis(REDIS_URL, cluster=False, max_connections=1, socket_timeout=2)
+    key = f"gw:test:sent:{uuid.uuid4().hex}"
+    read = send_now(single, [("SET", key, "text", "EX", 60), ("INCR", key), ("GET", key)])
+    assert read is not None
+    written, failed, value = read()
+    assert written == b"OK" and isinstance(failed, redis.ResponseError) and value == b"text"  # raw replies
+    assert single.get(key) == b"text"  # the pool's only connection is back (else: no connection available)
+    single.delete(key)
+    single.connection_pool.disconnect()
+
+
+def test_a_read_that_fails_drops_the_connection_so_no_reply_is_left_for_the_next_user() -> None:
+    """A read cut short (here by the socket timeout; in a worker also by the request's Redis budget) must not hand
+    a connection with a reply still on its way to the next caller, who would read that reply as its own."""
+    slow = build_redis(REDIS_URL, cluster=False, max_connections=1, socket_timeout=0.2)
+    key = f"gw:test:late:{uuid.uuid4().hex}"
+    slow.set(key, "mine", ex=60)
+    read = send_now(slow, [("BLPOP", f"gw:test:empty:{uuid.uuid4().hex}", 1)])
+    assert read is not None
+    with pytest.raises(redis.TimeoutError):
+        read()
+    time.sleep(1.1)  # the BLPOP's own late answer (nil) would be on the old connection by now
+    assert slow.get(key) == b"mine"
+    slow.delete(key)
+    slow.connection_pool.disconnect()

@@ -193,3 +193,28 @@ def test_an_entry_gone_from_redis_is_never_served_and_leaves_the_index(redis_con
     assert service.lookup(chat_plan(service, unique, "How could I reset my password?")) is None
     assert service.semantic.rows == rows - 1
     assert service.embedder.calls == runs  # type: ignore[union-attr] # nothing left to compare: no model run
+
+
+def test_an_l1_hit_leaves_no_trace_of_the_l2_stage_run_while_its_get_travelled(redis_conn: redis.Redis,
+                                                                               unique: str) -> None:
+    """L2's first stage runs while L1's GET is on the wire; when L1 answers, nothing of it is counted: no static
+    embedding, no skip, no L2 look-up, no reason in the log line, and the partition's streak does not move."""
+    from prometheus_client import REGISTRY
+
+    def counted() -> list[float]:
+        names = [("gateway_embeddings_total", {"stage": "static"}),
+                 ("gateway_cache_lookups_total", {"layer": "L2", "result": "miss"}),
+                 *(("gateway_semantic_skipped_total", {"reason": r})
+                   for r in ("no_candidate", "empty_partition", "cold_partition"))]
+        return [REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in names]
+
+    service = l2_service(redis_conn)  # L0 off: a repeat is an L1 hit
+    ask(service, unique, "Summarise support ticket 1042 in one line.")
+    ask(service, unique, "Summarise support ticket 1043 in one line.")  # a look-alike: the first stage has work
+    before, streaks = counted(), dict(service._streaks)  # noqa: SLF001
+    plan, hit = ask(service, unique, "Summarise support ticket 1042 in one line.")
+    assert hit is not None and hit.layer == "L1"
+    assert counted() == before and plan.reason is None and plan.static_vector is None
+    assert service._streaks == streaks  # noqa: SLF001
+    _, miss = ask(service, unique, "Summarise support ticket 1044 in one line.")  # and a miss counts as before
+    assert miss is None and counted() != before

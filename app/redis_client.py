@@ -191,7 +191,13 @@ def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[
         pool.release(connection)
         raise
 
+    done = False
+
     def read() -> list[Any]:
+        nonlocal done
+        if done:  # a second release would put the connection in the pool twice: two users on one socket
+            raise RuntimeError("send_now's replies were already read")
+        done = True
         replies: list[Any] = []
         try:
             for _ in commands:

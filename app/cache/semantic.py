@@ -182,8 +182,16 @@ class SemanticStore:
             index = PartitionIndex(dim)
             self._indexes[partition] = index
         self._indexes.move_to_end(partition)
-        if now - index.synced_at >= SYNC_SECONDS:
+        if _sync_due(index, now):
             self._sync(partition, index, now)
+        return index
+
+    def fresh_index(self, partition: str, dim: int, now: float) -> PartitionIndex | None:
+        """The partition's index as this worker holds it when no sync is due: no I/O, nothing changed (not even
+        the order in which partitions are kept). None when there is none or it is due for a sync."""
+        index = self._indexes.get(partition)
+        if index is None or index.dim != dim or _sync_due(index, now):
+            return None
         return index
 
     def _sync(self, partition: str, index: PartitionIndex, now: float) -> None:
@@ -304,6 +312,10 @@ class SemanticStore:
     def _live(self, partition: str, entry_id: str) -> bool:
         index = self._indexes.get(partition)
         return index is not None and index.is_live(entry_id)
+
+
+def _sync_due(index: PartitionIndex, now: float) -> bool:
+    return now - index.synced_at >= SYNC_SECONDS
 
 
 def _lua(name: str) -> str:

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,11 +86,10 @@ class L2Stage:
     """L2's first stage for one look-up, computed while L1's GET travels and applied (counted, remembered) only if
     L1 misses: an L1 hit leaves no trace of it."""
 
-    streak: int  # the partition's L2 look-ups since its last hit, this one included
     text: str = ""  # the normalised last user turn (not needed in a cold partition)
-    skip: str | None = None  # why L2 stops here (cold or empty partition, prompt too long)
-    index: PartitionIndex | None = field(default=None, repr=False)
-    static_embedded: bool = False
+    index: PartitionIndex | None = field(default=None, repr=False)  # the index the stage searched, if it ran
+    synced_at: float = 0.0  # that index's last sync when it was searched
+    too_long: bool = False
     static_vector: np.ndarray | None = field(default=None, repr=False)
     found: list[Candidate] = field(default_factory=list)
     survivors: list[Candidate] = field(default_factory=list)
@@ -212,7 +212,7 @@ class CacheService:
                     return None
                 hit, stage = self._exact(plan, now)
             if hit is None and stage is not None:
-                hit = self._semantic(plan, stage)
+                hit = self._semantic(plan, stage, now)
         except REDIS_FAILURES as exc:
             self._redis_failed(plan, exc, now)
             return self._local_during_outage(plan)
@@ -271,9 +271,12 @@ class CacheService:
         read = self.exact.send_get(plan.key)
         try:
             if stage is not None and stage.index is not None:
-                self._l2_first(stage, now)
-        finally:
-            found = read()
+                self._l2_first(stage, stage.index, now)
+        except BaseException:
+            with suppress(*REDIS_FAILURES):
+                read()  # gives the connection back; the stage's own error is the one raised
+            raise
+        found = read()
         if found is None:
             metrics.child(metrics.CACHE_LOOKUPS, "L1", "miss").inc()
             return None, stage
@@ -284,33 +287,31 @@ class CacheService:
         return CacheHit("L1", content, answer), None
 
     def _l2_start(self, plan: CachePlan, now: float) -> L2Stage | None:
-        """Whether L2 looks this request up, and the partition's index (synced with Redis when due); None when L2
-        does not apply. A cold or empty partition ends here (its stage says why)."""
+        """L2's part of this look-up, from what the worker holds (no I/O, nothing counted); None when L2 does not
+        apply. The first stage runs during L1's GET only where it is likely to be used: a partition that is not
+        cold and whose index is fresh and has rows. Otherwise `_semantic` syncs and runs it after an L1 miss."""
         if plan.semantic is None or plan.partition is None or self.static is None:
             return None
-        stage = L2Stage(streak=self._streaks.get(plan.partition, 0) + 1)
-        if stage.streak > COLD_AFTER and stage.streak % COLD_SAMPLE:
-            stage.skip = "cold_partition"
+        stage = L2Stage()
+        if self._cold(self._streaks.get(plan.partition, 0) + 1):
             return stage
         stage.text = normalise(plan.semantic.text)
-        index = self.semantic.index(plan.partition, self.static.dim, now)
-        if not len(index):
-            stage.skip = "empty_partition"
-        else:
+        index = self.semantic.fresh_index(plan.partition, self.static.dim, now)
+        if index is not None and len(index):
             stage.index = index
         return stage
 
-    def _l2_first(self, stage: L2Stage, now: float) -> None:
+    def _l2_first(self, stage: L2Stage, index: PartitionIndex, now: float) -> None:
         """The cascade's cheap stages, without side effects (they are counted only if L1 misses): the static
         vector, the index's best candidates, and the lexical rules that drop look-alikes."""
-        assert self.static is not None and stage.index is not None
+        assert self.static is not None
+        stage.index, stage.synced_at, stage.found, stage.survivors, stage.refused = index, index.synced_at, [], [], []
         vectors, (tokens,) = self.static.embed_counted([stage.text])
-        stage.static_embedded = True
-        if tokens > SEMANTIC_MAX_TOKENS:
-            stage.skip = "too_long"
-            return
         stage.static_vector = vectors[0]
-        stage.found = stage.index.search(stage.static_vector, verifier_model().static_floor, now)
+        stage.too_long = tokens > SEMANTIC_MAX_TOKENS
+        if stage.too_long:
+            return
+        stage.found = index.search(stage.static_vector, verifier_model().static_floor, now)
         for candidate in stage.found:
             refused = rule_check(stage.text, candidate.text, candidate.static_similarity)
             if refused is None:
@@ -318,25 +319,36 @@ class CacheService:
             else:
                 stage.refused.append((refused.rule, refused.reason))
 
-    def _semantic(self, plan: CachePlan, stage: L2Stage) -> CacheHit | None:
-        """The cascade after an L1 miss: the first stage's outcome counted, and the transformer for survivors.
+    @staticmethod
+    def _cold(streak: int) -> bool:
+        """A partition whose last COLD_AFTER look-ups found nothing is looked up one request in COLD_SAMPLE."""
+        return streak > COLD_AFTER and bool(streak % COLD_SAMPLE)
+
+    def _semantic(self, plan: CachePlan, stage: L2Stage, now: float) -> CacheHit | None:
+        """The cascade after an L1 miss: the first stage (run now if L1's GET did not carry it, or run again if the
+        index was synced since), its outcome counted, and the transformer for survivors.
 
         Each stage runs only when the one before left something to look at, so a new prompt with no near
         neighbour costs a table look-up, and one in an empty partition not even that.
         """
-        assert plan.partition is not None
-        self._streaks.pop(plan.partition, None)
-        self._streaks[plan.partition] = stage.streak  # most recently used last
+        assert plan.partition is not None and self.static is not None
+        streak = self._streaks.pop(plan.partition, 0) + 1  # read now: other look-ups ran while the GET travelled
+        self._streaks[plan.partition] = streak  # most recently used last
         if len(self._streaks) > COLD_TRACKED:
             self._streaks.popitem(last=False)
-        if stage.static_embedded:
-            metrics.child(metrics.EMBEDDINGS, "static").inc()
-        if stage.skip is not None:
-            if stage.skip in ("cold_partition", "too_long"):
-                # Nor written: a partition where L2 has not paid for a long time; a prompt past what the
-                # transformer reads, which a later prompt could never be told apart from.
-                plan.l2_store = False
-            return self._skip(plan, stage.skip)
+        if self._cold(streak):
+            plan.l2_store = False  # nor written: a partition where L2 has not paid for a long time
+            return self._skip(plan, "cold_partition")
+        index = self.semantic.index(plan.partition, self.static.dim, now)  # synced with Redis when due
+        if not len(index):
+            return self._skip(plan, "empty_partition")
+        if stage.index is not index or stage.synced_at != index.synced_at:
+            stage.text = stage.text or normalise(plan.semantic.text)  # type: ignore[union-attr]
+            self._l2_first(stage, index, now)
+        metrics.child(metrics.EMBEDDINGS, "static").inc()
+        if stage.too_long:
+            plan.l2_store = False  # nor stored: a later prompt could never be told apart from it
+            return self._skip(plan, "too_long")
         plan.static_vector = stage.static_vector
         for rule, reason in stage.refused:
             self._refused(plan, rule, reason)

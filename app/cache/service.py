@@ -86,8 +86,8 @@ class L2Stage:
     """L2's first stage for one look-up, computed while L1's GET travels and applied (counted, remembered) only if
     L1 misses: an L1 hit leaves no trace of it."""
 
-    text: str = ""  # the normalised last user turn (not needed in a cold partition)
-    index: PartitionIndex | None = field(default=None, repr=False)  # the index the stage searched, if it ran
+    text: str = ""  # the normalised last user turn, once the stage ran
+    index: PartitionIndex | None = field(default=None, repr=False)  # the index the stage searched, once it ran
     synced_at: float = 0.0  # that index's last sync when it was searched
     too_long: bool = False
     static_vector: np.ndarray | None = field(default=None, repr=False)
@@ -267,11 +267,12 @@ class CacheService:
         hit = self._local(plan.key, now)
         if hit is not None:
             return hit, None
-        stage = self._l2_start(plan, now)
+        stage = L2Stage() if self._l2_applies(plan) else None
+        fresh = self._fresh_l2_index(plan, now) if stage is not None else None
         read = self.exact.send_get(plan.key)
         try:
-            if stage is not None and stage.index is not None:
-                self._l2_first(stage, stage.index, now)
+            if stage is not None and fresh is not None:
+                self._l2_first(plan, stage, fresh, now)
         except BaseException:
             with suppress(*REDIS_FAILURES):
                 read()  # gives the connection back; the stage's own error is the one raised
@@ -286,25 +287,24 @@ class CacheService:
         metrics.child(metrics.CACHE_LOOKUPS, "L1", "hit").inc()
         return CacheHit("L1", content, answer), None
 
-    def _l2_start(self, plan: CachePlan, now: float) -> L2Stage | None:
-        """L2's part of this look-up, from what the worker holds (no I/O, nothing counted); None when L2 does not
-        apply. The first stage runs during L1's GET only where it is likely to be used: a partition that is not
-        cold and whose index is fresh and has rows. Otherwise `_semantic` syncs and runs it after an L1 miss."""
-        if plan.semantic is None or plan.partition is None or self.static is None:
-            return None
-        stage = L2Stage()
-        if self._cold(self._streaks.get(plan.partition, 0) + 1):
-            return stage
-        stage.text = normalise(plan.semantic.text)
-        index = self.semantic.fresh_index(plan.partition, self.static.dim, now)
-        if index is not None and len(index):
-            stage.index = index
-        return stage
+    def _l2_applies(self, plan: CachePlan) -> bool:
+        return plan.semantic is not None and plan.partition is not None and self.static is not None
 
-    def _l2_first(self, stage: L2Stage, index: PartitionIndex, now: float) -> None:
-        """The cascade's cheap stages, without side effects (they are counted only if L1 misses): the static
-        vector, the index's best candidates, and the lexical rules that drop look-alikes."""
-        assert self.static is not None
+    def _fresh_l2_index(self, plan: CachePlan, now: float) -> PartitionIndex | None:
+        """The index to search while L1's GET travels, from what the worker holds (no I/O, nothing counted): only
+        where the first stage is likely to be used, a partition that is not cold and whose index needs no sync and
+        has rows. Otherwise `_semantic` syncs and runs the stage after an L1 miss."""
+        assert plan.partition is not None and self.static is not None
+        if self._cold(self._streaks.get(plan.partition, 0) + 1):
+            return None
+        index = self.semantic.fresh_index(plan.partition, self.static.dim, now)
+        return index if index is not None and len(index) else None
+
+    def _l2_first(self, plan: CachePlan, stage: L2Stage, index: PartitionIndex, now: float) -> None:
+        """The cascade's cheap stages on `index`, without side effects (they are counted only if L1 misses): the
+        static vector, the index's best candidates, and the lexical rules that drop look-alikes."""
+        assert plan.semantic is not None and self.static is not None
+        stage.text = stage.text or normalise(plan.semantic.text)
         stage.index, stage.synced_at, stage.found, stage.survivors, stage.refused = index, index.synced_at, [], [], []
         vectors, (tokens,) = self.static.embed_counted([stage.text])
         stage.static_vector = vectors[0]
@@ -342,9 +342,8 @@ class CacheService:
         index = self.semantic.index(plan.partition, self.static.dim, now)  # synced with Redis when due
         if not len(index):
             return self._skip(plan, "empty_partition")
-        if stage.index is not index or stage.synced_at != index.synced_at:
-            stage.text = stage.text or normalise(plan.semantic.text)  # type: ignore[union-attr]
-            self._l2_first(stage, index, now)
+        if stage.index is not index or stage.synced_at != index.synced_at:  # not run, or the index synced since
+            self._l2_first(plan, stage, index, now)
         metrics.child(metrics.EMBEDDINGS, "static").inc()
         if stage.too_long:
             plan.l2_store = False  # nor stored: a later prompt could never be told apart from it

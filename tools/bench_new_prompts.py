@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
 
 from tools.bench import (
+    ROOT,
     UPSTREAM_KEY,
     MockUpstream,
     Sample,
@@ -99,31 +101,27 @@ def new_prompts_mode(args: argparse.Namespace) -> None:
         _.stop()
         default_start, probe = startup_seconds(common, args.workers)
         probe.stop()
-        gw_off, off_pids = start_gateway({**common, "CACHE_ENABLED": "false"}, args.workers)
-        stack.callback(gw_off.stop)
-        gw_default, default_pids = start_gateway(common, args.workers)
-        stack.callback(gw_default.stop)
         from tools.bench_client import LoadGenerator
 
         load = LoadGenerator()
         stack.callback(load.close)
-        targets = [
-            Target("direct", mock.url, {"Authorization": f"Bearer {UPSTREAM_KEY}"}),
-            Target("gateway, cache off", gw_off.url, {}, off_pids),
-            Target("gateway, defaults (L2 on)", gw_default.url, {}, default_pids),
-        ]
-        gateways = {"gateway, cache off": gw_off, "gateway, defaults (L2 on)": gw_default}
-        if args.exact_only:  # where the defaults' cost lies: the exact cache alone, in the same rounds
-            gateway, pids = start_gateway({**common, "SEMANTIC_CACHE_ENABLED": "false"}, args.workers)
+        targets = [Target("direct", mock.url, {"Authorization": f"Bearer {UPSTREAM_KEY}"})]
+        gateways: dict[str, Gateway] = {}
+
+        def add(name: str, env: dict[str, str], root: Path = ROOT) -> Gateway:
+            """One more gateway in the rounds (its rows named `name`), stopped when the run ends."""
+            gateway, pids = start_gateway(env, args.workers, root=root)
             stack.callback(gateway.stop)
-            targets.append(Target(EXACT_ONLY, gateway.url, {}, pids))
-            gateways[EXACT_ONLY] = gateway
-        for checkout in args.baseline:  # the defaults as another checkout runs them: before/after in one run
-            gateway, pids = start_gateway(common, args.workers, root=checkout)
-            stack.callback(gateway.stop)
-            name = f"gateway, defaults (L2 on) at {checkout_rev(checkout)}"
             targets.append(Target(name, gateway.url, {}, pids))
             gateways[name] = gateway
+            return gateway
+
+        add("gateway, cache off", {**common, "CACHE_ENABLED": "false"})
+        gw_default = add("gateway, defaults (L2 on)", common)
+        if args.exact_only:  # where the defaults' cost lies: the exact cache alone, in the same rounds
+            add(EXACT_ONLY, {**common, "SEMANTIC_CACHE_ENABLED": "false"})
+        for checkout in args.baseline:  # the defaults as another checkout runs them: before/after in one run
+            add(f"gateway, defaults (L2 on) at {checkout_rev(checkout)}", common, checkout)
         start = 10_000_000
         rows: list[tuple[int, list[Sample]]] = []
         for concurrency in args.concurrency:

@@ -1,7 +1,7 @@
 """The one place the gateway reaches under requests' public API into urllib3, for speed (README, "Performance").
 
-Three things, each measured on the proxy's hot path, and pinned by `tests/unit/test_urllib3_seam.py` (the urllib3
-behaviour they rely on):
+Four things, each measured on the proxy's hot path, and pinned by `tests/unit/test_urllib3_seam.py` and
+`tests/integration/test_upstream_arrivals.py` (the urllib3 and http.client behaviour they rely on):
 - `DirectPools.urlopen`: the upstream call is one `urlopen` on the requests adapter's own urllib3 pool, with the
   adapter's `Retry`, instead of `Session.request` (cookies, hooks, redirects and environment merging the gateway
   never needs cost about as much CPU again as the call itself);
@@ -10,6 +10,9 @@ behaviour they rely on):
 - `_OneWrite` writes a request's head and body in one send: http.client writes the head, then the body, two
   syscalls, and on a keep-alive connection to a local upstream (vLLM, Ollama, a sidecar) two wake-ups of the peer.
   It is also where each send gets its W3C `traceparent` when tracing is on (app/observability/tracing.py).
+- `arrived`: whether more of an answer is already here, asked of http.client's buffered reader without waiting,
+  so a stream's events that arrived together leave in one write (`UpstreamResult.iter_raw`; side by side, streams
+  at c=32 went from 84 to 91 % of direct and c=1 overhead ~0.8 ms lower).
 
 `ONE_WRITE` and `DIRECT_URLOPEN` exist to measure each side by side (a tree with one set False); both are True.
 """
@@ -149,6 +152,25 @@ class DirectPools:
         response = self._session.request(method, upstream_url(base_url, path), data=body, headers=headers,
                                          timeout=timeout, stream=True, allow_redirects=False)
         return response.raw
+
+
+def arrived(response: HTTPResponse) -> bool:
+    """Whether more of the answer's bytes are already here (in the reader's buffer or the socket): a read now
+    would not wait. Asked with a zero timeout on the socket, so it never waits either; when it cannot tell (no
+    socket, TLS wanting a record) it says no, and the caller passes on what it has, as it would anyway.
+    """
+    reader = getattr(getattr(response, "_fp", None), "fp", None)  # http.client's buffered reader, None once read
+    sock = getattr(getattr(response, "_connection", None), "sock", None)
+    if reader is None or sock is None:
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # the socket's read raises EWOULDBLOCK, which the reader turns into "nothing yet"
+    try:
+        return bool(reader.peek(1))
+    except (OSError, ValueError):
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 def upstream_url(base_url: str, path: str) -> str:

@@ -15,6 +15,7 @@ JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:
     """A dictConfig for JSON lines on stderr (12-factor: the platform collects them)."""
+    skip_unlogged_record_fields()
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -35,6 +36,16 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         },
         "root": {"level": "WARNING", "handlers": ["stderr"]},
     }
+
+
+def skip_unlogged_record_fields() -> None:
+    """Records without the caller's file and line, thread and process: no line shows them (the JSON lines carry
+    `JSON_FORMAT`'s fields and the logged dict or `extra`), and finding the caller walks the stack on every line,
+    the access log's included. The switches are the ones the logging HOWTO's "Optimization" section names."""
+    logging._srcfile = None  # noqa: SLF001 - documented there: "set logging._srcfile to None"
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def configure_logging(level: str) -> None:

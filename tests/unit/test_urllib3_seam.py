@@ -3,6 +3,7 @@ changes any of it, these fail before the gateway quietly loses its fast path (or
 
 from __future__ import annotations
 
+import http.client
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,7 @@ import pytest
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util import Timeout
 
-from app.upstream import connection
+from app.upstream import connection, heads
 from app.upstream.client import retry_reasons
 from app.upstream.connection import DirectPools, OneWriteHTTPConnection, OneWriteHTTPConnectionPool
 from app.upstream.http import build_retry, build_session
@@ -131,6 +132,31 @@ def test_a_live_connection_is_reused(upstream: tuple[Upstream, str]) -> None:
     assert len(state.bodies) == 3 and len(state.peers) == 1
 
 
-def test_both_switches_are_on() -> None:
+def test_every_switch_is_on() -> None:
     """The side-by-side switches are for measuring only: the gateway ships with every fast path on."""
-    assert connection.ONE_WRITE is True and connection.DIRECT_URLOPEN is True
+    assert connection.ONE_WRITE is True and connection.DIRECT_URLOPEN is True and connection.PLAIN_HEADS is True
+
+
+def test_http_client_reads_the_head_parser_from_its_module(upstream: tuple[Upstream, str]) -> None:
+    """`HTTPResponse.begin` looks `parse_headers` up in http.client's module at each call, which is where the seam
+    puts the plain-head parser: an answer's head goes through it, and its headers come out as sent. (The test
+    server's http.server parses the request's head with it too: it is http.client's, process-wide.)"""
+    _state, url = upstream
+    assert "parse_headers" in http.client.HTTPResponse.begin.__code__.co_names
+    assert http.client.parse_headers is heads.parse_headers
+    seen: list[bytes] = []
+
+    def spy(fp: Any, _class: Any = http.client.HTTPMessage) -> http.client.HTTPMessage:
+        message = heads.parse_headers(fp, _class)
+        seen.append(message.as_bytes())
+        return message
+
+    pools = DirectPools(session())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(http.client, "parse_headers", spy)
+        answer = pools.urlopen("POST", url, "/v1/x", body=b"{}", headers={}, retries=pools.retry(url),
+                               timeout=Timeout(connect=2, read=2))
+    answer.read()
+    answer.release_conn()
+    assert [head for head in seen if b"Content-Type: application/json" in head]
+    assert answer.headers["Content-Type"] == "application/json" and answer.headers["Content-Length"] == "2"

@@ -21,7 +21,7 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {
             "json": {
-                "()": "pythonjsonlogger.json.JsonFormatter",
+                "()": "app.observability.json_lines.JsonLines",  # python-json-logger's, quicker per access line
                 "fmt": JSON_FORMAT,
                 "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
             }

@@ -6,8 +6,8 @@ import json
 import logging
 
 import pytest
-from pythonjsonlogger.json import JsonFormatter
 
+from app.observability.json_lines import JsonLines
 from app.observability.logging import JSON_FORMAT
 from app.observability.record import RequestRecord
 from app.proxy.context import _close
@@ -24,7 +24,7 @@ def test_a_failing_close_step_does_not_skip_the_others(caplog: pytest.LogCapture
         _close(rec, [broken, lambda: ran.append("release slot")])
     assert ran == ["release slot"]
     assert any(r.message == "request close step failed" and r.request_id == "rid-close" for r in caplog.records)
-    formatter = JsonFormatter(JSON_FORMAT)  # the log line as the app writes it
+    formatter = JsonLines(JSON_FORMAT)  # the log line as the app writes it
     lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "gateway.access"]
     assert any(line["message"] == "request" and line["request_id"] == "rid-close" for line in lines)
 

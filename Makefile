@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test lint venv dev-venv redis bench bench-cache bench-new eval chaos clean
+.PHONY: run test lint venv dev-venv redis bench bench-cache bench-new bench-instructions eval chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-cache: dev-venv redis
 
 bench-new: dev-venv redis
 	$(BIN)/python tools/bench.py new-prompts
+
+bench-instructions: dev-venv
+	$(BIN)/python tools/bench.py instructions $(BENCH_ARGS)
 
 ## The fault suite (issue 12): Redis, upstream, worker and client faults against a real gunicorn; prints one table.
 chaos: dev-venv

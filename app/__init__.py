@@ -22,17 +22,16 @@ if TYPE_CHECKING:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build every service once for this worker (after gunicorn's fork) and wire the blueprints.
 
-    Flask is imported here, not at the top: tools that only need a part of the package (the master's
-    `app.ratelimit.reap`, which must start fast) do not pay for it.
+    Flask (in `app.proxy.flask_app`) is imported here, not at the top: tools that only need a part of the package
+    (the master's `app.ratelimit.reap`, which must start fast) do not pay for it.
     """
-    from flask import Flask
-
     from app.auth import TenantLimits, build_authenticator
     from app.concurrency import gevent_patched
     from app.gateway import Gateway
     from app.observability import tracing
     from app.observability.logging import configure_logging
     from app.proxy import admin, admin_keys, body, context, cors, errors, routes, system
+    from app.proxy.flask_app import GatewayFlask
     from app.redis_client import background_ping, build_redis
     from app.upstream.backends import backends_from_settings
     from app.upstream.client import UpstreamClient
@@ -79,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter = _build_admission(settings, redis, auth, redis_breaker)
     spend = _build_spend(settings, redis, redis_breaker)
 
-    app = Flask(__name__)
+    app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["gateway"] = Gateway(

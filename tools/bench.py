@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench.py proxy --traces  # ... and (t): (b) with every request traced (OTLP to a sink)
     .venv/bin/python tools/bench.py cache     # cache layers: miss, L0, L1, L2 hits; L1 throughput; L2 search
     .venv/bin/python tools/bench.py new-prompts   # defaults (L2 on), every prompt new: vs direct and cache off
+    .venv/bin/python tools/bench.py instructions --baseline CHECKOUT  # a worker's instructions per request (callgrind)
 
 The machine is small and shared, so only what is measured side by side in one run means anything: targets are
 measured in alternating short rounds and reported with ratios. The load comes from tools/bench_client.py in its own
@@ -665,6 +666,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fresh.add_argument("--exact-only", action="store_true",
                        help="also run the gateway with the exact cache only (SEMANTIC_CACHE_ENABLED=false) in the "
                             "same rounds: what L0/L1 cost and what L2 adds")
+    counted = sub.add_parser("instructions", help="instructions per request in a worker, under callgrind")
+    counted.add_argument("--requests", type=int, default=300, help="requests counted per tree and kind")
+    counted.add_argument("--warmup", type=int, default=100, help="requests sent first, not counted")
+    counted.add_argument("--baseline", type=Path, action="append", default=[], metavar="CHECKOUT",
+                         help="also count another checkout (a git worktree of an older commit) (repeatable)")
     for sub_parser in (proxy, cache, fresh):
         sub_parser.add_argument("--latency", type=float, default=0.05, help="mock upstream latency (seconds)")
         sub_parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per gateway")
@@ -680,6 +686,10 @@ def main(argv: list[str] | None = None) -> None:
         from tools.bench_new_prompts import new_prompts_mode
 
         new_prompts_mode(args)
+    elif args.mode == "instructions":
+        from tools.bench_instructions import instructions_mode
+
+        instructions_mode(args)
     else:
         cache_mode(args)
     log(f"done in {time.monotonic() - started_at:.0f}s")

@@ -66,3 +66,22 @@ def test_a_name_that_itself_contains_at_pairs_with_its_own_baseline(capsys: pyte
     rows = [("chat", 1, [sample((51.0,)), sample((53.0,)), sample((52.0,))])]
     print_round_differences(targets, rows)
     assert "chat c=1, gateway (a) at rest vs f00ba47: +1.00 ms" in capsys.readouterr().out
+
+
+CALLGRIND_CONTROL = """PID 9490: .venv/bin/python .venv/bin/gunicorn -c gunicorn.conf.py wsgi:app
+sending command status internal to pid 9490
+
+  Totals:           Ir
+   Th 1  2,100,476,701
+
+   Th 2         30,949
+   Th 3        105,566
+"""
+
+
+def test_callgrind_counters_are_summed_over_threads() -> None:
+    from tools.bench_instructions import total_instructions
+
+    assert total_instructions(CALLGRIND_CONTROL) == 2_100_476_701 + 30_949 + 105_566
+    with pytest.raises(SystemExit, match="no counters"):
+        total_instructions("PID 1: no such process\n")

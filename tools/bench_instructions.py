@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.support import MockUpstream, free_port, wait_until
+from tests.support import MockUpstream, end_process, free_port, wait_until
 from tools.bench import CHAT_PATH, ROOT, UPSTREAM_KEY, chat_body, checkout_rev, log
 
 IDLE_SECONDS = 10.0
@@ -73,11 +73,7 @@ class CountedGateway:
                                                  capture_output=True, text=True, check=True).stdout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        end_process(self.process, timeout=60)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,16 +111,11 @@ class MockUpstream:
         requests.post(self.url + "/_mock/reset", timeout=5).raise_for_status()
 
     def stop(self) -> None:
-        end_process(self.process, timeout=5)
-
-
-def end_process(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 class OtlpReceiver:
@@ -224,8 +219,10 @@ class Gateway:
     stderr (gunicorn's and the app's JSON log lines) goes to a file the tests can read.
     """
 
-    def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60, root: Path = ROOT) -> None:
-        """`root`: the checkout to run (another one only for tools/bench.py's side-by-side runs)."""
+    def __init__(self, env: dict[str, str], *, workers: int = 1, timeout: float = 60, root: Path = ROOT,
+                 wrapper: Sequence[str] = ()) -> None:
+        """`root`: the checkout to run (another one only for tools/bench.py's side-by-side runs). `wrapper`: a command
+        gunicorn runs under (tools/bench_instructions.py's valgrind)."""
         declared("gunicorn", "a gateway under gunicorn")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -248,7 +245,7 @@ class Gateway:
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [GUNICORN, "-c", str(root / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
+            [*wrapper, GUNICORN, "-c", str(root / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}",
              "-b", f"127.0.0.1:{self.metrics_port}", "wsgi:app"],
             cwd=root, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )

@@ -17,64 +17,37 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.support import MockUpstream, end_process, free_port, wait_until
-from tools.bench import CHAT_PATH, ROOT, UPSTREAM_KEY, chat_body, checkout_rev, log
+from tests.support import PYTHON, Gateway, MockUpstream
+from tools.bench import CHAT_PATH, ROOT, UPSTREAM_KEY, chat_body, checkout_rev, log, worker_pids
 
 IDLE_SECONDS = 10.0
 BODY = "Explain in two sentences why keep-alive connections matter for a reverse proxy."
 
 
-class CountedGateway:
-    """gunicorn (one gevent worker) under callgrind, in `root`, in front of `upstream`."""
+def counted_gateway(root: Path, upstream: str) -> tuple[Gateway, int]:
+    """gunicorn (one gevent worker) under callgrind, in `root`, in front of `upstream`; and its worker's pid."""
+    env = {"PYTHONHASHSEED": "0", "TARGET_URL": upstream, "UPSTREAM_API_KEYS": UPSTREAM_KEY,
+           "AUTH_DISABLED": "true", "CACHE_ENABLED": "false"}
+    wrapper = ["valgrind", "--tool=callgrind", "--trace-children=yes", "--callgrind-out-file=/dev/null", PYTHON]
+    gateway = Gateway(env, workers=1, timeout=300, root=root, wrapper=wrapper)
+    workers = worker_pids(gateway.process.pid)
+    if len(workers) != 1:
+        gateway.stop()
+        raise SystemExit(f"expected one worker under gunicorn {gateway.process.pid}, found {workers}")
+    return gateway, workers[0]
 
-    def __init__(self, root: Path, upstream: str) -> None:
-        self.port, metrics_port = free_port(), free_port()
-        self.workdir = Path(tempfile.mkdtemp(prefix="gateway-callgrind-"))
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONHASHSEED": "0",
-               "OPENBLAS_NUM_THREADS": "1", "TARGET_URL": upstream, "UPSTREAM_API_KEYS": UPSTREAM_KEY,
-               "AUTH_DISABLED": "true", "CACHE_ENABLED": "false", "WEB_CONCURRENCY": "1",
-               "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics"), "METRICS_PORT": str(metrics_port)}
-        gunicorn = Path(ROOT / ".venv/bin/gunicorn")
-        self.process = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={self.workdir}/cg.%p",
-             str(ROOT / ".venv/bin/python"), str(gunicorn), "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}",
-             "-b", f"127.0.0.1:{metrics_port}", "wsgi:app"],
-            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._serving, 300, f"gateway under callgrind in {root}")
-        self.worker = self._worker_pid()
 
-    def _serving(self) -> bool:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            connection.request("GET", "/healthz")
-            return connection.getresponse().status == 200
-        except OSError:
-            return False
-
-    def _worker_pid(self) -> int:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        if len(children) != 1:
-            raise SystemExit(f"expected one worker under gunicorn {self.process.pid}, found {children}")
-        return int(children[0])
-
-    def instructions(self) -> int:
-        """The worker's instructions so far."""
-        return total_instructions(subprocess.run(["callgrind_control", "-e", str(self.worker)],
-                                                 capture_output=True, text=True, check=True).stdout)
-
-    def stop(self) -> None:
-        end_process(self.process, timeout=60)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+def instructions(worker: int) -> int:
+    """The worker's instructions so far."""
+    return total_instructions(subprocess.run(["callgrind_control", "-e", str(worker)], capture_output=True,
+                                             text=True, check=True).stdout)
 
 
 def total_instructions(control_output: str) -> int:
@@ -96,14 +69,14 @@ def send(port: int, body: str, count: int, stream: bool) -> None:
     connection.close()
 
 
-def per_request(gateway: CountedGateway, body: str, args: argparse.Namespace, stream: bool) -> float:
+def per_request(gateway: Gateway, worker: int, body: str, args: argparse.Namespace, stream: bool) -> float:
     send(gateway.port, body, args.warmup, stream)
-    before = gateway.instructions()
+    before = instructions(worker)
     time.sleep(IDLE_SECONDS)
-    idle_rate = (gateway.instructions() - before) / IDLE_SECONDS
-    before, started = gateway.instructions(), time.monotonic()
+    idle_rate = (instructions(worker) - before) / IDLE_SECONDS
+    before, started = instructions(worker), time.monotonic()
     send(gateway.port, body, args.requests, stream)
-    spent, elapsed = gateway.instructions() - before, time.monotonic() - started
+    spent, elapsed = instructions(worker) - before, time.monotonic() - started
     return (spent - idle_rate * elapsed) / args.requests
 
 
@@ -118,10 +91,10 @@ def instructions_mode(args: argparse.Namespace) -> None:
         stack.callback(mock.stop)
         for name, root in trees:
             log(f"{name}: starting gunicorn under callgrind ...")
-            gateway = CountedGateway(root, mock.url)
+            gateway, worker = counted_gateway(root, mock.url)
             try:
                 for kind, (body, stream) in kinds.items():
-                    counts[(name, kind)] = per_request(gateway, body, args, stream)
+                    counts[(name, kind)] = per_request(gateway, worker, body, args, stream)
                     log(f"  {kind}: {counts[(name, kind)]:,.0f} instructions per request")
             finally:
                 gateway.stop()

@@ -113,10 +113,15 @@ class PartitionIndex:
         if n == 0 or self.live == 0:
             return []
         scores = self._matrix[:n] @ query
-        scores[~(self._alive[:n] & (self._expires[:n] > now))] = -1.0
         top = np.argpartition(-scores, limit)[:limit] if limit < n else np.arange(n)
-        top = top[np.argsort(-scores[top])]
-        return [Candidate(self._ids[i], self._texts[i], float(scores[i])) for i in top if scores[i] >= floor]
+        # Dead and expired rows are masked only when one is among the best (few numpy calls per search: each costs
+        # a new prompt several microseconds on cold caches); the answer is the same either way.
+        if not (self._alive[top].all() and (self._expires[top] > now).all()):
+            scores[~(self._alive[:n] & (self._expires[:n] > now))] = -1.0
+            top = np.argpartition(-scores, limit)[:limit] if limit < n else np.arange(n)
+        best = sorted(top.tolist(), key=lambda i: -scores[i])
+        return [Candidate(self._ids[i], self._texts[i], score) for i in best
+                if (score := float(scores[i])) >= floor and self._alive[i] and self._expires[i] > now]
 
     def oldest(self) -> str | None:
         """The id of the oldest live row (rows are kept in the order they were added)."""

@@ -75,6 +75,7 @@ class CachePlan:
     key: str | None = None
     partition: str | None = None
     l2_store: bool = True  # False when the look-up found this answer must not enter L2 (cold, too long, no model)
+    text: str | None = None  # the normalised last user turn, once the look-up computed it (the store reuses it)
     static_vector: np.ndarray | None = field(default=None, repr=False)
     vector: np.ndarray | None = field(default=None, repr=False)
     learned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # candidates' transformer vectors
@@ -348,7 +349,7 @@ class CacheService:
         if stage.too_long:
             plan.l2_store = False  # nor stored: a later prompt could never be told apart from it
             return self._skip(plan, "too_long")
-        plan.static_vector = stage.static_vector
+        plan.text, plan.static_vector = stage.text, stage.static_vector
         for rule, reason in stage.refused:
             self._refused(plan, rule, reason)
         if not stage.survivors:
@@ -501,7 +502,7 @@ class CacheService:
             # Its vectors are only for later requests: computed and written after this answer has gone.
             self.writes.offer(SemanticWrite(
                 partition=plan.partition, entry_id=plan.key.rsplit(":", 1)[-1][:32],
-                text=normalise(plan.semantic.text), static_vector=plan.static_vector, vector=plan.vector,
+                text=plan.text or normalise(plan.semantic.text), static_vector=plan.static_vector, vector=plan.vector,
                 learned=dict(plan.learned), content=content, ttl=plan.ttl,
                 embed=plan.vector is None and self._warm(plan.partition, now),
             ))

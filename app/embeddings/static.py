@@ -60,6 +60,8 @@ class StaticEmbedder:
     def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """The vectors, and each text's WordPiece token count (capped at MAX_TOKENS): how much of it a transformer
         reading ``n`` tokens would see. One tokenisation serves both."""
+        if len(texts) == 1:  # a look-up's one prompt: fewer numpy calls, the same vector bit for bit
+            return self._embed_one(texts[0])
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         counts = []
         # One `encode` per text, not `encode_batch`: the batch call hands even a single text to the tokenizers'
@@ -71,6 +73,18 @@ class StaticEmbedder:
             if ids:
                 out[row] = self._table[ids].sum(axis=0, dtype=np.float32)
         return l2_normalise(out), counts
+
+    def _embed_one(self, text: str) -> tuple[np.ndarray, list[int]]:
+        """`embed_counted` of one text, in a third of its numpy calls (each costs several microseconds on the cold
+        caches a new prompt meets): the norm is computed as `l2_normalise` computes a row's."""
+        ids = self.token_ids(text)
+        if not ids:
+            return np.zeros((1, self.dim), dtype=np.float32), [0]
+        row = self._table[ids].sum(axis=0, dtype=np.float32, keepdims=True)
+        norm = np.sqrt(np.add.reduce(row * row, axis=1, keepdims=True))
+        np.maximum(norm, np.float32(1e-12), out=norm)
+        row /= norm
+        return row, [len(ids)]
 
     def token_ids(self, text: str) -> list[int]:
         """The text's first MAX_TOKENS WordPiece ids, without [CLS]/[SEP]."""

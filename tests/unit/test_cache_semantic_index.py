@@ -112,3 +112,26 @@ def test_wrong_dimension_is_refused_and_empty_index_finds_nothing() -> None:
     index = PartitionIndex(DIM)
     assert not index.add("x", np.ones(DIM + 1, dtype=np.float32), "x", LATER)
     assert index.search(unit(1), -1.0, NOW) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_search_matches_a_brute_force_over_live_rows(seed: int) -> None:
+    """Whatever rows died or expired, and wherever they rank, a search returns exactly the best live, unexpired rows
+    above the floor, best first, with their scores: what a plain sort over the usable rows gives."""
+    rng = np.random.default_rng(seed)
+    index, now = PartitionIndex(DIM), 1000.0
+    rows = int(rng.integers(1, 80))
+    for i in range(rows):
+        vector = rng.standard_normal(DIM).astype(np.float32)
+        index.add(f"e{i}", (vector / np.linalg.norm(vector)).astype(np.float32), f"text {i}",
+                  now + float(rng.choice([-5.0, 60.0, 60.0, 60.0])))
+    for i in rng.choice(rows, size=int(rng.integers(0, rows)), replace=False):
+        index.drop(f"e{i}")
+    query = rng.standard_normal(DIM).astype(np.float32)
+    query /= np.linalg.norm(query)
+    floor = float(rng.uniform(-0.5, 0.5))
+    usable = [(float(index._matrix[i] @ query), index._ids[i]) for i in range(len(index._ids))
+              if index._alive[i] and index._expires[i] > now]
+    expected = [(entry_id, score) for score, entry_id in sorted(usable, reverse=True)[:CANDIDATES] if score >= floor]
+    found = index.search(query, floor, now)
+    assert [(c.entry_id, pytest.approx(c.static_similarity, abs=1e-6)) for c in found] == expected

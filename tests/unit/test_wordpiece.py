@@ -97,6 +97,17 @@ def test_static_vectors_are_those_of_the_library_ids(library: Tokenizer) -> None
         np.testing.assert_array_equal(vector, expected / np.linalg.norm(expected))
 
 
+def test_one_text_gets_the_vector_a_batch_gives_it() -> None:
+    """A look-up embeds one prompt on a shorter path: its vector and count are those of the batch path, bit for bit
+    (a stored vector and a query's must not differ by rounding), for plain, non-ASCII, empty and over-long text."""
+    embedder = StaticEmbedder()
+    for text in [*EDGE_CASES, "naïve question about café prices", "中文 text", "Explain error code E4012."]:
+        (one,), (count,) = embedder.embed_counted([text])
+        batch, counts = embedder.embed_counted([text, "another text"])
+        assert one.dtype == np.float32 and count == counts[0]
+        assert np.array_equal(one, batch[0]), text[:40]
+
+
 def test_the_word_cache_stays_bounded(fast: AsciiWordPiece, library: Tokenizer,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("app.embeddings.wordpiece.CACHED_WORDS", 50)

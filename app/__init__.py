@@ -154,8 +154,8 @@ def _build_cache(settings: Settings, redis: RedisClient, breaker: Breaker) -> Ca
     )
     cache = CacheService(redis, options, LocalCache(settings.local_cache_size, settings.local_cache_max_bytes),
                          embedder, static, breaker)
-    if gevent_patched():  # only there do SETs wait (app/cache/exact.py): the last few ms of stores leave at exit
-        atexit.register(cache.exact.flush)
+    if gevent_patched():  # only there do writes wait (app/cache/write_behind.py): the last few ms leave at exit
+        atexit.register(cache.write_behind.flush)
     return cache
 
 

@@ -168,6 +168,12 @@ class RedisBudget:
             self.left -= time.monotonic() - started
 
 
+def is_cluster(client: RedisClient) -> bool:
+    """A cluster client routes each key to its node: no single connection to send a pipeline on, and its pipelines
+    refuse script calls."""
+    return isinstance(client, RedisCluster)
+
+
 def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[], list[Any]] | None:
     """Send ``commands`` now, on one connection, and return the function that reads their replies: raw, as Redis
     sent them (``b"OK"``, not redis-py's ``True``), an error reply as its exception (as
@@ -180,7 +186,7 @@ def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[
     gevent Timeout), so no reply is left for the next user. None for a cluster client, whose pipeline routes each
     key to its node: the caller sends a pipeline instead.
     """
-    if isinstance(client, RedisCluster):
+    if is_cluster(client):
         return None
     pool = client.connection_pool
     connection = pool.get_connection()

@@ -17,12 +17,18 @@ first (not whole partitions), expired rows are skipped by every search and compa
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
+
+from app.cache.write_behind import Write, WriteBehind
+from app.concurrency import spawn
+from app.redis_client import REDIS_FAILURES
 
 SYNC_SECONDS = 0.5
 CANDIDATES = 3  # best static candidates looked at per look-up, best first
@@ -157,8 +163,9 @@ class IndexBounds:
 class SemanticStore:
     """Redis side of L2 plus the worker's per-partition indexes, bounded together."""
 
-    def __init__(self, redis_client: Any, bounds: IndexBounds) -> None:
+    def __init__(self, redis_client: Any, bounds: IndexBounds, writes: WriteBehind | None = None) -> None:
         self._redis = redis_client
+        self._writes = writes if writes is not None and writes.carries_scripts else None
         self._hset_if_exists = redis_client.register_script(_lua("hset_if_exists.lua"))
         self._put = redis_client.register_script(_lua("l2_put.lua"))
         self.bounds = bounds
@@ -248,16 +255,36 @@ class SemanticStore:
         return found
 
     def put(self, partition: str, entry_id: str, static: np.ndarray, transformer: np.ndarray | None, text: str,
-            content: bytes, ttl: int) -> None:
-        """Write the entry and log it (one EVALSHA); this worker's index has it at once, others at their sync."""
+            content: bytes, ttl: int, on_error: Callable[[Exception], None]) -> None:
+        """Write the entry and log it (one EVALSHA); this worker's index has it at once, others at their sync.
+
+        In a gevent worker the EVALSHA waits in the `WriteBehind` for the next look-up's round trip (or its flush,
+        milliseconds later), which is before any look-up of this worker reads a candidate's answer: the index may
+        hold the row first. A write that fails only leaves a row whose answer a look-up does not find: it is
+        dropped then, as an entry deleted in Redis is. Errors go to `on_error` (raised when written at once).
+        """
         fields: list[Any] = ["s", encode_vector(static), "q", text, "a", content]
         if transformer is not None:
             fields += ["t", encode_vector(transformer)]
-        logged_ms = self._put(keys=[self._entry_key(partition, entry_id), self._log_key(partition)],
-                              args=[entry_id, ttl, *fields])
+        keys, args = [self._entry_key(partition, entry_id), self._log_key(partition)], [entry_id, ttl, *fields]
+        if self._writes is not None and self._writes.waits():
+            write = Write(("EVALSHA", self._put.sha, len(keys), *keys, *args), on_error,
+                          on_noscript=lambda: spawn(self._put_again, keys, args, on_error))
+            if not self._writes.add(write):
+                return
+            expires_at = time.time() + ttl
+        else:
+            expires_at = int(self._put(keys=keys, args=args)) / 1000.0 + ttl
         index = self._indexes.get(partition)
         if index is not None:
-            self._add(partition, index, entry_id, static, text, int(logged_ms) / 1000.0 + ttl)
+            self._add(partition, index, entry_id, static, text, expires_at)
+
+    def _put_again(self, keys: list[str], args: list[Any], on_error: Callable[[Exception], None]) -> None:
+        """A waiting write that met NOSCRIPT, through the script object, which loads the script (a greenlet)."""
+        try:
+            self._put(keys=keys, args=args)
+        except REDIS_FAILURES as exc:
+            on_error(exc)
 
     def remember_transformer_vectors(self, partition: str, vectors: dict[str, np.ndarray]) -> None:
         """Keep transformer vectors computed for candidates, so the next look-up does not compute them again.

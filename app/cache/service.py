@@ -24,6 +24,7 @@ from app.cache.lexicon import verifier_model
 from app.cache.local import LocalCache, LocalEntry
 from app.cache.semantic import Candidate, IndexBounds, PartitionIndex, SemanticStore
 from app.cache.verify import decide, normalise, repair_typos, rule_check
+from app.cache.write_behind import WriteBehind
 from app.concurrency import BackgroundQueue, new_event
 from app.embeddings.base import Embedder, EmbeddingError
 from app.embeddings.static import StaticEmbedder
@@ -144,9 +145,11 @@ class CacheService:
         self.static = static if self.embedder is not None else None
         self.threshold = (options.semantic_threshold if options.semantic_threshold is not None
                           else verifier_model().default_threshold)
-        self.exact = ExactStore(redis_client, on_error=lambda exc: self._store_failed("L1", exc),
-                                on_drop=metrics.BACKGROUND_DROPPED.labels("exact_store").inc)
-        self.semantic = SemanticStore(redis_client, options.index_bounds)
+        # L1 SETs and L2 entries wait for the worker's next look-up, whose GET carries them (one round trip).
+        self.write_behind = WriteBehind(redis_client, on_drop=metrics.BACKGROUND_DROPPED.labels("cache_writes").inc)
+        self.exact = ExactStore(redis_client, self.write_behind, on_error=lambda exc: self._store_failed("L1", exc))
+        self._l2_write_failed = lambda exc: self._store_failed("L2", exc)  # one reporter: once per round trip
+        self.semantic = SemanticStore(redis_client, options.index_bounds, self.write_behind)
         self.generations = Generations(redis_client)
         self.breaker = breaker or Breaker()  # the worker's Redis breaker, shared with the limiter
         self.embedding_breaker = Breaker(pause_seconds=5.0)  # a failing embedding API is skipped, not waited on
@@ -536,7 +539,8 @@ class CacheService:
             vector = embedded[0] if embedded is not None else None
         try:
             if job.entry_id is not None and static is not None:
-                self.semantic.put(job.partition, job.entry_id, static, vector, job.text, job.content, job.ttl)
+                self.semantic.put(job.partition, job.entry_id, static, vector, job.text, job.content, job.ttl,
+                                  on_error=self._l2_write_failed)
             if job.learned:
                 self.semantic.remember_transformer_vectors(job.partition, job.learned)
             if job.mark_warm:
@@ -561,8 +565,8 @@ class CacheService:
     def stats(self) -> dict[str, Any]:
         return {
             "l0": {"entries": len(self.local), "bytes": self.local.size_bytes, "max_entries": self.local.max_entries},
-            # SETs waiting for the next look-up (≤ 5 ms), and those dropped because too many waited
-            "l1": {"pending_writes": self.exact.pending(), "dropped_writes": self.exact.dropped},
+            # L1 SETs and L2 entries waiting for the next look-up (≤ 5 ms), and those dropped because too many waited
+            "writes": {"pending": self.write_behind.pending(), "dropped": self.write_behind.dropped},
             "l2": {**self.semantic.stats(), "enabled": self.embedder is not None,
                    "threshold": self.threshold, "store_queue": self.writes.pending(),
                    "store_dropped": self.writes.dropped},

@@ -114,16 +114,16 @@ def test_repeat_is_an_l0_hit_in_the_same_worker(gw: Gateway, upstream: MockUpstr
 
 def stored(gw: Gateway) -> float:
     """Seconds until this gateway's stored answers have left for Redis. A store's SET is sent after its answer
-    (app/cache/exact.py): the answer is not held for it, and another process finds the entry a few milliseconds
+    (app/cache/write_behind.py): the answer is not held for it, and another process finds the entry a few milliseconds
     later, not before. (Each gateway of this module has one worker, so its stats are the whole process's.)"""
-    return seconds_until(lambda: admin(gw, "GET", "/admin/cache/stats").json()["l1"]["pending_writes"] == 0,
+    return seconds_until(lambda: admin(gw, "GET", "/admin/cache/stats").json()["writes"]["pending"] == 0,
                          limit=0.5)
 
 
 def test_another_process_gets_an_l1_hit(gw: Gateway, other: Gateway, upstream: MockUpstream, unique: str) -> None:
     """An answer stored by one gateway process is an L1 (Redis) hit in another, then L0 there.
 
-    The SET is not waited for by the answer (app/cache/exact.py): it reaches Redis within milliseconds."""
+    The SET is not waited for by the answer (app/cache/write_behind.py): it reaches Redis within milliseconds."""
     first = post(gw, chat(unique))
     stored(gw)
     from_redis = post(other, chat(unique))

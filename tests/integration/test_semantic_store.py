@@ -30,7 +30,7 @@ def fill(store: SemanticStore, partition: str, n: int, seed: int, ttl: int = 60)
     rows = vectors(n, seed)
     store.index(partition, DIM, time.time())
     for i, row in enumerate(rows):
-        store.put(partition, f"{partition}-{i}", row, None, f"text {i} of {partition}", b"{}", ttl)
+        store.put(partition, f"{partition}-{i}", row, None, f"text {i} of {partition}", b"{}", ttl, on_error=pytest.fail)
     return rows
 
 
@@ -56,7 +56,7 @@ def test_byte_bound_holds_with_long_texts(redis_conn: redis.Redis, unique: str) 
     partition = f"bytes-{unique}"
     store.index(partition, DIM, time.time())
     for i, row in enumerate(vectors(100, seed=3)):
-        store.put(partition, f"e{i}", row, None, "x" * 2000, b"{}", 60)
+        store.put(partition, f"e{i}", row, None, "x" * 2000, b"{}", 60, on_error=pytest.fail)
         assert store.bytes <= 60_000
     assert 0 < store.rows < 100
 

@@ -1,0 +1,126 @@
+"""The cache's Redis writes that ride the worker's next look-up: one round trip carries them with the look-up's GET.
+
+A stored answer's L1 SET and its L2 entry are for later requests only. In a gevent worker neither is waited for:
+they wait here until the worker's next look-up sends its GET (one pipeline: the waiting writes, then the GET), or,
+when no look-up comes within WRITE_DELAY_SECONDS, leave on their own. Each round trip to Redis costs a worker more
+than the work it carries (redis-py's connection handling, a system call that wakes Redis, the reply's read), and at
+one request at a time on this project's VM a round trip from an idle worker is ~0.4 ms, so one round trip for a
+new prompt's three commands instead of three pays at every concurrency. Other workers find the entries a few
+milliseconds later; this worker's own L0 and L2 index have them at once (their stores put them there).
+
+At most `max_pending` writes wait; past that a write is dropped (a future miss, never a wrong answer; counted, told
+to `on_drop` and logged). Writes that fail are reported to their store's `on_error`, once per round trip however
+many failed (the same cause). Outside gevent (tests, tools) nothing waits: the stores write at once (`waits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from app.concurrency import Drops, gevent_patched, sleep, spawn
+from app.redis_client import REDIS_FAILURES, is_cluster, send_now
+
+#: How long a write waits for the worker's next look-up to carry it before it is sent alone.
+WRITE_DELAY_SECONDS = 0.005
+#: Writes that may wait at once in a worker (a safety net: a flush leaves every WRITE_DELAY_SECONDS).
+MAX_PENDING_WRITES = 1000
+
+
+@dataclass(frozen=True)
+class Write:
+    """One Redis command to send later. `on_error` is its store's reporter; `on_noscript`, for an EVALSHA, writes it
+    again through the script object (which loads the script) when Redis no longer knows the script (a restart, a
+    SCRIPT FLUSH). Both run inside whichever round trip carried the write: they must be quick and never raise."""
+
+    command: tuple[Any, ...]
+    on_error: Callable[[Exception], None]
+    on_noscript: Callable[[], None] | None = None
+
+
+class WriteBehind:
+    def __init__(self, redis_client: Any, *, max_pending: int = MAX_PENDING_WRITES,
+                 on_drop: Callable[[], None] | None = None) -> None:
+        self._redis = redis_client
+        self._drops = Drops("cache writes waiting for Redis", f"{max_pending} writes", on_drop)
+        self._max_pending = max_pending
+        self._pending: list[Write] = []
+        self._flushing = False
+        self.carries_scripts = not is_cluster(redis_client)  # a cluster pipeline refuses EVALSHA
+
+    @staticmethod
+    def waits() -> bool:
+        """Whether writes wait here (a gevent worker) or are made at once by their stores (tests, tools)."""
+        return gevent_patched()
+
+    def add(self, write: Write) -> bool:
+        """Queue `write` for the next look-up or the flush; False (dropped, counted, logged) when too many wait."""
+        if len(self._pending) >= self._max_pending:
+            self._drops()
+            return False
+        self._pending.append(write)
+        if not self._flushing:
+            self._flushing = True
+            spawn(self._flush_soon)
+        return True
+
+    def take(self) -> list[Write]:
+        """The waiting writes, for a look-up to send ahead of its GET; it hands their replies to `answered`."""
+        taken, self._pending = self._pending, []
+        return taken
+
+    @staticmethod
+    def answered(writes: list[Write], replies: list[Any]) -> None:
+        """Redis's replies to `writes` (an error reply as its exception): failures reported, once per store."""
+        failures: dict[Callable[[Exception], None], Exception] = {}
+        for write, reply in zip(writes, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError) and write.on_noscript is not None:
+                write.on_noscript()
+            elif isinstance(reply, Exception):
+                failures.setdefault(write.on_error, reply)
+        for on_error, exc in failures.items():
+            on_error(exc)
+
+    @staticmethod
+    def failed(writes: list[Write], exc: Exception) -> None:
+        """The round trip that carried `writes` failed: each store is told once."""
+        for on_error in dict.fromkeys(write.on_error for write in writes):
+            on_error(exc)
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def dropped(self) -> int:
+        return self._drops.count
+
+    def _flush_soon(self) -> None:
+        """The writes no look-up took within WRITE_DELAY_SECONDS, sent in one round trip (a greenlet of its own)."""
+        try:
+            sleep(WRITE_DELAY_SECONDS)
+        finally:
+            self._flushing = False  # a write queued while this one's travel starts the next flush
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the waiting writes now (also as the worker exits); failures are reported, never raised."""
+        writes = self.take()
+        if not writes:
+            return
+        commands = [write.command for write in writes]
+        try:
+            read = send_now(self._redis, commands)
+            if read is not None:
+                replies = read()
+            else:  # a cluster client: its pipeline routes each key to its node
+                pipe = self._redis.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = pipe.execute(raise_on_error=False)
+        except REDIS_FAILURES as exc:
+            self.failed(writes, exc)
+            return
+        self.answered(writes, replies)

@@ -30,7 +30,8 @@ def fill(store: SemanticStore, partition: str, n: int, seed: int, ttl: int = 60)
     rows = vectors(n, seed)
     store.index(partition, DIM, time.time())
     for i, row in enumerate(rows):
-        store.put(partition, f"{partition}-{i}", row, None, f"text {i} of {partition}", b"{}", ttl, on_error=pytest.fail)
+        store.put(partition, f"{partition}-{i}", row, None, f"text {i} of {partition}", b"{}", ttl,
+                  on_error=pytest.fail)
     return rows
 
 

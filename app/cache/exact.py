@@ -86,8 +86,8 @@ class ExactStore:
         commands = [*(write.command for write in writes), ("GET", key)]
         try:
             read = send_now(self._redis, commands)
-        except REDIS_FAILURES as exc:
-            self._writes.failed(writes, exc)
+        except BaseException:  # not sent (or not known to be): the writes wait for the next round trip
+            self._writes.put_back(writes)
             raise
         if read is None:
             return lambda: self._read_pipeline(writes, commands)
@@ -105,6 +105,9 @@ class ExactStore:
             *written, value = read()
         except REDIS_FAILURES as exc:
             self._writes.failed(writes, exc)
+            raise
+        except BaseException:  # cut by the request's Redis time: whether they landed is unknown
+            self._writes.cut(writes)
             raise
         self._writes.answered(writes, written)
         if isinstance(value, Exception):
@@ -129,7 +132,7 @@ class ExactStore:
         if not self._writes.waits():
             self._redis.set(key, value, ex=ttl)
         else:
-            self._writes.add(Write(("SET", key, value, "EX", ttl), self._on_error))
+            self._writes.add(Write(("SET", key, value, "EX", ttl), self._on_error, size=len(value)))
         return expires_at
 
 

@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 
 from app.cache.write_behind import Write, WriteBehind
-from app.concurrency import spawn
-from app.redis_client import REDIS_FAILURES
 
 SYNC_SECONDS = 0.5
 CANDIDATES = 3  # best static candidates looked at per look-up, best first
@@ -166,6 +164,9 @@ class SemanticStore:
     def __init__(self, redis_client: Any, bounds: IndexBounds, writes: WriteBehind | None = None) -> None:
         self._redis = redis_client
         self._writes = writes if writes is not None and writes.carries_scripts else None
+        # Rows this worker indexed whose write still waits or travels: a look-up that finds one before Redis has it
+        # treats it as a miss but does not forget it (a forgotten id is not indexed again by a sync).
+        self._unwritten: set[tuple[str, str]] = set()
         self._hset_if_exists = redis_client.register_script(_lua("hset_if_exists.lua"))
         self._put = redis_client.register_script(_lua("l2_put.lua"))
         self.bounds = bounds
@@ -247,7 +248,7 @@ class SemanticStore:
             pipe.hmget(self._entry_key(partition, entry_id), "t", "a")
         found: list[tuple[np.ndarray | None, bytes | None]] = []
         for entry_id, (vector, content) in zip(entry_ids, pipe.execute(), strict=True):
-            if content is None:
+            if content is None and (partition, entry_id) not in self._unwritten:
                 index = self._indexes.get(partition)
                 if index is not None:
                     self._forget(index, entry_id)
@@ -259,32 +260,29 @@ class SemanticStore:
         """Write the entry and log it (one EVALSHA); this worker's index has it at once, others at their sync.
 
         In a gevent worker the EVALSHA waits in the `WriteBehind` for the next look-up's round trip (or its flush,
-        milliseconds later), which is before any look-up of this worker reads a candidate's answer: the index may
-        hold the row first. A write that fails only leaves a row whose answer a look-up does not find: it is
-        dropped then, as an entry deleted in Redis is. Errors go to `on_error` (raised when written at once).
+        milliseconds later), so the index holds the row before Redis does: a look-up that reads its answer meanwhile
+        finds none and counts a miss, but keeps the row (`_unwritten`). A write that fails leaves a row whose answer
+        a later look-up does not find: it is dropped then, as an entry deleted in Redis is. Errors go to `on_error`
+        (raised when written at once).
         """
         fields: list[Any] = ["s", encode_vector(static), "q", text, "a", content]
         if transformer is not None:
             fields += ["t", encode_vector(transformer)]
         keys, args = [self._entry_key(partition, entry_id), self._log_key(partition)], [entry_id, ttl, *fields]
         if self._writes is not None and self._writes.waits():
+            unwritten = (partition, entry_id)
             write = Write(("EVALSHA", self._put.sha, len(keys), *keys, *args), on_error,
-                          on_noscript=lambda: spawn(self._put_again, keys, args, on_error))
+                          size=sum(len(value) for value in fields if isinstance(value, bytes | str)),
+                          script=self._put, on_settled=lambda: self._unwritten.discard(unwritten))
             if not self._writes.add(write):
                 return
+            self._unwritten.add(unwritten)
             expires_at = time.time() + ttl
         else:
             expires_at = int(self._put(keys=keys, args=args)) / 1000.0 + ttl
         index = self._indexes.get(partition)
         if index is not None:
             self._add(partition, index, entry_id, static, text, expires_at)
-
-    def _put_again(self, keys: list[str], args: list[Any], on_error: Callable[[Exception], None]) -> None:
-        """A waiting write that met NOSCRIPT, through the script object, which loads the script (a greenlet)."""
-        try:
-            self._put(keys=keys, args=args)
-        except REDIS_FAILURES as exc:
-            on_error(exc)
 
     def remember_transformer_vectors(self, partition: str, vectors: dict[str, np.ndarray]) -> None:
         """Keep transformer vectors computed for candidates, so the next look-up does not compute them again.

@@ -73,11 +73,13 @@ class PartitionIndex:
         return self.live
 
     def __contains__(self, entry_id: str) -> bool:
-        return entry_id in self._positions
+        """Whether the id has a live row here (a row dropped when its entry expired or left Redis does not count:
+        the same id stored again, as a repeat of an expired prompt is, gets a new row)."""
+        return self.is_live(entry_id)
 
     def add(self, entry_id: str, vector: np.ndarray, text: str, expires_at: float) -> bool:
-        """Add a row; False when it is already here or has the wrong shape."""
-        if entry_id in self._positions or vector.shape != (self.dim,):
+        """Add a row; False when the id has a live row already or the vector has the wrong shape."""
+        if self.is_live(entry_id) or vector.shape != (self.dim,):
             return False
         row = len(self._ids)
         if row == self._matrix.shape[0]:

@@ -135,3 +135,17 @@ def test_search_matches_a_brute_force_over_live_rows(seed: int) -> None:
     expected = [(entry_id, score) for score, entry_id in sorted(usable, reverse=True)[:CANDIDATES] if score >= floor]
     found = index.search(query, floor, now)
     assert [(c.entry_id, pytest.approx(c.static_similarity, abs=1e-6)) for c in found] == expected
+
+
+def test_an_id_stored_again_after_its_row_was_dropped_gets_a_new_row() -> None:
+    """A prompt whose entry expired (or left Redis) and is stored again has the same id: it is indexed again, found
+    by a search, and its old row stays dead."""
+    index = PartitionIndex(DIM)
+    assert index.add("same", unit(1), "first", NOW - 1)
+    assert index.add("same", unit(1), "again", LATER) is False  # live: one row per id
+    assert index.drop("same") == "first"
+    assert "same" not in index
+    assert index.add("same", unit(1, 0.1), "again", LATER)
+    assert "same" in index and len(index) == 1
+    assert [(c.entry_id, c.text) for c in index.search(unit(1), 0.0, NOW)] == [("same", "again")]
+    assert index.drop("same") == "again" and len(index) == 0

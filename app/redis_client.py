@@ -174,7 +174,7 @@ def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[], list[Any]] | None:
+def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[], list[Any]]:
     """Send ``commands`` now, on one connection, and return the function that reads their replies: raw, as Redis
     sent them (``b"OK"``, not redis-py's ``True``), an error reply as its exception (as
     ``pipeline.execute(raise_on_error=False)`` gives it). The caller works while they travel.
@@ -183,11 +183,15 @@ def send_now(client: RedisClient, commands: list[tuple[Any, ...]]) -> Callable[[
     ``send_packed_command``, ``read_response``, ``release``): a look-up embeds its query while its GET is on the
     wire (on this project's VM a round trip from an idle worker is ~0.45 ms of waiting). The reader must be called
     exactly once: it gives the connection back to the pool, or drops it when a read failed or was cut (a budget's
-    gevent Timeout), so no reply is left for the next user. None for a cluster client, whose pipeline routes each
-    key to its node: the caller sends a pipeline instead.
+    gevent Timeout), so no reply is left for the next user. A cluster client has no one connection to send on: its
+    pipeline, which routes each key to its node, is sent when the reader is called (replies then as redis-py
+    parses them, ``True`` for ``b"OK"``).
     """
     if is_cluster(client):
-        return None
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return lambda: pipe.execute(raise_on_error=False)
     pool = client.connection_pool
     connection = pool.get_connection()
     try:

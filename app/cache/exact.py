@@ -80,8 +80,8 @@ class ExactStore:
 
     def send_get(self, key: str) -> Callable[[], tuple[bytes, float] | None]:
         """The GET (behind the waiting writes: one round trip) sent now; the function returned reads the entry and
-        must be called once. The caller works while the round trip travels; a cluster client sends it as a
-        pipeline when read."""
+        must be called once. The caller works while the round trip travels (a cluster client's pipeline leaves when
+        read: `send_now`)."""
         writes = self._writes.take()
         commands = [*(write.command for write in writes), ("GET", key)]
         try:
@@ -89,15 +89,7 @@ class ExactStore:
         except BaseException:  # not sent (or not known to be): the writes wait for the next round trip
             self._writes.put_back(writes)
             raise
-        if read is None:
-            return lambda: self._read_pipeline(writes, commands)
         return lambda: self._entry(self._answered(writes, read))
-
-    def _read_pipeline(self, writes: list[Write], commands: list[tuple[Any, ...]]) -> tuple[bytes, float] | None:
-        pipe = self._redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return self._entry(self._answered(writes, lambda: pipe.execute(raise_on_error=False)))
 
     def _answered(self, writes: list[Write], read: Callable[[], list[Any]]) -> Any:
         """The GET's reply, the last; the writes ahead of it get theirs, a failed GET is raised."""

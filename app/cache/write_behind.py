@@ -160,16 +160,8 @@ class WriteBehind:
         writes = self.take()
         if not writes:
             return
-        commands = [write.command for write in writes]
         try:
-            read = send_now(self._redis, commands)
-            if read is not None:
-                replies = read()
-            else:  # a cluster client: its pipeline routes each key to its node
-                pipe = self._redis.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = pipe.execute(raise_on_error=False)
+            replies = send_now(self._redis, [write.command for write in writes])()
         except REDIS_FAILURES as exc:
             self.failed(writes, exc)
             return

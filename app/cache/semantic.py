@@ -30,6 +30,7 @@ from app.cache.write_behind import Write, WriteBehind
 
 SYNC_SECONDS = 0.5
 CANDIDATES = 3  # best static candidates looked at per look-up, best first
+SORTED_IN_PYTHON = 16  # rows above the static floor ranked in Python; past that, narrowed by numpy first
 ROW_OVERHEAD_BYTES = 120
 #: A partition with more than 1/HOT_SHARE of the row bound evicts its own oldest rows when the bound is reached.
 HOT_SHARE = 4  # list slots, dict entry and id string of one row, beyond its vector and text
@@ -118,16 +119,31 @@ class PartitionIndex:
         n = len(self._ids)
         if n == 0 or self.live == 0:
             return []
+        # Few numpy calls per search: on the cold caches a new prompt meets, each costs it 10-80 us whatever the
+        # size of its arrays. The rows above the floor are ranked in Python when they are few (most searches);
+        # only past SORTED_IN_PYTHON are they narrowed first, and dead or expired rows are masked only when one
+        # of them took a place among the best. The answer is the same either way.
         scores = self._matrix[:n] @ query
-        top = np.argpartition(-scores, limit)[:limit] if limit < n else np.arange(n)
-        # Dead and expired rows are masked only when one is among the best (few numpy calls per search: each costs
-        # a new prompt several microseconds on cold caches); the answer is the same either way.
-        if not (self._alive[top].all() and (self._expires[top] > now).all()):
-            scores[~(self._alive[:n] & (self._expires[:n] > now))] = -1.0
-            top = np.argpartition(-scores, limit)[:limit] if limit < n else np.arange(n)
-        best = sorted(top.tolist(), key=lambda i: -scores[i])
-        return [Candidate(self._ids[i], self._texts[i], score) for i in best
-                if (score := float(scores[i])) >= floor and self._alive[i] and self._expires[i] > now]
+        rows = np.flatnonzero(scores >= floor)
+        keep = max(SORTED_IN_PYTHON, limit)
+        if rows.size <= keep:
+            return self._usable(scores, rows, now, limit)
+        found = self._usable(scores, _best(scores, rows, keep), now, limit)
+        if len(found) < limit:  # dead or expired rows took places among the best: mask them, look again
+            scores[~(self._alive[:n] & (self._expires[:n] > now))] = -np.inf
+            rows = np.flatnonzero(scores >= floor)
+            found = self._usable(scores, _best(scores, rows, keep) if rows.size > keep else rows, now, limit)
+        return found
+
+    def _usable(self, scores: np.ndarray, rows: np.ndarray, now: float, limit: int) -> list[Candidate]:
+        """The best ``limit`` of ``rows`` that are live and unexpired, best first (ties: the later row first)."""
+        alive, expires, found = self._alive, self._expires, []
+        for score, row in sorted(zip(scores[rows].tolist(), rows.tolist(), strict=True), reverse=True):
+            if alive[row] and expires[row] > now:
+                found.append(Candidate(self._ids[row], self._texts[row], score))
+                if len(found) == limit:
+                    break
+        return found
 
     def oldest(self) -> str | None:
         """The id of the oldest live row (rows are kept in the order they were added)."""
@@ -344,6 +360,11 @@ class SemanticStore:
     def _live(self, partition: str, entry_id: str) -> bool:
         index = self._indexes.get(partition)
         return index is not None and index.is_live(entry_id)
+
+
+def _best(scores: np.ndarray, rows: np.ndarray, keep: int) -> np.ndarray:
+    """The ``keep`` of ``rows`` with the highest scores, in no order."""
+    return rows[np.argpartition(scores[rows], rows.size - keep)[-keep:]]
 
 
 def _sync_due(index: PartitionIndex, now: float) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.cache.semantic import CANDIDATES, PartitionIndex, decode_vector, encode_vector
+from app.cache.semantic import CANDIDATES, SORTED_IN_PYTHON, PartitionIndex, decode_vector, encode_vector
 
 DIM = 8
 
@@ -135,6 +135,22 @@ def test_search_matches_a_brute_force_over_live_rows(seed: int) -> None:
     expected = [(entry_id, score) for score, entry_id in sorted(usable, reverse=True)[:CANDIDATES] if score >= floor]
     found = index.search(query, floor, now)
     assert [(c.entry_id, pytest.approx(c.static_similarity, abs=1e-6)) for c in found] == expected
+
+
+@pytest.mark.parametrize("gone", ["dropped", "expired"])
+def test_search_finds_live_rows_behind_more_close_rows_than_it_ranks_in_python(gone: str) -> None:
+    """Many rows above the floor, the best of them dropped or expired: the search still returns the best live
+    ones, however many unusable rows rank above them."""
+    index = PartitionIndex(DIM)
+    count = 3 * SORTED_IN_PYTHON
+    for i in range(count):  # row i's cosine with the query grows with i: the last rows are the best
+        index.add(f"e{i}", unit(1, 1 - i / count), f"text {i}", NOW - 1 if gone == "expired" and i >= count // 2
+                  else LATER)
+    for i in range(count // 2, count):
+        if gone == "dropped":
+            index.drop(f"e{i}")
+    best_live = [f"e{i}" for i in range(count // 2 - 1, count // 2 - 1 - CANDIDATES, -1)]
+    assert [c.entry_id for c in index.search(unit(1), 0.5, NOW)] == best_live
 
 
 def test_an_id_stored_again_after_its_row_was_dropped_gets_a_new_row() -> None:

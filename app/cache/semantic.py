@@ -31,9 +31,11 @@ from app.cache.write_behind import Write, WriteBehind
 SYNC_SECONDS = 0.5
 CANDIDATES = 3  # best static candidates looked at per look-up, best first
 SORTED_IN_PYTHON = 16  # rows above the static floor ranked in Python; past that, narrowed by numpy first
-ROW_OVERHEAD_BYTES = 120
+#: What one row costs a worker beyond its vector and text: list slots, dict entry, id string, expiry, serial and
+#: its place in the eviction order.
+ROW_OVERHEAD_BYTES = 160
 #: A partition with more than 1/HOT_SHARE of the row bound evicts its own oldest rows when the bound is reached.
-HOT_SHARE = 4  # list slots, dict entry and id string of one row, beyond its vector and text
+HOT_SHARE = 4
 
 FLOAT32_LE = np.dtype("<f4")
 
@@ -61,6 +63,7 @@ class PartitionIndex:
         self.dim = dim
         self._matrix = np.zeros((16, dim), dtype=np.float32)
         self._expires = np.zeros(16, dtype=np.float64)
+        self._serials = np.zeros(16, dtype=np.int64)  # the caller's number for each add (its eviction order)
         self._alive = np.zeros(16, dtype=bool)
         self._ids: list[str] = []
         self._texts: list[str] = []
@@ -78,8 +81,9 @@ class PartitionIndex:
         the same id stored again, as a repeat of an expired prompt is, gets a new row)."""
         return self.is_live(entry_id)
 
-    def add(self, entry_id: str, vector: np.ndarray, text: str, expires_at: float) -> bool:
-        """Add a row; False when the id has a live row already or the vector has the wrong shape."""
+    def add(self, entry_id: str, vector: np.ndarray, text: str, expires_at: float, serial: int = 0) -> bool:
+        """Add a row; False when the id has a live row already or the vector has the wrong shape. ``serial`` tells
+        this row from an earlier, dropped row of the same id (`serial`)."""
         if self.is_live(entry_id) or vector.shape != (self.dim,):
             return False
         row = len(self._ids)
@@ -87,9 +91,11 @@ class PartitionIndex:
             grow = max(16, row)
             self._matrix = np.concatenate([self._matrix, np.zeros((grow, self.dim), dtype=np.float32)])
             self._expires = np.concatenate([self._expires, np.zeros(grow)])
+            self._serials = np.concatenate([self._serials, np.zeros(grow, dtype=np.int64)])
             self._alive = np.concatenate([self._alive, np.zeros(grow, dtype=bool)])
         self._matrix[row] = vector
         self._expires[row] = expires_at
+        self._serials[row] = serial
         self._alive[row] = True
         self._ids.append(entry_id)
         self._texts.append(text)
@@ -100,6 +106,11 @@ class PartitionIndex:
     def is_live(self, entry_id: str) -> bool:
         row = self._positions.get(entry_id)
         return row is not None and bool(self._alive[row])
+
+    def serial(self, entry_id: str) -> int | None:
+        """The ``serial`` the id's live row was added with; None when the id has no live row."""
+        row = self._positions.get(entry_id)
+        return int(self._serials[row]) if row is not None and self._alive[row] else None
 
     def drop(self, entry_id: str) -> str | None:
         """Forget a row (expired, deleted or evicted); its text, for the caller's byte count."""
@@ -162,9 +173,11 @@ class PartitionIndex:
         matrix[: len(keep)] = self._matrix[keep]
         expires = np.zeros(size)
         expires[: len(keep)] = self._expires[keep]
+        serials = np.zeros(size, dtype=np.int64)
+        serials[: len(keep)] = self._serials[keep]
         alive = np.zeros(size, dtype=bool)
         alive[: len(keep)] = True
-        self._matrix, self._expires, self._alive = matrix, expires, alive
+        self._matrix, self._expires, self._alive, self._serials = matrix, expires, alive, serials
         self._ids = [self._ids[i] for i in keep]
         self._texts = [self._texts[i] for i in keep]
         self._positions = {entry_id: row for row, entry_id in enumerate(self._ids)}
@@ -189,7 +202,10 @@ class SemanticStore:
         self._put = redis_client.register_script(_lua("l2_put.lua"))
         self.bounds = bounds
         self._indexes: OrderedDict[str, PartitionIndex] = OrderedDict()
-        self._order: deque[tuple[str, str]] = deque()  # (partition, entry id), oldest first
+        # (partition, entry id, serial), oldest first: the serial tells the row added then from a later row of the
+        # same id (a repeat of an expired prompt), which must not be evicted as if it were as old.
+        self._order: deque[tuple[str, str, int]] = deque()
+        self._added = 0
         self.rows = 0
         self.bytes = 0
         self.evicted = 0
@@ -327,11 +343,12 @@ class SemanticStore:
 
     def _add(self, partition: str, index: PartitionIndex, entry_id: str, vector: np.ndarray, text: str,
              expires_at: float) -> None:
-        if not index.add(entry_id, vector, text, expires_at):
+        self._added += 1
+        if not index.add(entry_id, vector, text, expires_at, self._added):
             return
         self.rows += 1
         self.bytes += self._row_bytes(index.dim, text)
-        self._order.append((partition, entry_id))
+        self._order.append((partition, entry_id, self._added))
         while self.rows > self.bounds.max_rows or self.bytes > self.bounds.max_bytes:
             # A partition holding more than its share pays for its own growth with its oldest rows; otherwise the
             # oldest rows of the worker go. Either way the other partitions keep theirs.
@@ -342,9 +359,9 @@ class SemanticStore:
                     continue
             if not self._order:
                 break
-            old_partition, old_id = self._order.popleft()
+            old_partition, old_id, serial = self._order.popleft()
             old_index = self._indexes.get(old_partition)
-            if old_index is not None and self._forget(old_index, old_id):
+            if old_index is not None and old_index.serial(old_id) == serial and self._forget(old_index, old_id):
                 self.evicted += 1
         if len(self._order) > 2 * max(self.rows, 1024):  # ids of rows already forgotten another way
             self._order = deque(item for item in self._order if self._live(*item))
@@ -357,9 +374,9 @@ class SemanticStore:
         self.bytes -= self._row_bytes(index.dim, text)
         return True
 
-    def _live(self, partition: str, entry_id: str) -> bool:
+    def _live(self, partition: str, entry_id: str, serial: int) -> bool:
         index = self._indexes.get(partition)
-        return index is not None and index.is_live(entry_id)
+        return index is not None and index.serial(entry_id) == serial
 
 
 def _best(scores: np.ndarray, rows: np.ndarray, keep: int) -> np.ndarray:

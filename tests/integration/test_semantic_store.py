@@ -52,6 +52,24 @@ def test_one_busy_partition_stays_within_the_bound_and_others_keep_their_rows(re
     assert not store.index(busy, DIM, now).search(busy_rows[0], 0.99, now)  # the oldest went first
 
 
+def test_a_row_stored_again_after_it_was_dropped_is_evicted_as_new(redis_conn: redis.Redis, unique: str) -> None:
+    """The oldest row goes first: a prompt stored again after its row was dropped (its entry expired or left
+    Redis) is the newest row, not the oldest, when the bound is reached."""
+    store = SemanticStore(redis_conn, IndexBounds(max_rows=40, max_bytes=10_000_000))
+    partitions = [f"p{n}-{unique}" for n in range(5)]
+    rows = {partition: fill(store, partition, 8, seed=n) for n, partition in enumerate(partitions)}
+    first, again = partitions[0], f"{partitions[0]}-0"
+    redis_conn.delete(f"gw:s2:{{{first}}}:e:{again}")
+    assert store.candidates(first, [again]) == [(None, None)]  # gone from Redis: the worker drops its row
+    store.put(first, again, rows[first][0], None, "text 0 again", b"{}", 60, on_error=pytest.fail)
+    assert store.rows == 40
+    # One row past the bound, in another partition: the oldest row of the worker goes.
+    store.put(partitions[1], "one-more", vectors(1, seed=99)[0], None, "one more", b"{}", 60, on_error=pytest.fail)
+    now = time.time()
+    index = store.index(first, DIM, now)
+    assert store.rows == 40 and index.is_live(again) and not index.is_live(f"{first}-1")
+
+
 def test_byte_bound_holds_with_long_texts(redis_conn: redis.Redis, unique: str) -> None:
     store = SemanticStore(redis_conn, IndexBounds(max_rows=10_000, max_bytes=60_000))
     partition = f"bytes-{unique}"

@@ -82,8 +82,8 @@ class PartitionIndex:
         return self.is_live(entry_id)
 
     def add(self, entry_id: str, vector: np.ndarray, text: str, expires_at: float, serial: int = 0) -> bool:
-        """Add a row; False when the id has a live row already or the vector has the wrong shape. ``serial`` tells
-        this row from an earlier, dropped row of the same id (`serial`)."""
+        """Add a row; False when the id has a live row already or the vector has the wrong shape. ``serial``, the
+        caller's number for this add, tells this row from an earlier, dropped row of the same id."""
         if self.is_live(entry_id) or vector.shape != (self.dim,):
             return False
         row = len(self._ids)
@@ -137,13 +137,10 @@ class PartitionIndex:
         scores = self._matrix[:n] @ query
         rows = np.flatnonzero(scores >= floor)
         keep = max(SORTED_IN_PYTHON, limit)
-        if rows.size <= keep:
-            return self._usable(scores, rows, now, limit)
         found = self._usable(scores, _best(scores, rows, keep), now, limit)
-        if len(found) < limit:  # dead or expired rows took places among the best: mask them, look again
+        if len(found) < limit and rows.size > keep:  # dead or expired rows took places among the best: mask them
             scores[~(self._alive[:n] & (self._expires[:n] > now))] = -np.inf
-            rows = np.flatnonzero(scores >= floor)
-            found = self._usable(scores, _best(scores, rows, keep) if rows.size > keep else rows, now, limit)
+            found = self._usable(scores, _best(scores, np.flatnonzero(scores >= floor), keep), now, limit)
         return found
 
     def _usable(self, scores: np.ndarray, rows: np.ndarray, now: float, limit: int) -> list[Candidate]:
@@ -380,7 +377,9 @@ class SemanticStore:
 
 
 def _best(scores: np.ndarray, rows: np.ndarray, keep: int) -> np.ndarray:
-    """The ``keep`` of ``rows`` with the highest scores, in no order."""
+    """The ``keep`` of ``rows`` with the highest scores, in no order (all of them when they are no more)."""
+    if rows.size <= keep:
+        return rows
     return rows[np.argpartition(scores[rows], rows.size - keep)[-keep:]]
 
 

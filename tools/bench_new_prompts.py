@@ -159,6 +159,17 @@ def in_worker_ms(gateway: Gateway) -> float:
     return values[len(values) // 2] if values else float("nan")
 
 
+def cpu_check(concurrency: int, cpu_ms: float, cache_off_ms: float) -> str:
+    """The CPU target's line. The issue measured CPU per request under load (its figures: cache off ~0.9 ms, the
+    defaults ~19 ms, i.e. two cores over its ~100 req/s at c=32), so the target applies at c=32. One request at a
+    time a worker idles between requests and runs on cold caches (the cache-off gateway alone then uses more than
+    2 ms): that figure is printed beside the cache-off gateway's, for what the cache adds."""
+    line = f"CPU per new prompt at c={concurrency}: {fmt(cpu_ms, 3)} ms"
+    if concurrency == 32:
+        return f"{line} (target <= 2 ms: {mark(cpu_ms <= 2)})"
+    return f"{line} (cache off: {fmt(cache_off_ms, 3)} ms; the target is c=32's)"
+
+
 def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tuple[int, list[Sample]]],
                 memory: dict[str, float], starts: dict[str, float], notes: list[str], metrics: str) -> None:
     print(f"\n### Every prompt new (mock upstream latency {args.latency * 1000:.0f} ms, {args.workers} gevent "
@@ -184,8 +195,7 @@ def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tupl
                     checks.append(f"c=1 overhead p50 {fmt(p50 - d50)} ms (target <= 3 ms: {mark(p50 - d50 <= 3)})")
                 if concurrency == 32:
                     checks.append(f"c=32 {fmt(share, 0)}% of direct (target >= 85%: {mark(share >= 85)})")
-                checks.append(f"CPU per new prompt at c={concurrency}: {fmt(sample.cpu_ms, 3)} ms "
-                              f"(target <= 2 ms: {mark(sample.cpu_ms <= 2)})")
+                checks.append(cpu_check(concurrency, sample.cpu_ms, samples[1].cpu_ms))
     default = targets[2].name
     checks.append(f"memory, master + {args.workers} workers: {memory[default]:.0f} MB (target <= 300 MB: "
                   f"{mark(memory[default] <= 300)})")

@@ -206,6 +206,15 @@ class GatewayGeventWorker(GeventWorker):
         self.wsgi = _CloseUnreadBody(self.wsgi)
         self.crowd = _Crowd(self.worker_connections)
 
+    def handle_quit(self, sig, frame) -> None:  # noqa: ANN001 - gunicorn's signature
+        """Quit once. Ctrl-C in a terminal reaches the workers twice (the terminal's SIGINT to the whole process
+        group, then the master's SIGQUIT); gunicorn's handler run a second time, while the worker is already
+        exiting, ends in a SystemExit traceback on the console although the shutdown went well."""
+        if getattr(self, "_quitting", False):
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
+
     def timeout_ctx(self):  # noqa: ANN201 - gunicorn's signature
         return contextlib.nullcontext()  # the socket bounds the wait for a request itself (_ReadDeadlineSocket)
 

@@ -213,6 +213,26 @@ def _otlp_value(value: Any) -> Any:
     return getattr(value, which) if which else None
 
 
+def worker_pids(master: int) -> list[int]:
+    """The gunicorn workers: processes whose parent (field 4 of /proc/<pid>/stat) is the master, except its
+    slot releaser (`python -m app.ratelimit.reap`, running when a concurrency limit is configured)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            if ppid == master:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                    releaser = b"app.ratelimit.reap" in fh.read()
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if ppid == master and not releaser:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
 class Gateway:
     """gunicorn -c gunicorn.conf.py wsgi:app with gevent workers, bound to a loopback port.
 

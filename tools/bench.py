@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import Gateway, MockUpstream, OtlpReceiver  # noqa: E402
+from tests.support import Gateway, MockUpstream, OtlpReceiver, worker_pids  # noqa: E402
 from tools.bench_client import LoadGenerator, cpu_ticks  # noqa: E402
 
 UPSTREAM_KEY = "bench-key"
@@ -61,26 +61,6 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes
-
-
-def worker_pids(master: int) -> list[int]:
-    """The gunicorn workers: processes whose parent (field 4 of /proc/<pid>/stat) is the master, except its
-    slot releaser (`python -m app.ratelimit.reap`, running when a concurrency limit is configured)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            if ppid == master:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                    releaser = b"app.ratelimit.reap" in fh.read()
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        if ppid == master and not releaser:
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def wait_workers_idle(gateway: Gateway, workers: int, timeout: float = 120) -> list[int]:

@@ -1,8 +1,9 @@
-"""SIGTERM to gunicorn: an in-flight stream finishes, new connections are refused, the master exits 0."""
+"""Stopping gunicorn: SIGTERM drains an in-flight stream; Ctrl-C stops it at once, without a traceback."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 import requests
 
-from tests.support import Gateway, MockUpstream, base_env
+from tests.support import Gateway, MockUpstream, base_env, wait_until, worker_pids
 
 pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
 
@@ -69,6 +70,28 @@ def test_sigterm_drains_an_in_flight_stream(upstream: MockUpstream, unique: str)
         # The worker checks for finished requests once a second; waiting for GRACEFUL_TIMEOUT would take 10 s.
         assert time.monotonic() - stream_ended < 3, "gunicorn waited for the graceful timeout, not for the stream"
         assert "graceful timeout" not in gateway.logs().lower()
+    finally:
+        gateway.stop()
+
+
+def test_ctrl_c_stops_the_gateway_without_a_traceback(upstream: MockUpstream) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole process group (master and workers), and the master then sends
+    its workers SIGQUIT: each worker quits once, quietly, and the master exits 0."""
+    gateway = Gateway(base_env(upstream), workers=2)
+    try:
+        pids: list[int] = []
+
+        def forked() -> bool:
+            pids[:] = worker_pids(gateway.process.pid)
+            return len(pids) == 2
+
+        wait_until(forked, 30, "two workers")
+        for pid in [gateway.process.pid, *pids]:
+            os.kill(pid, signal.SIGINT)
+        assert gateway.process.wait(timeout=15) == 0, gateway.logs()
+        logs = gateway.logs()
+        assert "Traceback" not in logs and "failed with SystemExit" not in logs, logs
+        assert logs.count("Worker exiting") == 2, logs
     finally:
         gateway.stop()
 

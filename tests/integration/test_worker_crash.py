@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -18,20 +17,13 @@ import redis
 import requests
 
 from app.ratelimit.limiter import RateLimiter
-from tests.support import Gateway, MockUpstream, base_env
+from tests.support import Gateway, MockUpstream, base_env, worker_pids
 
 pytestmark = [pytest.mark.gunicorn, pytest.mark.redis]
 
 
 def chat(content: str) -> dict:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}]}
-
-
-def worker_pids(gw: Gateway) -> list[int]:
-    """The gunicorn master's workers (its other child is the slot releaser, `python -m app.ratelimit.reap`)."""
-    out = subprocess.run(["pgrep", "-P", str(gw.process.pid), "-f", "gunicorn"], capture_output=True, text=True,
-                         check=True).stdout
-    return [int(pid) for pid in out.split()]
 
 
 @pytest.mark.slow
@@ -60,7 +52,7 @@ def test_a_killed_workers_slots_are_back_within_two_seconds(upstream_server: Moc
         while redis_conn.zcard(slots) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert redis_conn.zcard(slots) == 2
-        pids = worker_pids(gw)
+        pids = worker_pids(gw.process.pid)
         assert len(pids) == 2
         refused = requests.post(gw.url + "/v1/chat/completions", json=chat("third"), headers=headers, timeout=10)
         assert refused.status_code == 429

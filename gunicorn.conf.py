@@ -25,6 +25,10 @@ from gunicorn.workers.ggevent import GeventWorker  # what worker_class = Gateway
 from app.config import ConfigError, Settings
 from app.observability.logging import logging_config
 
+# One BLAS thread per worker: the workers import numpy after the fork, with the master's environment, and a thread
+# per core in every gevent worker would only contend for the cores the workers already share.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 class QuietAccessLogger(Logger):
     """gunicorn's logger without its access line: the app writes one richer JSON line per request.

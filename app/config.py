@@ -188,8 +188,9 @@ class Settings:
     """
 
     port: int = setting(8080, "listen port (the API)", check=_A_PORT, section="server (gunicorn)")
-    metrics_port: int = setting(9090, "`/metrics` (and `/healthz`, `/readyz`) are served here only, never on "
-                                "`PORT`; keep it off the public network", check=_A_PORT)
+    metrics_port: int = setting(9090, "`/metrics` is served here only, never on `PORT`; this port also answers "
+                                "`/healthz` and `/readyz` (as `PORT` does) and nothing else; keep it off the "
+                                "public network", check=_A_PORT)
     web_concurrency: int = setting(2, "gunicorn worker processes (about one per CPU)", check=_POSITIVE)
     worker_connections: int = setting(1000, "gevent connections per worker", check=_POSITIVE)
     graceful_timeout: int = setting(120, "seconds in-flight requests and streams get after SIGTERM",

@@ -33,12 +33,11 @@ fi
 if [[ -z "$(setting GATEWAY_API_KEYS)$(setting GATEWAY_KEYS_FILE)" && "$(setting AUTH_DISABLED)" != "true" ]]; then
   [[ -s .run/dev-client-key ]] || .venv/bin/python -c 'import secrets; print("gw-dev-" + secrets.token_urlsafe(24))' > .run/dev-client-key
   export GATEWAY_API_KEYS="dev:$(cat .run/dev-client-key)"
-  echo "No client keys configured: made a local development key (tenant 'dev'), kept in .run/dev-client-key:"
+  echo "No client keys configured: using the local development key (tenant 'dev') in .run/dev-client-key:"
   echo "  $(cat .run/dev-client-key)"
 fi
 
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/.run/metrics}"
-export OPENBLAS_NUM_THREADS=1
 key="$(cat .run/dev-client-key 2>/dev/null || echo '<your client key>')"
 cat <<HELP
 Gateway on http://127.0.0.1:$port   (Ctrl-C stops it); metrics on http://127.0.0.1:$metrics_port/metrics

@@ -17,11 +17,14 @@ class GatewayError(Exception):
     code: str | None = None
     param: str | None = None  # the request field at fault, when there is one
 
-    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if param is not None:
+            self.param = param
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from typing import Any
 
 from app.api import CHAT, COMPLETIONS
 
-# Fields that never change what the model answers.
-DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+# Fields that change neither the answer nor anything in it. Not here, so in the key: `service_tier` (the answer
+# names the tier that served it) and `store` (a stored completion's `id` can be fetched later from the provider).
+DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata"})
 
 
 @dataclass(frozen=True)

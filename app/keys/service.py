@@ -344,9 +344,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _invalid(param: str, message: str) -> BadRequest:
-    error = BadRequest(message, code="invalid_value")
-    error.param = param
-    return error
+    return BadRequest(message, code="invalid_value", param=param)
 
 
 def _unknown(key_id: str) -> NotFound:

@@ -104,6 +104,4 @@ def _day(value: str | None, name: str) -> date | None:
 
 
 def _bad(param: str, message: str) -> BadRequest:
-    error = BadRequest(message, code="invalid_value")
-    error.param = param
-    return error
+    return BadRequest(message, code="invalid_value", param=param)

@@ -75,7 +75,7 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
                          code="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise _field("model", "a non-empty string")
+        raise _field("model", "a non-empty string", model)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -110,7 +110,7 @@ def _check_duplicates(text: str) -> None:
     for name in READ_FIELDS:
         if keys.count(name) > 1:
             raise BadRequest(f"The request body repeats the key '{name}'; send each field once.",
-                             code="duplicate_key")
+                             code="duplicate_key", param=name)
 
 
 def _has_lone_surrogate(body: dict[str, Any]) -> bool:
@@ -126,13 +126,19 @@ def _has_lone_surrogate(body: dict[str, Any]) -> bool:
     return False
 
 
-def _field(name: str, expected: str) -> BadRequest:
-    return BadRequest(f"Invalid type for '{name}': expected {expected}.", code="invalid_type")
+def _field(name: str, expected: str, value: Any = ...) -> BadRequest:
+    """A field the gateway cannot use, refused as OpenAI refuses it: `param` names the field, and `code` says
+    whether it was missing, an empty array, or of the wrong type."""
+    if value is None:
+        return BadRequest(f"Missing required parameter: '{name}'.", code="missing_required_parameter", param=name)
+    if value == []:
+        return BadRequest(f"Invalid '{name}': empty array. Expected {expected}.", code="empty_array", param=name)
+    return BadRequest(f"Invalid type for '{name}': expected {expected}.", code="invalid_type", param=name)
 
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise _field("messages", "a non-empty array of message objects")
+        raise _field("messages", "a non-empty array of message objects", messages)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _field(f"messages[{i}]", "an object")
@@ -148,13 +154,13 @@ def _check_prompt(prompt: Any) -> None:
         return
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, int, list)) for p in prompt):
         return
-    raise _field("prompt", "a string or a non-empty array")
+    raise _field("prompt", "a string or a non-empty array", prompt)
 
 
 def _check_input(value: Any) -> None:
     if isinstance(value, str) or (isinstance(value, list) and value):
         return
-    raise _field("input", "a string or a non-empty array")
+    raise _field("input", "a string or a non-empty array", value)
 
 
 # The check of each endpoint's input field (`Endpoint.body_field`).
@@ -172,8 +178,12 @@ def _check_numbers(body: dict[str, Any]) -> None:
             raise _field(name, "a number")
     for name in ("n", "max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise _field(name, "a positive integer")
+        if value is not None and value < 1:
+            raise BadRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} "
+                             "instead.", code="integer_below_min_value", param=name)
     n = body.get("n")
     if n is not None and n > MAX_N:
-        raise BadRequest(f"Invalid 'n': at most {MAX_N} choices may be asked for.", code="integer_above_max_value")
+        raise BadRequest(f"Invalid 'n': at most {MAX_N} choices may be asked for.", code="integer_above_max_value",
+                         param="n")

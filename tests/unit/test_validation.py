@@ -82,6 +82,25 @@ def test_broken_chat_bodies_are_a_400_naming_the_problem(raw: bytes, field: str)
     assert field in bad_request(CHAT, raw).message
 
 
+@pytest.mark.parametrize(("raw", "param", "code"), [
+    (json.dumps({"messages": MESSAGES}).encode(), "model", "missing_required_parameter"),
+    (json.dumps({"model": 5, "messages": MESSAGES}).encode(), "model", "invalid_type"),
+    (json.dumps({"model": "mock-gpt"}).encode(), "messages", "missing_required_parameter"),
+    (chat(messages=[]), "messages", "empty_array"),
+    (chat(messages=[{"content": "hi"}]), "messages[0].role", "invalid_type"),
+    (chat(temperature="hot"), "temperature", "invalid_type"),
+    (chat(n=0), "n", "integer_below_min_value"),
+    (chat(n=1000), "n", "integer_above_max_value"),
+    (chat(max_tokens=-1), "max_tokens", "integer_below_min_value"),
+    (b'{"model": "m", "model": "n", "messages": []}', "model", "duplicate_key"),
+])
+def test_a_refused_field_is_named_in_param_with_openais_code(raw: bytes, param: str, code: str) -> None:
+    """As OpenAI answers: the error's `param` is the field at fault (the SDK's `e.param`), its `code` what is
+    wrong with it."""
+    body = bad_request(CHAT, raw).body()["error"]
+    assert (body["param"], body["code"], body["type"]) == (param, code, "invalid_request_error")
+
+
 def test_lone_surrogate_escape_is_a_400_and_paired_escapes_pass() -> None:
     """`\\ud800` alone parses to a str nothing can encode (cache key, Redis, tokenizer): refused up front."""
     lone = b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}'

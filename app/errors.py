@@ -92,11 +92,16 @@ class UnsupportedMediaType(GatewayError):
 
 
 class RateLimited(GatewayError):
-    """Refused by the gateway's own limits, or every upstream key is cooling down."""
+    """Refused by the gateway's own limits, or every upstream key is cooling down. `type` is what OpenAI's 429s
+    say: the kind of limit reached, "requests" (also a concurrency limit's) or "tokens"."""
 
     status = 429
-    error_type = "rate_limit_error"
+    error_type = "requests"
     code = "rate_limit_exceeded"
+
+
+class TokensRateLimited(RateLimited):
+    error_type = "tokens"
 
 
 class BudgetExceeded(RateLimited):

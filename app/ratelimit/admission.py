@@ -27,7 +27,7 @@ from typing import Any
 from app.auth import Tenant, TenantLimits
 from app.breaker import Breaker
 from app.concurrency import gevent_patched, sleep, spawn
-from app.errors import BudgetExceeded, GatewayError, RateLimited, ServiceUnavailable, retry_after
+from app.errors import BudgetExceeded, GatewayError, RateLimited, ServiceUnavailable, TokensRateLimited, retry_after
 from app.observability import metrics
 from app.ratelimit.limiter import (
     DEFAULT_BURST,
@@ -363,7 +363,8 @@ def _refused(tenant: Tenant, decision: Any, headers: Callable[[Any], dict[str, s
     metrics.RATELIMITED.labels(decision.dimension or "requests").inc()
     if decision.dimension == "budget":
         return _budget_exceeded(tenant, decision)
-    return RateLimited(
+    refusal = TokensRateLimited if decision.dimension == "tokens" else RateLimited
+    return refusal(
         f"Rate limit reached for {decision.dimension} (tenant {tenant.name}); retry after the indicated time.",
         headers=headers(decision),
     )

@@ -94,7 +94,7 @@ def test_redis_down_applies_this_workers_share_of_the_limit(upstream_server: Moc
             statuses.append(response.status_code)
             if response.status_code == 429:
                 assert int(response.headers["Retry-After"]) >= 1
-                assert response.json()["error"]["type"] == "rate_limit_error"
+                assert response.json()["error"]["type"] == "requests"
     finally:
         gw.stop()
         closed.close()

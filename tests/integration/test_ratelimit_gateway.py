@@ -62,9 +62,10 @@ def keys_file(directory: Path, tenants: dict[str, dict[str, int]]) -> str:
     return str(path)
 
 
-def assert_429(response: requests.Response) -> None:
+def assert_429(response: requests.Response, kind: str = "requests") -> None:
+    """OpenAI's 429: `type` names the kind of limit reached ("requests" or "tokens"), `Retry-After` when to retry."""
     assert response.status_code == 429
-    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert response.json()["error"]["type"] == kind
     assert re.fullmatch(r"\d+", response.headers["Retry-After"]) and int(response.headers["Retry-After"]) >= 1
 
 
@@ -163,7 +164,7 @@ def test_settled_token_usage_refuses_once_the_budget_is_spent(gateway: Gateway, 
     assert first.json()["usage"]["total_tokens"] == used
     time.sleep(0.1)  # usage is settled when the answer closes, just after the client has it
     second = post(gateway, key("tokens"), chat(f"again {uuid.uuid4().hex}"))
-    assert_429(second)
+    assert_429(second, "tokens")
     assert second.headers["x-ratelimit-limit-tokens"] == "60"
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert 60 - used <= remaining <= 60 - used + 2  # the settled usage, not the estimate and not nothing
@@ -185,7 +186,7 @@ def test_streamed_usage_is_charged_without_showing_it(gateway: Gateway, upstream
     assert sent["body"]["stream_options"] == {"include_usage": True}
     time.sleep(0.1)  # usage is settled when the stream closes
     second = post(gateway, key("tokens-stream"), chat(f"again {uuid.uuid4().hex}", stream=True))
-    assert_429(second)
+    assert_429(second, "tokens")
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert 60 - used <= remaining <= 60 - used + 2
 

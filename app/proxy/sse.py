@@ -320,8 +320,10 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
     """A cached answer as a fresh stream: per choice the role, reasoning, content (with its logprobs), refusal,
     tool calls and finish chunks; then usage where the provider puts it, and `[DONE]`.
 
-    Usage: a chunk of its own when the client asked for it (`stream_options.include_usage`); otherwise on the
-    finish chunk when the answer has DeepSeek's usage shape (DeepSeek always sends usage on its last chunk).
+    Usage where the provider puts it: an answer with DeepSeek's usage shape carries it on its finish chunk, asked
+    for or not (as DeepSeek streams it, so a hit's chunks are laid out as the miss's were); any other answer as a
+    chunk of its own when the client asked for it (`stream_options.include_usage`, with `"usage": null` on the
+    other chunks, as OpenAI sends it), else not at all.
     """
     completion_id = ("chatcmpl-" if route == CHAT else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -331,8 +333,9 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
         if answer.get(name) is not None:
             envelope[name] = answer[name]
     usage = answer.get("usage")
-    usage_on_last = bool(usage) and not include_usage and _deepseek_usage(usage)
-    null_usage = {"usage": None} if include_usage else {}
+    usage_on_last = bool(usage) and _deepseek_usage(usage)
+    usage_chunk = include_usage and bool(usage) and not usage_on_last
+    null_usage = {"usage": None} if include_usage and not usage_on_last else {}
 
     choices = answer.get("choices") or [{}]
     for n, choice in enumerate(choices):
@@ -341,7 +344,7 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
             last = n == len(choices) - 1 and i == len(pieces) - 1
             extra = {"usage": usage} if last and usage_on_last else null_usage
             yield sse_event({**envelope, "choices": [piece], **extra})
-    if include_usage and usage:
+    if usage_chunk:
         yield sse_event({**envelope, "choices": [], "usage": usage})
     yield sse_event("[DONE]")
 

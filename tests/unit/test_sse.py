@@ -266,6 +266,22 @@ def test_replay_is_a_valid_stream_with_fresh_ids(include_usage: bool) -> None:
     assert text == "word " * 100
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_deepseek_answer_replays_its_usage_on_the_finish_chunk_asked_for_or_not(include_usage: bool) -> None:
+    """DeepSeek streams usage on its last chunk whatever `stream_options` says: a hit of a DeepSeek answer lays its
+    chunks out the same way (no chunk without choices, no `"usage": null`), so code that reads `choices[0]` of
+    every chunk works on the hit as on the miss."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_cache_hit_tokens": 0,
+             "prompt_cache_miss_tokens": 5}
+    answer = {"id": "x", "model": "deepseek-chat", "usage": usage, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop"}]}
+    chunks = parse_events(b"".join(replay(answer, CHAT, include_usage=include_usage)))[:-1]
+    assert all(chunk["choices"] for chunk in chunks)
+    assert [chunk.get("usage") for chunk in chunks] == [None] * (len(chunks) - 1) + [usage]
+    assert all("usage" not in chunk for chunk in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize(("data", "route"), [
     (chat_stream(["One ", "two"]), CHAT),
     (tool_stream(), CHAT),

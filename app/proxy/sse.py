@@ -325,7 +325,7 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
     chunk of its own when the client asked for it (`stream_options.include_usage`, with `"usage": null` on the
     other chunks, as OpenAI sends it), else not at all.
     """
-    completion_id = ("chatcmpl-" if route == CHAT else "cmpl-") + uuid.uuid4().hex
+    completion_id = _fresh_id(answer.get("id"), route)
     created = int(time.time())
     envelope: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk" if route == CHAT
                                 else "text_completion", "created": created, "model": answer.get("model")}
@@ -347,6 +347,19 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
     if usage_chunk:
         yield sse_event({**envelope, "choices": [], "usage": usage})
     yield sse_event("[DONE]")
+
+
+def _fresh_id(stored: Any, route: str) -> str:
+    """A new completion id in the form the provider gave the stored one: DeepSeek's are bare UUIDs, OpenAI's
+    `chatcmpl-` (chat) or `cmpl-` (completions) and hex; anything else gets OpenAI's form."""
+    if isinstance(stored, str):
+        try:
+            uuid.UUID(stored)
+        except ValueError:
+            pass
+        else:
+            return str(uuid.uuid4())
+    return ("chatcmpl-" if route == CHAT else "cmpl-") + uuid.uuid4().hex
 
 
 def _deepseek_usage(usage: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 import pytest
@@ -264,6 +265,21 @@ def test_replay_is_a_valid_stream_with_fresh_ids(include_usage: bool) -> None:
     assert usage_chunks == ([{**chunks[-1], "usage": USAGE}] if include_usage else [])
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "word " * 100
+
+
+@pytest.mark.parametrize(("stored", "form"), [
+    ("3f1e9a4c-2b7d-4c8e-9a1f-5d6e7f8a9b0c", r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"),
+    ("chatcmpl-abc123", r"chatcmpl-[0-9a-f]{32}"),
+    (None, r"chatcmpl-[0-9a-f]{32}"),
+])
+def test_a_replayed_stream_gets_a_new_id_in_the_providers_form(stored: str | None, form: str) -> None:
+    """DeepSeek's completion ids are UUIDs, OpenAI's `chatcmpl-...`: a hit's fresh id looks like the miss's."""
+    answer = {"id": stored, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]}
+    chunks = parse_events(b"".join(replay(answer, CHAT, include_usage=False)))[:-1]
+    ids = {chunk["id"] for chunk in chunks}
+    assert len(ids) == 1 and stored not in ids
+    assert re.fullmatch(form, ids.pop())
 
 
 @pytest.mark.parametrize("include_usage", [True, False])

@@ -53,6 +53,7 @@ import socket
 import struct
 import sys
 import time
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -809,14 +810,15 @@ class ChatReply:
 
     def __init__(self, model: str, n: int, prompt_tokens: int, answer: Answer, *, include_usage: bool,
                  logprobs: int | None = None, obfuscation: bool = True) -> None:
-        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.deepseek = model.startswith("deepseek")
+        # DeepSeek's completion ids are bare UUIDs ("930c60df-bf64-41c9-a88e-3ec75f81e00e"), OpenAI's chatcmpl-...
+        self.id = str(uuid.uuid4()) if self.deepseek else "chatcmpl-" + secrets.token_hex(12)
         self.obfuscation = obfuscation  # OpenAI-shaped streams pad their delta chunks unless asked not to
         self.created = int(time.time())
         self.model = model
         self.n = n
         self.answer = answer
         self.include_usage = include_usage
-        self.deepseek = model.startswith("deepseek")
         self.reasoning = "Thinking about the question first." if model == "deepseek-reasoner" else None
         self.logprobs = logprobs  # None: not asked; else the number of top alternatives
         reasoning_tokens = count_tokens(self.reasoning) if self.reasoning else 0

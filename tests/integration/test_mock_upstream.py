@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,6 +95,8 @@ def test_chat_completion_shape(url: str) -> None:
     body = resp.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == "mock-gpt" and isinstance(body["created"], int) and body["system_fingerprint"]
+    deepseek = chat(url, {**CHAT, "model": "deepseek-chat"}).json()["id"]
+    assert str(uuid.UUID(deepseek)) == deepseek, "DeepSeek's completion ids are UUIDs"
     (choice,) = body["choices"]
     assert choice == {
         "index": 0,

@@ -1,6 +1,7 @@
 # G-AIGateway: gunicorn + gevent workers serving the Flask app.
 #   docker build -t g-aigateway:latest .
-#   docker run --rm -p 8080:8080 --env-file .env g-aigateway:latest
+#   docker run --rm -p 8080:8080 -v "$PWD/.env:/srv/g-aigateway/.env:ro" g-aigateway:latest
+#   (the app reads .env from its working directory; docker's --env-file would keep trailing comments in values)
 # Runs as uid 10001 and works with a read-only root filesystem (k8s/deployment.yaml mounts /tmp and the
 # metrics directory as emptyDirs).
 FROM python:3.11-slim

@@ -45,6 +45,11 @@ class BadRequest(GatewayError):
     error_type = "invalid_request_error"
 
 
+def invalid_value(param: str, message: str) -> BadRequest:
+    """A field of an admin request whose value the gateway cannot use, named in `param`."""
+    return BadRequest(message, code="invalid_value", param=param)
+
+
 class Unauthorized(GatewayError):
     status = 401
     error_type = "invalid_request_error"
@@ -92,8 +97,8 @@ class UnsupportedMediaType(GatewayError):
 
 
 class RateLimited(GatewayError):
-    """Refused by the gateway's own limits, or every upstream key is cooling down. `type` is what OpenAI's 429s
-    say: the kind of limit reached, "requests" (also a concurrency limit's) or "tokens"."""
+    """Refused by the gateway's own limits, or every upstream key is cooling down. `type` follows OpenAI's 429s:
+    "tokens" when a token limit was reached (TokensRateLimited), else "requests"."""
 
     status = 429
     error_type = "requests"
@@ -101,6 +106,8 @@ class RateLimited(GatewayError):
 
 
 class TokensRateLimited(RateLimited):
+    """A tenant's tokens-per-minute limit reached: OpenAI's 429 then says `"type": "tokens"`."""
+
     error_type = "tokens"
 
 

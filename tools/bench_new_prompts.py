@@ -196,6 +196,8 @@ def print_table(args: argparse.Namespace, targets: list[Target], rows: list[tupl
                 if concurrency == 32:
                     checks.append(f"c=32 {fmt(share, 0)}% of direct (target >= 85%: {mark(share >= 85)})")
                 checks.append(cpu_check(concurrency, sample.cpu_ms, samples[1].cpu_ms))
+    if 32 not in args.concurrency:
+        checks.append("c=32 not measured (--concurrency): its share and CPU targets not checked")
     default = targets[2].name
     checks.append(f"memory, master + {args.workers} workers: {memory[default]:.0f} MB (target <= 300 MB: "
                   f"{mark(memory[default] <= 300)})")

@@ -14,9 +14,10 @@ from typing import Any
 
 from app.api import CHAT, COMPLETIONS
 
-# Fields that change neither the answer nor anything in it. Not here, so in the key: `service_tier` (the answer
-# names the tier that served it) and `store` (a stored completion's `id` can be fetched later from the provider).
-DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata"})
+# Fields that change neither the answer nor anything in it (`store: true` asks the provider to keep the
+# completion, which only a request sent upstream does: CacheService.plan keeps such requests away from the cache).
+# Not here, so in the key: `service_tier`, whose value the answer names (the tier that served it).
+DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata", "store"})
 
 
 @dataclass(frozen=True)

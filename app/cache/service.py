@@ -173,7 +173,9 @@ class CacheService:
         """What this request may do with the cache, from the request alone (no I/O); `budget` is the request's
         Redis time, which its look-up and its store share."""
         directives = {d.strip().lower() for d in (cache_control or "").split(",")}
-        no_store = "no-store" in directives
+        # `store: true` asks the provider to keep this completion (its id can be fetched later): only a request
+        # sent upstream does that, so such a request neither reads nor writes the cache.
+        no_store = "no-store" in directives or parsed.body.get("store") is True
         ttl = _ttl(ttl_header, self.options.ttl_seconds)
         threshold = max(self.threshold, _min_similarity(min_similarity))
         semantic = None

@@ -23,7 +23,7 @@ from typing import Any
 from app.auth import Authenticator, Tenant, TenantLimits, digest
 from app.breaker import Breaker
 from app.concurrency import gevent_patched, sleep, spawn
-from app.errors import BadRequest, GatewayError, NotFound, ServiceUnavailable, Unauthorized
+from app.errors import BadRequest, GatewayError, NotFound, ServiceUnavailable, Unauthorized, invalid_value
 from app.keys.store import KeyConflict, KeyStore, Record
 from app.observability import metrics
 from app.redis_client import REDIS_FAILURES, RedisBudget, bounded, opens_breaker
@@ -179,7 +179,7 @@ class KeyService:
         fields = _object(body, CREATE_FIELDS)
         tenant = fields.get("tenant")
         if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
-            raise _invalid("tenant", "`tenant` is required: 1-64 letters, digits, `.`, `_` or `-`.")
+            raise invalid_value("tenant", "`tenant` is required: 1-64 letters, digits, `.`, `_` or `-`.")
         now = time.time()
         secret = _new_secret()
         record: Record = {
@@ -201,7 +201,7 @@ class KeyService:
     def update(self, key_id: str, body: Any) -> dict[str, Any]:
         fields = _object(body, PATCH_FIELDS | {"tenant"})
         if "tenant" in fields:
-            raise _invalid("tenant", "A key's tenant cannot change: create a key for the other tenant.")
+            raise invalid_value("tenant", "A key's tenant cannot change: create a key for the other tenant.")
         changes = _changes(fields, time.time())
         return public(self._change(key_id, lambda record: {**record, **changes}))
 
@@ -217,7 +217,7 @@ class KeyService:
         fields = _object(body, frozenset({"grace_seconds"}))
         grace = fields.get("grace_seconds", 0)
         if not _is_int(grace) or not 0 <= grace <= MAX_GRACE_SECONDS:
-            raise _invalid("grace_seconds", f"`grace_seconds` is an integer from 0 to {MAX_GRACE_SECONDS}.")
+            raise invalid_value("grace_seconds", f"`grace_seconds` is an integer from 0 to {MAX_GRACE_SECONDS}.")
         now = time.time()
         secret = _new_secret()
 
@@ -287,7 +287,8 @@ def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.", code="invalid_body")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise _invalid(unknown[0], f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}.")
+        raise invalid_value(unknown[0],
+                            f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}.")
     return body
 
 
@@ -297,7 +298,7 @@ def _changes(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
     if "name" in fields:
         name = fields["name"]
         if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
-            raise _invalid("name", f"`name` is a string of at most {MAX_NAME_CHARS} characters, or null.")
+            raise invalid_value("name", f"`name` is a string of at most {MAX_NAME_CHARS} characters, or null.")
         out["name"] = name
     if "limits" in fields:
         out["limits"] = _limits(fields["limits"])
@@ -305,26 +306,26 @@ def _changes(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
         models = fields["models"]
         if models is not None and (not isinstance(models, list) or not models
                                    or not all(isinstance(m, str) and m for m in models)):
-            raise _invalid("models", "`models` is a non-empty list of model names, or null for every model.")
+            raise invalid_value("models", "`models` is a non-empty list of model names, or null for every model.")
         out["models"] = sorted(set(models)) if models is not None else None
     if "budget" in fields:
         try:
             budget = parse_budget(fields["budget"])
         except ValueError as exc:
-            raise _invalid("budget", f"{exc}: the tenant's spend per UTC day and month, capped for requests "
+            raise invalid_value("budget", f"{exc}: the tenant's spend per UTC day and month, capped for requests "
                                      "with this key.") from None
         out["budget"] = budget.view() if budget is not None else None
     if "expires_at" in fields:
         expires = fields["expires_at"]
         if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)
                                     or not now < expires < 1e11):
-            raise _invalid("expires_at", "`expires_at` is a time in the future, in unix seconds, or null "
+            raise invalid_value("expires_at", "`expires_at` is a time in the future, in unix seconds, or null "
                                          "(to revoke a key now, DELETE it).")
         out["expires_at"] = expires
     if "metadata" in fields:
         metadata = fields["metadata"]
         if not isinstance(metadata, dict) or len(json.dumps(metadata)) > MAX_METADATA_BYTES:
-            raise _invalid("metadata", f"`metadata` is a JSON object of at most {MAX_METADATA_BYTES} bytes.")
+            raise invalid_value("metadata", f"`metadata` is a JSON object of at most {MAX_METADATA_BYTES} bytes.")
         out["metadata"] = metadata
     return out
 
@@ -334,7 +335,7 @@ def _limits(value: Any) -> dict[str, int] | None:
         return None
     if (not isinstance(value, dict) or set(value) - set(LIMIT_NAMES)
             or not all(_is_int(v) and v >= 0 for v in value.values())):
-        raise _invalid("limits", "`limits` is an object of non-negative integers rpm, tpm, concurrency "
+        raise invalid_value("limits", "`limits` is an object of non-negative integers rpm, tpm, concurrency "
                                  "(0 = no limit), or null for the gateway's defaults.")
     return dict(value)
 
@@ -342,9 +343,6 @@ def _limits(value: Any) -> dict[str, int] | None:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _invalid(param: str, message: str) -> BadRequest:
-    return BadRequest(message, code="invalid_value", param=param)
 
 
 def _unknown(key_id: str) -> NotFound:

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from flask import Blueprint, Response, jsonify, request
 
-from app.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
+from app.errors import NotFound, ServiceUnavailable, Unauthorized, invalid_value
 from app.proxy.context import services
 from app.proxy.errors import json_error
 from app.redis_client import REDIS_FAILURES
@@ -79,13 +79,14 @@ def spend() -> Response:
     last = _day(args.get("to"), "to") or today
     first = _day(args.get("from"), "from") or last
     if first > last:
-        raise _bad("from", "`from` is after `to`.")
+        raise invalid_value("from", "`from` is after `to`.")
     span = (last - first).days + 1
     if span > gw.settings.spend_retention_days + 1:
-        raise _bad("from", f"At most {gw.settings.spend_retention_days + 1} days (SPEND_RETENTION_DAYS) at once.")
+        raise invalid_value("from",
+                            f"At most {gw.settings.spend_retention_days + 1} days (SPEND_RETENTION_DAYS) at once.")
     group_by = tuple(part.strip() for part in (args.get("group_by") or "tenant,model").split(",") if part.strip())
     if not group_by or set(group_by) - set(GROUPS) or len(set(group_by)) != len(group_by):
-        raise _bad("group_by", "`group_by` is one or more of day, model, tenant, comma-separated.")
+        raise invalid_value("group_by", "`group_by` is one or more of day, model, tenant, comma-separated.")
     rows = gw.spend.ledger.report((first + timedelta(days=i) for i in range(span)),
                                   tenant=args.get("tenant") or None, model=args.get("model") or None,
                                   group_by=group_by)
@@ -100,8 +101,5 @@ def _day(value: str | None, name: str) -> date | None:
             raise ValueError(value)
         return date.fromisoformat(value)
     except ValueError:
-        raise _bad(name, f"`{name}` is a date, YYYY-MM-DD (UTC).") from None
+        raise invalid_value(name, f"`{name}` is a date, YYYY-MM-DD (UTC).") from None
 
-
-def _bad(param: str, message: str) -> BadRequest:
-    return BadRequest(message, code="invalid_value", param=param)

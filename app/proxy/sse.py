@@ -354,10 +354,10 @@ def _fresh_id(stored: Any, route: str) -> str:
     `chatcmpl-` (chat) or `cmpl-` (completions) and hex; anything else gets OpenAI's form."""
     if isinstance(stored, str):
         try:
-            uuid.UUID(stored)
+            canonical = str(uuid.UUID(stored)) == stored.lower()  # not the other spellings uuid.UUID takes
         except ValueError:
-            pass
-        else:
+            canonical = False
+        if canonical:
             return str(uuid.uuid4())
     return ("chatcmpl-" if route == CHAT else "cmpl-") + uuid.uuid4().hex
 

@@ -80,7 +80,7 @@ def parse_request(route: str, raw: bytes) -> ParsedRequest:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise _field("stream", "a boolean")
+        raise _field("stream", "a boolean", stream)
     endpoint = FORWARDED[route]
     _BODY_CHECKS[endpoint.body_field](body.get(endpoint.body_field))  # type: ignore[index]
     _check_numbers(body)
@@ -126,27 +126,30 @@ def _has_lone_surrogate(body: dict[str, Any]) -> bool:
     return False
 
 
-def _field(name: str, expected: str, value: Any = ...) -> BadRequest:
+def _field(name: str, expected: str, value: Any, *, array: bool = False) -> BadRequest:
     """A field the gateway cannot use, refused as OpenAI refuses it: `param` names the field, and `code` says
-    whether it was missing, an empty array, or of the wrong type."""
+    whether it was missing (or null), empty (an empty array where one is expected, a blank string), or of the
+    wrong type."""
     if value is None:
         return BadRequest(f"Missing required parameter: '{name}'.", code="missing_required_parameter", param=name)
-    if value == []:
+    if array and isinstance(value, list) and not value:
         return BadRequest(f"Invalid '{name}': empty array. Expected {expected}.", code="empty_array", param=name)
+    if isinstance(value, str) and not value.strip():
+        return BadRequest(f"Invalid '{name}': empty string. Expected {expected}.", code="empty_string", param=name)
     return BadRequest(f"Invalid type for '{name}': expected {expected}.", code="invalid_type", param=name)
 
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise _field("messages", "a non-empty array of message objects", messages)
+        raise _field("messages", "a non-empty array of message objects", messages, array=True)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _field(f"messages[{i}]", "an object")
+            raise _field(f"messages[{i}]", "an object", message)
         if not isinstance(message.get("role"), str):
-            raise _field(f"messages[{i}].role", "a string")
+            raise _field(f"messages[{i}].role", "a string", message.get("role"))
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _field(f"messages[{i}].content", "a string, an array of content parts, or null")
+            raise _field(f"messages[{i}].content", "a string, an array of content parts, or null", content)
 
 
 def _check_prompt(prompt: Any) -> None:
@@ -154,13 +157,13 @@ def _check_prompt(prompt: Any) -> None:
         return
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, int, list)) for p in prompt):
         return
-    raise _field("prompt", "a string or a non-empty array", prompt)
+    raise _field("prompt", "a string or a non-empty array", prompt, array=True)
 
 
 def _check_input(value: Any) -> None:
     if isinstance(value, str) or (isinstance(value, list) and value):
         return
-    raise _field("input", "a string or a non-empty array", value)
+    raise _field("input", "a string or a non-empty array", value, array=True)
 
 
 # The check of each endpoint's input field (`Endpoint.body_field`).
@@ -175,11 +178,11 @@ def _check_numbers(body: dict[str, Any]) -> None:
     for name in ("temperature", "top_p"):
         value = body.get(name)
         if value is not None and not _is_number(value):
-            raise _field(name, "a number")
+            raise _field(name, "a number", value)
     for name in ("n", "max_tokens", "max_completion_tokens"):
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise _field(name, "a positive integer")
+            raise _field(name, "a positive integer", value)
         if value is not None and value < 1:
             raise BadRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} "
                              "instead.", code="integer_below_min_value", param=name)

@@ -249,6 +249,17 @@ def test_no_store_bypasses_and_stores_nothing(gw: Gateway, upstream: MockUpstrea
     assert len(upstream.requests()) == 3
 
 
+def test_store_true_always_reaches_the_provider(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
+    """`store: true` asks the provider to keep the completion (its id can be fetched later): such a request is
+    sent upstream every time, even when the same request without it is cached, and is not kept itself."""
+    assert cache_of(post(gw, chat(unique))) == "MISS"
+    kept = [post(gw, {**chat(unique), "store": True}) for _ in range(2)]
+    assert [cache_of(r) for r in kept] == ["BYPASS", "BYPASS"]
+    assert kept[0].json()["id"] != kept[1].json()["id"]
+    assert cache_of(post(gw, {**chat(unique), "store": False})) == "HIT/L0"
+    assert len(upstream.requests()) == 3
+
+
 def test_x_cache_ttl_expires_the_entry_also_from_l0(gw: Gateway, upstream: MockUpstream, unique: str) -> None:
     """`X-Cache-TTL: 1`: a hit right away, gone from Redis and the worker's memory after 1.5 s."""
     assert cache_of(post(gw, chat(unique), headers={"X-Cache-TTL": "1"})) == "MISS"

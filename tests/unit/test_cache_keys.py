@@ -44,7 +44,7 @@ def test_field_order_does_not_change_the_key() -> None:
 
 
 @pytest.mark.parametrize("field, value", [("stream", True), ("stream_options", {"include_usage": True}),
-                                          ("user", "alice"), ("metadata", {"a": "b"})])
+                                          ("user", "alice"), ("metadata", {"a": "b"}), ("store", False)])
 def test_delivery_fields_do_not_change_the_key(field: str, value: Any) -> None:
     """Streaming, `user` and other bookkeeping fields share the entry of the plain request."""
     assert exact_key("chat", "t", chat(**{field: value})) == exact_key("chat", "t", CHAT)
@@ -53,11 +53,10 @@ def test_delivery_fields_do_not_change_the_key(field: str, value: Any) -> None:
 @pytest.mark.parametrize("field, value", [("temperature", 0.2), ("max_tokens", 100), ("seed", 7), ("top_p", 0.5),
                                           ("n", 2), ("model", "other"),
                                           ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("service_tier", "flex"), ("store", True)])
+                                          ("service_tier", "flex")])
 def test_answer_fields_change_the_key(field: str, value: Any) -> None:
-    """Every field that can change the answer changes the key. `service_tier` is echoed in the answer (the tier
-    that served it); `store: true` answers carry an `id` the provider keeps, which a hit on an unstored answer's
-    entry would not have."""
+    """Every field that can change the answer changes the key; `service_tier` too, as the answer names the tier
+    that served it."""
     assert exact_key("chat", "t", chat(**{field: value})) != exact_key("chat", "t", CHAT)
 
 

@@ -270,6 +270,7 @@ def test_replay_is_a_valid_stream_with_fresh_ids(include_usage: bool) -> None:
 @pytest.mark.parametrize(("stored", "form"), [
     ("3f1e9a4c-2b7d-4c8e-9a1f-5d6e7f8a9b0c", r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"),
     ("chatcmpl-abc123", r"chatcmpl-[0-9a-f]{32}"),
+    ("3f1e9a4c2b7d4c8e9a1f5d6e7f8a9b0c", r"chatcmpl-[0-9a-f]{32}"),  # hex that uuid.UUID reads, not DeepSeek's form
     (None, r"chatcmpl-[0-9a-f]{32}"),
 ])
 def test_a_replayed_stream_gets_a_new_id_in_the_providers_form(stored: str | None, form: str) -> None:

@@ -8,11 +8,9 @@ FROM python:3.11-slim
 
 # PYTHONUNBUFFERED: log lines reach `docker logs` / the kubelet at once.
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only at run time; bytecode is compiled below instead.
-# OPENBLAS_NUM_THREADS=1: numpy must not spin up a thread per core inside every gevent worker (gunicorn.conf.py
-# sets it too, for a gunicorn started any other way).
+# (One BLAS thread per worker, OPENBLAS_NUM_THREADS=1, is set by gunicorn.conf.py, however gunicorn is started.)
 ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    OPENBLAS_NUM_THREADS=1
+    PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /srv/g-aigateway
 

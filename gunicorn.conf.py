@@ -25,8 +25,9 @@ from gunicorn.workers.ggevent import GeventWorker  # what worker_class = Gateway
 from app.config import ConfigError, Settings
 from app.observability.logging import logging_config
 
-# One BLAS thread per worker: the workers import numpy after the fork, with the master's environment, and a thread
-# per core in every gevent worker would only contend for the cores the workers already share.
+# One BLAS thread per worker (the one place this is set for the gateway: the Dockerfile, `make run` and the k8s
+# manifests all start gunicorn with this file): the workers import numpy after the fork, with the master's
+# environment, and a thread per core in every gevent worker would only contend for the cores the workers share.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 

@@ -28,8 +28,8 @@ CRD_KINDS = {"ServiceMonitor"}
 # In k8s/ but deliberately outside the base kustomization: placeholder keys must never be applied by `-k`.
 NOT_IN_KUSTOMIZATION = {"secret.example.yaml"}
 # Variables that are not gateway settings but tune the Python runtime in the image (Dockerfile ENV):
-# unbuffered logs, no bytecode writes on a read-only root, one BLAS thread per gevent worker.
-RUNTIME_ONLY_ENV = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "OPENBLAS_NUM_THREADS"}
+# unbuffered logs, no bytecode writes on a read-only root.
+RUNTIME_ONLY_ENV = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
 
 
 def _manifest_files() -> list[Path]:

@@ -313,14 +313,14 @@ def _changes(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
             budget = parse_budget(fields["budget"])
         except ValueError as exc:
             raise invalid_value("budget", f"{exc}: the tenant's spend per UTC day and month, capped for requests "
-                                     "with this key.") from None
+                                          "with this key.") from None
         out["budget"] = budget.view() if budget is not None else None
     if "expires_at" in fields:
         expires = fields["expires_at"]
         if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)
                                     or not now < expires < 1e11):
             raise invalid_value("expires_at", "`expires_at` is a time in the future, in unix seconds, or null "
-                                         "(to revoke a key now, DELETE it).")
+                                              "(to revoke a key now, DELETE it).")
         out["expires_at"] = expires
     if "metadata" in fields:
         metadata = fields["metadata"]
@@ -336,13 +336,12 @@ def _limits(value: Any) -> dict[str, int] | None:
     if (not isinstance(value, dict) or set(value) - set(LIMIT_NAMES)
             or not all(_is_int(v) and v >= 0 for v in value.values())):
         raise invalid_value("limits", "`limits` is an object of non-negative integers rpm, tpm, concurrency "
-                                 "(0 = no limit), or null for the gateway's defaults.")
+                                      "(0 = no limit), or null for the gateway's defaults.")
     return dict(value)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
 
 
 def _unknown(key_id: str) -> NotFound:

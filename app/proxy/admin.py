@@ -102,4 +102,3 @@ def _day(value: str | None, name: str) -> date | None:
         return date.fromisoformat(value)
     except ValueError:
         raise invalid_value(name, f"`{name}` is a date, YYYY-MM-DD (UTC).") from None
-

@@ -333,7 +333,7 @@ def replay(answer: dict[str, Any], route: str, *, include_usage: bool) -> Iterat
         if answer.get(name) is not None:
             envelope[name] = answer[name]
     usage = answer.get("usage")
-    usage_on_last = bool(usage) and _deepseek_usage(usage)
+    usage_on_last = _deepseek_usage(usage)
     usage_chunk = include_usage and bool(usage) and not usage_on_last
     null_usage = {"usage": None} if include_usage and not usage_on_last else {}
 

@@ -181,9 +181,11 @@ def _check_numbers(body: dict[str, Any]) -> None:
             raise _field(name, "a number", value)
     for name in ("n", "max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
             raise _field(name, "a positive integer", value)
-        if value is not None and value < 1:
+        if value < 1:
             raise BadRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} "
                              "instead.", code="integer_below_min_value", param=name)
     n = body.get("n")
